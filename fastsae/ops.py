@@ -1,0 +1,134 @@
+"""Dispatch layer: one function per op, ``impl="auto" | "triton" | "torch"``.
+
+``auto`` will pick the Triton kernels on CUDA tensors once they exist (see
+``kernels/``); in this release every op runs on the pure-torch path in
+``fastsae.torch_ops``. ``impl="triton"`` never falls back silently: until the
+kernels land it raises an error that says so. Leading batch dimensions are
+flattened here, so the implementations only ever see 2-D inputs.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fastsae import torch_ops
+from fastsae.sparse_code import SparseCode
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        raise NotImplementedError(
+            "impl='triton': this fastsae release has no Triton kernels yet; "
+            "use impl='torch' or impl='auto'"
+        )
+    return "torch"
+
+
+def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, op: str) -> None:
+    if W_enc.ndim != 2:
+        raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got shape {tuple(W_enc.shape)}")
+    if x.shape[-1] != W_enc.shape[0]:
+        raise ValueError(
+            f"{op}: x has last dimension {x.shape[-1]} but W_enc expects d_in={W_enc.shape[0]}"
+        )
+    if b_enc is not None and tuple(b_enc.shape) != (W_enc.shape[1],):
+        raise ValueError(
+            f"{op}: b_enc must be [d_sae]=[{W_enc.shape[1]}], got {tuple(b_enc.shape)}"
+        )
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unflat(code: SparseCode, lead: tuple[int, ...]) -> SparseCode:
+    k = code.values.shape[-1]
+    return SparseCode(code.values.reshape(*lead, k), code.indices.reshape(*lead, k))
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    dec_norm: Tensor | None = None,
+    abs_select: bool = False,
+    impl: str = "auto",
+) -> SparseCode:
+    """Top-k latents of ``(x @ W_enc + b_enc) * dec_norm``, exactly SAELens's TopK.
+
+    ``x [..., d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``dec_norm [d_sae]``
+    or None. ``abs_select=True`` ranks by magnitude and keeps the sign (AbsTopK);
+    otherwise ReLU is applied to the selected values. Returns values and int64
+    indices of shape ``[..., k]``.
+    """
+    _check_encoder(x, W_enc, b_enc, "topk_encode")
+    if not 0 < k <= W_enc.shape[1]:
+        raise ValueError(f"topk_encode: k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
+    if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
+        raise ValueError(f"topk_encode: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}")
+    _resolve_impl(impl)
+    code = torch_ops.topk_encode(
+        _flat(x), W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select
+    )
+    return _unflat(code, tuple(x.shape[:-1]))
+
+
+def jumprelu_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    threshold: Tensor,
+    *,
+    sparse: bool = False,
+    impl: str = "auto",
+) -> Tensor | SparseCode:
+    """``relu(h) * (h > threshold)`` with ``h = x @ W_enc + b_enc``.
+
+    ``x [..., d_in]``; dense ``[..., d_sae]`` output when ``sparse=False``, a padded
+    SparseCode (K = most active latents in any row, padding values 0) otherwise.
+    """
+    _check_encoder(x, W_enc, b_enc, "jumprelu_encode")
+    if tuple(threshold.shape) != (W_enc.shape[1],):
+        raise ValueError(
+            f"jumprelu_encode: threshold must be [d_sae], got {tuple(threshold.shape)}"
+        )
+    _resolve_impl(impl)
+    out = torch_ops.jumprelu_encode(_flat(x), W_enc, b_enc, threshold, sparse=sparse)
+    lead = tuple(x.shape[:-1])
+    if sparse:
+        return _unflat(out, lead)
+    return out.reshape(*lead, W_enc.shape[1])
+
+
+def sparse_decode(
+    code: SparseCode, W_dec: Tensor, b_dec: Tensor | None = None, *, impl: str = "auto"
+) -> Tensor:
+    """``sum_j values[..., j] * W_dec[indices[..., j]] (+ b_dec)`` -> ``[..., d_out]``.
+
+    ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``. Accumulates in the promoted dtype of
+    values and W_dec (fp32 or wider when either is fp32).
+    """
+    values, indices = code
+    if values.shape != indices.shape:
+        raise ValueError(
+            f"sparse_decode: values {tuple(values.shape)} and indices "
+            f"{tuple(indices.shape)} must have the same shape"
+        )
+    if indices.dtype.is_floating_point or indices.dtype.is_complex:
+        raise TypeError(f"sparse_decode: indices must be int32 or int64, got {indices.dtype}")
+    if W_dec.ndim != 2:
+        raise ValueError(f"sparse_decode: W_dec must be [d_sae, d_out], got {tuple(W_dec.shape)}")
+    if b_dec is not None and tuple(b_dec.shape) != (W_dec.shape[1],):
+        raise ValueError(f"sparse_decode: b_dec must be [d_out], got {tuple(b_dec.shape)}")
+    _resolve_impl(impl)
+    lead = tuple(values.shape[:-1])
+    k = values.shape[-1]
+    flat = SparseCode(values.reshape(-1, k), indices.reshape(-1, k))
+    out = torch_ops.sparse_decode(flat, W_dec, b_dec)
+    return out.reshape(*lead, W_dec.shape[1])

@@ -1,0 +1,358 @@
+"""The SAE base class: hooks, input processing, the sparse forward, folding, I/O.
+
+Architectures subclass :class:`SAE` and provide ``_init_parameters``,
+``_encode_dense`` and, where it is cheaper than the dense code, ``_encode_code``.
+Everything else (hook order, normalisation, hook_z reshaping, the error term,
+saving and loading) lives here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from fastsae import ops, torch_ops
+from fastsae.saes.config import SAEConfig, dtype_to_str, str_to_dtype
+from fastsae.sparse_code import SparseCode
+
+T_SAE = TypeVar("T_SAE", bound="SAE")
+
+_HOOK_NAMES = (
+    "hook_sae_input",
+    "hook_sae_acts_pre",
+    "hook_sae_acts_post",
+    "hook_sae_output",
+    "hook_sae_recons",
+    "hook_sae_error",
+)
+_LN_EPS = 1e-5
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
+class SAE(HookedRootModule):
+    """A sparse autoencoder with SAELens 6.x's parameters, hooks and maths.
+
+    Parameters keep SAELens names and orientation: ``W_enc [d_in, d_sae]``,
+    ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]`` (plus ``threshold``,
+    ``b_gate``/``b_mag``/``r_mag``, ``W_skip`` where the architecture has them).
+
+    ``encode(x) -> [..., d_sae]`` dense, as SAELens; ``encode_sparse(x) -> SparseCode``
+    and ``decode_sparse(code)`` are the fast path, which ``forward`` takes whenever
+    nothing is hooked on ``hook_sae_acts_pre`` / ``hook_sae_acts_post``.
+    """
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    cfg: SAEConfig
+
+    def __init__(self, cfg: SAEConfig, use_error_term: bool = False):
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(cfg).__name__}"
+            )
+        self.cfg = cfg
+        self.dtype = str_to_dtype(cfg.dtype)
+        self.device = torch.device(cfg.device)
+        self.use_error_term = use_error_term
+        self._init_parameters()
+        for name in _HOOK_NAMES:
+            setattr(self, name, HookPoint())
+        if cfg.reshape_activations == "hook_z":
+            self.turn_on_forward_pass_hook_z_reshaping()
+        else:
+            self.turn_off_forward_pass_hook_z_reshaping()
+        # normalisation statistics of the last encode(), used by the next decode()
+        self._norm_stats: tuple[Tensor, ...] | None = None
+        # log feature sparsity, when the SAE came with one (from_pretrained)
+        self._log_sparsity: Tensor | None = None
+        self.setup()
+
+    # ------------------------------------------------------------------ parameters
+    def _param(self, *shape: int, zeros: bool = True) -> nn.Parameter:
+        data = torch.empty(*shape, dtype=self.dtype, device=self.device)
+        if zeros:
+            data.zero_()
+        return nn.Parameter(data)
+
+    def _init_parameters(self) -> None:
+        """SAELens's initialisation: kaiming-uniform W_dec, W_enc = W_dec.T, zero biases."""
+        self.b_dec = self._param(self.cfg.d_in)
+        self.W_dec = self._param(self.cfg.d_sae, self.cfg.d_in, zeros=False)
+        if self.device.type != "meta":
+            nn.init.kaiming_uniform_(self.W_dec)
+        self.W_enc = nn.Parameter(self.W_dec.data.T.clone().contiguous())
+
+    @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
+
+    # ------------------------------------------------------------------ hook_z reshaping
+    def turn_on_forward_pass_hook_z_reshaping(self) -> None:
+        """Flatten ``[..., n_heads, d_head]`` inputs and unflatten outputs (attention hook_z SAEs)."""
+        hook_name = self.cfg.metadata.hook_name
+        if hook_name is not None and not hook_name.endswith("_z"):
+            raise ValueError(
+                f"hook_z reshaping is only for hook_z SAEs; this SAE reads {hook_name!r}"
+            )
+        self.hook_z_reshaping_mode = True
+        self.d_head: int | None = None
+
+    def turn_off_forward_pass_hook_z_reshaping(self) -> None:
+        self.hook_z_reshaping_mode = False
+        self.d_head = None
+
+    def reshape_fn_in(self, x: Tensor) -> Tensor:
+        if not self.hook_z_reshaping_mode:
+            return x
+        if x.ndim < 2:
+            raise ValueError(
+                f"hook_z SAE expects [..., n_heads, d_head] inputs, got shape {tuple(x.shape)}"
+            )
+        self.d_head = x.shape[-1]
+        return x.flatten(-2)
+
+    def reshape_fn_out(self, x: Tensor, d_head: int | None) -> Tensor:
+        if not self.hook_z_reshaping_mode or d_head is None:
+            return x
+        return x.unflatten(-1, (-1, d_head))
+
+    # ------------------------------------------------------------------ normalisation
+    def _normalize_in(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            coeff = (self.cfg.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+            return x * coeff, (coeff,)
+        if mode == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            return x / (std + _LN_EPS), (mu, std)
+        # "none", "expected_average_only_in" and "covariance_whitening" are folded into
+        # the weights (or applied by the activation store), so inference is the identity.
+        return x, None
+
+    def _normalize_out(self, x: Tensor, stats: tuple[Tensor, ...] | None) -> Tensor:
+        mode = self.cfg.normalize_activations
+        if mode not in ("constant_norm_rescale", "layer_norm"):
+            return x
+        if stats is None:
+            raise RuntimeError(
+                f"normalize_activations={mode!r}: decode() needs the statistics of the "
+                "input, so call encode() (or encode_sparse()) on that input first"
+            )
+        if mode == "constant_norm_rescale":
+            return x / stats[0]
+        mu, std = stats
+        return x * std + mu
+
+    # ------------------------------------------------------------------ input / output
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"SAE input must have last dimension d_in={self.cfg.d_in}, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def _process_sae_in(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """dtype cast, hook_z flatten, ``hook_sae_input``, normalisation, ``- b_dec``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SAE input must be a torch.Tensor, got {type(x).__name__}")
+        sae_in = self.reshape_fn_in(x.to(self.dtype))
+        self._check_input(sae_in)
+        sae_in = self.hook_sae_input(sae_in)
+        sae_in, stats = self._normalize_in(sae_in)
+        if self.cfg.apply_b_dec_to_input:
+            sae_in = sae_in - self.b_dec
+        return sae_in, stats
+
+    def process_sae_in(self, sae_in: Tensor) -> Tensor:
+        """The SAE input as the encoder sees it (SAELens's ``process_sae_in``)."""
+        sae_in, self._norm_stats = self._process_sae_in(sae_in)
+        return sae_in
+
+    def _finish_decode(self, sae_out_pre: Tensor, stats: tuple[Tensor, ...] | None) -> Tensor:
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)
+        sae_out_pre = self._normalize_out(sae_out_pre, stats)
+        return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+    # ------------------------------------------------------------------ encode / decode
+    def _encode_dense(self, sae_in: Tensor) -> Tensor:
+        """Processed input ``[..., d_in]`` -> dense activations, through both act hooks."""
+        raise NotImplementedError(f"{type(self).__name__} must define _encode_dense")
+
+    def _encode_code(self, sae_in: Tensor) -> SparseCode:
+        """Processed input -> SparseCode. Default: compact the dense activations."""
+        acts = self._encode_dense(sae_in)
+        values, indices = torch_ops.compact(acts.reshape(-1, acts.shape[-1]))
+        lead = acts.shape[:-1]
+        return SparseCode(values.reshape(*lead, -1), indices.reshape(*lead, -1))
+
+    def _decoder_values(self, code: SparseCode) -> SparseCode:
+        """Hook for architectures that rescale activations before the decoder."""
+        return code
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense feature activations ``[..., d_sae]`` (SAELens semantics)."""
+        sae_in, self._norm_stats = self._process_sae_in(x)
+        return self._encode_dense(sae_in)
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """Dense ``[..., d_sae]`` activations -> reconstruction ``[..., d_out]``."""
+        if feature_acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(
+                f"decode expects last dimension d_sae={self.cfg.d_sae}, "
+                f"got shape {tuple(feature_acts.shape)}"
+            )
+        return self._finish_decode(self._dense_decoder(feature_acts), self._norm_stats)
+
+    def _dense_decoder(self, feature_acts: Tensor) -> Tensor:
+        return feature_acts @ self.W_dec + self.b_dec
+
+    def encode_sparse(self, x: Tensor) -> SparseCode:
+        """``x [..., d_in]`` -> ``SparseCode(values [..., K], indices [..., K])``.
+
+        The activation hooks do not fire on this path (there is no dense tensor to
+        show them); use ``encode`` when you need them.
+        """
+        sae_in, self._norm_stats = self._process_sae_in(x)
+        return self._encode_code(sae_in)
+
+    def decode_sparse(self, code: SparseCode) -> Tensor:
+        """``SparseCode`` -> reconstruction ``[..., d_out]`` without a dense ``[..., d_sae]`` tensor."""
+        return self._decode_code(code, self._norm_stats)
+
+    def _decode_code(self, code: SparseCode, stats: tuple[Tensor, ...] | None) -> Tensor:
+        code = SparseCode(*code)
+        if code.indices.numel() and (
+            int(code.indices.min()) < 0 or int(code.indices.max()) >= self.cfg.d_sae
+        ):
+            raise ValueError(f"SparseCode indices must lie in [0, d_sae={self.cfg.d_sae})")
+        code = self._decoder_values(code)
+        out = ops.sparse_decode(code, self.W_dec, self.b_dec)
+        return self._finish_decode(out.to(self.dtype), stats)
+
+    def _acts_hooked(self) -> bool:
+        return _has_hooks(self.hook_sae_acts_pre) or _has_hooks(self.hook_sae_acts_post)
+
+    def _reconstruct(self, x: Tensor) -> Tensor:
+        """encode + decode, through the sparse path unless the activation hooks are in use."""
+        if self._acts_hooked():
+            return self.decode(self.encode(x))
+        sae_in, stats = self._process_sae_in(x)
+        return self._decode_code(self._encode_code(sae_in), stats)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x``; plus the error term when ``use_error_term`` is set."""
+        sae_out = self._reconstruct(x)
+        if self.use_error_term:
+            with torch.no_grad(), _disable_hooks(self):
+                clean = self._reconstruct(x)
+            sae_out = sae_out + self.hook_sae_error(x - clean)
+        return self.hook_sae_output(sae_out)
+
+    # ------------------------------------------------------------------ folding
+    @torch.no_grad()
+    def get_W_dec_norm(self) -> Tensor:
+        return self.W_dec.norm(dim=-1).clamp(min=1e-8)
+
+    @torch.no_grad()
+    def fold_and_get_W_dec_norm(self) -> Tensor:
+        """Scale decoder rows to unit norm and fold the norms into the encoder (in place)."""
+        norms = self.get_W_dec_norm()
+        self.W_dec.data.div_(norms.unsqueeze(1))
+        self.W_enc.data.mul_(norms.unsqueeze(0))
+        b_enc = getattr(self, "b_enc", None)
+        if isinstance(b_enc, nn.Parameter):
+            b_enc.data.mul_(norms)
+        return norms
+
+    def fold_W_dec_norm(self) -> None:
+        """Fold decoder norms into the encoder: same outputs, unit-norm decoder rows."""
+        self.fold_and_get_W_dec_norm()
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Fold a constant input scaling into the weights; sets normalize_activations='none'."""
+        self.W_enc.data.mul_(scaling_factor)
+        self.W_dec.data.div_(scaling_factor)
+        self.b_dec.data.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    # ------------------------------------------------------------------ device / dtype
+    def to(self: T_SAE, *args: Any, **kwargs: Any) -> T_SAE:  # type: ignore[override]
+        """``nn.Module.to`` that also keeps ``cfg.device``/``cfg.dtype`` and ``.device``/``.dtype`` in sync."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            self.device = torch.device(device)
+            self.cfg.device = str(self.device)
+        if dtype is not None:
+            self.dtype = dtype
+            self.cfg.dtype = dtype_to_str(dtype)
+        return super().to(*args, **kwargs)
+
+    # ------------------------------------------------------------------ misc SAELens API
+    def get_name(self) -> str:
+        md = self.cfg.metadata
+        return f"sae_{md.model_name}_{md.hook_name}_{self.cfg.d_sae}"
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        """Override to edit the state dict in place before it is written."""
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Override to edit the state dict in place after it is read."""
+
+    # Tuple unpacking of from_pretrained, as SAELens < 6 returned (sae, cfg_dict, sparsity).
+    def __iter__(self) -> Iterator[Any]:
+        warnings.warn(
+            "Unpacking an SAE is deprecated: SAE.from_pretrained() returns only the SAE. "
+            "Use SAE.from_pretrained_with_cfg_and_sparsity() for the (sae, cfg_dict, "
+            "log_sparsity) tuple.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        yield self
+        yield self.cfg.to_dict()
+        yield self._log_sparsity
+
+    def __getitem__(self, index: int) -> Any:
+        warnings.warn(
+            "Indexing an SAE is deprecated: SAE.from_pretrained() returns only the SAE. "
+            "Use SAE.from_pretrained_with_cfg_and_sparsity().",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        items = (self, self.cfg.to_dict(), self._log_sparsity)
+        if not -3 <= index < 3:
+            raise IndexError(f"SAE tuple index {index} out of range")
+        return items[index]
+
+
+_IDENTITY = nn.Identity()
+
+
+@contextmanager
+def _disable_hooks(sae: SAE):
+    """Swap every hook point for an identity module (for the clean error-term pass)."""
+    hooks = {name: getattr(sae, name) for name in _HOOK_NAMES}
+    try:
+        for name in _HOOK_NAMES:
+            setattr(sae, name, _IDENTITY)
+        yield
+    finally:
+        for name, hook in hooks.items():
+            setattr(sae, name, hook)

@@ -1,0 +1,118 @@
+"""Transcoders: read activations at one hook, predict them at another (``d_out``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastsae.saes.config import (
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoderConfig,
+    SkipTranscoderConfig,
+    TranscoderConfig,
+)
+from fastsae.saes.jumprelu import JumpReLUSAE
+from fastsae.saes.standard import StandardSAE
+
+
+class Transcoder(StandardSAE):
+    """ReLU transcoder: ``relu(x @ W_enc + b_enc) @ W_dec + b_dec`` with ``W_dec [d_sae, d_out]``.
+
+    As in SAELens: ``b_dec`` is never subtracted from the input, no output
+    normalisation is applied, and ``use_error_term`` does not apply (input and
+    output live at different hooks). Unlike SAELens, ``hook_sae_output`` fires, so
+    ``run_with_cache`` shows the output like every other SAE's.
+    """
+
+    config_class = TranscoderConfig
+    cfg: TranscoderConfig
+
+    def __init__(self, cfg: TranscoderConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    def _init_parameters(self) -> None:
+        cfg = self.cfg
+        self.b_dec = self._param(cfg.d_out)
+        self.W_dec = self._param(cfg.d_sae, cfg.d_out, zeros=False)
+        self.W_enc = self._param(cfg.d_in, cfg.d_sae, zeros=False)
+        if self.device.type != "meta":
+            torch.nn.init.kaiming_uniform_(self.W_dec)
+            torch.nn.init.kaiming_uniform_(self.W_enc)
+        self.b_enc = self._param(cfg.d_sae)
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    def _process_sae_in(self, x: Tensor):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SAE input must be a torch.Tensor, got {type(x).__name__}")
+        sae_in = x.to(self.dtype)
+        self._check_input(sae_in)
+        sae_in = self.hook_sae_input(sae_in)
+        return self._normalize_in(sae_in)
+
+    def _finish_decode(self, sae_out_pre: Tensor, stats) -> Tensor:
+        return self.hook_sae_recons(sae_out_pre)
+
+    def _skip(self, x: Tensor) -> Tensor | None:
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Prediction of the output-hook activations ``[..., d_out]`` from ``x [..., d_in]``."""
+        sae_out = self._reconstruct(x)
+        skip = self._skip(x)
+        if skip is not None:
+            sae_out = sae_out + skip
+        return self.hook_sae_output(sae_out)
+
+    def forward_with_activations(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output [..., d_out], dense feature activations [..., d_sae])``."""
+        feature_acts = self.encode(x)
+        sae_out = self.decode(feature_acts)
+        skip = self._skip(x)
+        if skip is not None:
+            sae_out = sae_out + skip
+        return sae_out, feature_acts
+
+
+class SkipTranscoder(Transcoder):
+    """Transcoder plus a linear skip path ``x @ W_skip.T`` with ``W_skip [d_out, d_in]``."""
+
+    config_class = SkipTranscoderConfig
+    cfg: SkipTranscoderConfig
+
+    def _init_parameters(self) -> None:
+        super()._init_parameters()
+        self.W_skip = self._param(self.cfg.d_out, self.cfg.d_in)
+
+    def _skip(self, x: Tensor) -> Tensor:
+        return x.to(self.W_skip.dtype) @ self.W_skip.T
+
+
+class JumpReLUTranscoder(Transcoder):
+    """Transcoder with ``relu(h) * (h > threshold)`` activations."""
+
+    config_class = JumpReLUTranscoderConfig
+    cfg: JumpReLUTranscoderConfig
+
+    def _init_parameters(self) -> None:
+        super()._init_parameters()
+        self.threshold = self._param(self.cfg.d_sae)
+
+    _encode_dense = JumpReLUSAE._encode_dense
+    _encode_code = JumpReLUSAE._encode_code
+    fold_W_dec_norm = JumpReLUSAE.fold_W_dec_norm
+
+
+class JumpReLUSkipTranscoder(JumpReLUTranscoder):
+    """JumpReLU transcoder with a linear skip path."""
+
+    config_class = JumpReLUSkipTranscoderConfig
+    cfg: JumpReLUSkipTranscoderConfig
+
+    def _init_parameters(self) -> None:
+        super()._init_parameters()
+        self.W_skip = self._param(self.cfg.d_out, self.cfg.d_in)
+
+    _skip = SkipTranscoder._skip

@@ -1,0 +1,149 @@
+"""Pure-PyTorch implementation of every fastsae op.
+
+This is the reference every Triton kernel is tested against and the path CPU
+users run. It is written to be obviously right first; where a torch primitive
+makes an op sparse for free (``embedding_bag``, ``index_add_``, ``gather``) it
+uses it. It never imports Triton.
+
+All ops take 2-D inputs (``[B, ...]``); ``fastsae.ops`` flattens leading
+dimensions before calling them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastsae.sparse_code import SparseCode
+
+# Rows per chunk in the sparse-decode backward: bounds the [chunk, K, d_out]
+# gather buffer to a few hundred MB at K=64, d_out=4096.
+_BACKWARD_CHUNK_ROWS = 256
+
+
+def encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor | None) -> Tensor:
+    """``x @ W_enc + b_enc``: ``x [B, d_in]``, ``W_enc [d_in, d_sae]`` -> ``[B, d_sae]``.
+
+    Written as SAELens writes it (matmul, then add) so that TopK selections agree
+    bit for bit with sae-lens on the same weights.
+    """
+    h = x @ W_enc
+    return h + b_enc if b_enc is not None else h
+
+
+def topk_select(h: Tensor, k: int, *, abs_select: bool = False) -> SparseCode:
+    """Per-row top-k of ``h [B, N]``.
+
+    ``abs_select=False``: the k largest values, ReLU applied (SAELens TopK).
+    ``abs_select=True``: the k largest magnitudes, sign kept (SAELens AbsTopK).
+    Returns values ``[B, k]`` (dtype of ``h``) and int64 indices ``[B, k]``.
+    """
+    if abs_select:
+        indices = torch.topk(h.abs(), k, dim=-1, sorted=False).indices
+        return SparseCode(h.gather(-1, indices), indices)
+    values, indices = torch.topk(h, k, dim=-1, sorted=False)
+    return SparseCode(values.relu(), indices)
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    dec_norm: Tensor | None = None,
+    abs_select: bool = False,
+) -> SparseCode:
+    """Top-k of ``(x @ W_enc + b_enc) * dec_norm`` per row, as SAELens's TopK.
+
+    ``x [B, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``dec_norm [d_sae]`` or None.
+    """
+    h = encoder_preacts(x, W_enc, b_enc)
+    if dec_norm is not None:
+        h = h * dec_norm
+    return topk_select(h, k, abs_select=abs_select)
+
+
+def compact(acts: Tensor) -> SparseCode:
+    """Dense non-negative-or-signed ``acts [B, N]`` -> padded SparseCode.
+
+    K is the largest number of non-zeros in any row (at least 1). The K entries of
+    largest magnitude per row hold every non-zero; the rest are padding with value 0.
+    """
+    n_active = int((acts != 0).sum(-1).max().item()) if acts.numel() else 0
+    k = max(n_active, 1)
+    indices = torch.topk(acts.abs(), k, dim=-1, sorted=False).indices
+    return SparseCode(acts.gather(-1, indices), indices)
+
+
+def jumprelu(h: Tensor, threshold: Tensor) -> Tensor:
+    """``relu(h) * (h > threshold)``, elementwise, dtype of ``h``."""
+    return h.relu() * (h > threshold).to(h.dtype)
+
+
+def jumprelu_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    threshold: Tensor,
+    *,
+    sparse: bool = False,
+) -> Tensor | SparseCode:
+    """``relu(h) * (h > threshold)`` with ``h = x @ W_enc + b_enc``.
+
+    Dense ``[B, d_sae]`` when ``sparse=False``; a padded SparseCode otherwise.
+    """
+    acts = jumprelu(encoder_preacts(x, W_enc, b_enc), threshold)
+    return compact(acts) if sparse else acts
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[b] = sum_j values[b, j] * W_dec[indices[b, j]]`` with a sparse backward.
+
+    Forward is one ``embedding_bag`` (no [B, d_sae] tensor). Backward computes
+    ``d_values[b, j] = <grad[b], W_dec[idx[b, j]]>`` and scatters
+    ``values[b, j] * grad[b]`` into the rows of ``dW_dec`` with ``index_add_``,
+    in row chunks so the gathered ``[rows, K, d_out]`` buffer stays bounded.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(values, indices, W_dec)
+        compute_dtype = torch.promote_types(values.dtype, W_dec.dtype)
+        return F.embedding_bag(
+            indices,
+            W_dec.to(compute_dtype),
+            per_sample_weights=values.to(compute_dtype),
+            mode="sum",
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        values, indices, W_dec = ctx.saved_tensors
+        need_values, _, need_w = ctx.needs_input_grad[:3]
+        d_values = torch.empty_like(values) if need_values else None
+        d_w = torch.zeros_like(W_dec) if need_w else None
+        grad_out = grad_out.contiguous()
+        for start in range(0, values.shape[0], _BACKWARD_CHUNK_ROWS):
+            stop = start + _BACKWARD_CHUNK_ROWS
+            idx = indices[start:stop]
+            g = grad_out[start:stop]
+            if need_values:
+                rows = W_dec[idx.reshape(-1)].view(*idx.shape, -1).to(g.dtype)  # [b, K, d_out]
+                d_values[start:stop] = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).to(values.dtype)
+            if need_w:
+                contrib = values[start:stop].unsqueeze(-1).to(g.dtype) * g.unsqueeze(1)
+                d_w.index_add_(0, idx.reshape(-1), contrib.reshape(-1, g.shape[-1]).to(W_dec.dtype))
+        return d_values, None, d_w
+
+
+def sparse_decode(code: SparseCode, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """``sum_j values[b, j] * W_dec[indices[b, j]] (+ b_dec)``.
+
+    ``values [B, K]``, ``indices [B, K]`` (int32/int64), ``W_dec [d_sae, d_out]``,
+    ``b_dec [d_out]`` -> ``[B, d_out]`` in the promoted dtype of values and W_dec.
+    """
+    values, indices = code
+    out = _SparseDecode.apply(values, indices.long(), W_dec)
+    return out + b_dec if b_dec is not None else out
