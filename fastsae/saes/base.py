@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -304,6 +305,132 @@ class SAE(HookedRootModule):
             self.dtype = dtype
             self.cfg.dtype = dtype_to_str(dtype)
         return super().to(*args, **kwargs)
+
+    # ------------------------------------------------------------------ saving / loading
+    def save_model(self, path: str | Path, *, sparsity: Tensor | None = None) -> tuple[Path, Path]:
+        """Write a SAELens 6.x directory (``cfg.json``, ``sae_weights.safetensors`` and,
+        given ``sparsity [d_sae]``, ``sparsity.safetensors``) atomically.
+
+        Returns ``(weights_path, cfg_path)``.
+        """
+        from fastsae.loading.disk import save_sae
+
+        return save_sae(self, path, sparsity=sparsity)
+
+    @classmethod
+    def load_from_disk(
+        cls: type[T_SAE],
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        converter: Any = None,
+        fold_W_dec_norm: bool = False,
+        validate: bool = False,
+    ) -> T_SAE:
+        """Load an SAE directory written by sae-lens (6.x or older) or fastsae.
+
+        ``converter=None`` also recognises Gemma Scope (``params.npz``), EleutherAI
+        sparsify (``sae.safetensors``) and dictionary_learning (``ae.pt``) folders.
+        ``dtype`` overrides the stored dtype; ``validate=True`` rejects NaN/inf weights.
+        """
+        from fastsae.loading.disk import load_sae_from_disk
+
+        sae = load_sae_from_disk(
+            path, device, dtype, converter, expected_cls=cls, validate=validate
+        )
+        if fold_W_dec_norm:
+            sae.fold_W_dec_norm()
+        return sae  # type: ignore[return-value]
+
+    @classmethod
+    def load_from_pretrained(
+        cls: type[T_SAE], path: str | Path, device: str = "cpu", dtype: str | None = None
+    ) -> T_SAE:
+        """Deprecated spelling of :meth:`load_from_disk`."""
+        warnings.warn(
+            "load_from_pretrained is deprecated; use load_from_disk",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls.load_from_disk(path, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T_SAE],
+        release: str,
+        sae_id: str,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        force_download: bool = False,
+        converter: Any = None,
+        fold_W_dec_norm: bool = False,
+    ) -> T_SAE:
+        """Load a pretrained SAE by SAELens release name, Hugging Face repo id
+        (``sae_id`` = folder) or local repo directory.
+
+        Downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE`` and
+        ``force_download`` apply). Unpacking the result as ``sae, cfg_dict, sparsity``
+        still works, with a DeprecationWarning.
+        """
+        return cls.from_pretrained_with_cfg_and_sparsity(
+            release,
+            sae_id,
+            device=device,
+            dtype=dtype,
+            force_download=force_download,
+            converter=converter,
+            fold_W_dec_norm=fold_W_dec_norm,
+        )[0]
+
+    @classmethod
+    def from_pretrained_with_cfg_and_sparsity(
+        cls: type[T_SAE],
+        release: str,
+        sae_id: str,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        force_download: bool = False,
+        converter: Any = None,
+        fold_W_dec_norm: bool = False,
+    ) -> tuple[T_SAE, dict[str, Any], Tensor | None]:
+        """:meth:`from_pretrained` returning ``(sae, cfg_dict, log_sparsity)``
+        (``log_sparsity [d_sae]`` or None when the release has none)."""
+        from fastsae.loading.pretrained import load_pretrained
+
+        return load_pretrained(  # type: ignore[return-value]
+            release,
+            sae_id,
+            device=device,
+            dtype=dtype,
+            force_download=force_download,
+            converter=converter,
+            fold_W_dec_norm=fold_W_dec_norm,
+            expected_cls=cls,
+        )
+
+    @classmethod
+    def from_dict(cls: type[T_SAE], config_dict: dict[str, Any]) -> T_SAE:
+        """A freshly initialised SAE of the architecture ``config_dict`` names."""
+        from fastsae.saes import sae_class_for_architecture
+
+        cfg = SAEConfig.from_dict(config_dict)
+        sae_cls = sae_class_for_architecture(cfg.architecture())
+        if not issubclass(sae_cls, cls):
+            raise ValueError(f"architecture {cfg.architecture()!r} is not a {cls.__name__}")
+        return sae_cls(cfg)  # type: ignore[return-value]
+
+    @classmethod
+    def from_sae_lens(cls, sae_lens_sae: Any, *, copy: bool = False) -> SAE:
+        """Convert a live sae_lens SAE; ``copy=False`` shares its parameter tensors."""
+        from fastsae.loading.sae_lens_bridge import from_sae_lens
+
+        return from_sae_lens(sae_lens_sae, copy=copy)
+
+    def to_sae_lens(self, *, copy: bool = True) -> Any:
+        """The equivalent sae_lens SAE (sae-lens must be installed)."""
+        from fastsae.loading.sae_lens_bridge import to_sae_lens
+
+        return to_sae_lens(self, copy=copy)
 
     # ------------------------------------------------------------------ misc SAELens API
     def get_name(self) -> str:

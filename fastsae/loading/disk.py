@@ -1,0 +1,311 @@
+"""The SAELens 6.x directory format: ``cfg.json`` + ``sae_weights.safetensors``
+(+ optional ``sparsity.safetensors``), read and written byte-compatibly.
+
+Every error names the file and what is wrong with it. Nothing is half-loaded (the
+SAE is built only after every check passed) and nothing is half-written (files are
+written to temporary names and renamed into place, ``cfg.json`` last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fastsae.saes.config import (
+    LLM_METADATA_KEYS,
+    SAE_LENS_FORMAT_VERSION,
+    config_class_for_architecture,
+    dtype_to_str,
+    str_to_dtype,
+)
+
+if TYPE_CHECKING:
+    from fastsae.saes.base import SAE
+
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+SPARSITY_FILENAME = "sparsity.safetensors"
+
+# A converter reads a directory and returns (cfg_dict, state_dict).
+DiskConverter = Callable[..., tuple[dict[str, Any], dict[str, Tensor]]]
+
+
+# ---------------------------------------------------------------------------- reading
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object file; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; missing, truncated or corrupt files raise naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def read_log_sparsity(path: Path, device: str | torch.device = "cpu") -> Tensor | None:
+    """``sparsity.safetensors`` -> its ``sparsity`` tensor, or None when the file is absent."""
+    if not path.exists():
+        return None
+    tensors = read_safetensors(path, device)
+    if "sparsity" not in tensors:
+        raise ValueError(f"{path}: no 'sparsity' tensor (found {sorted(tensors)})")
+    return tensors["sparsity"]
+
+
+def sae_lens_disk_loader(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read a SAELens-format directory: ``(cfg_dict, state_dict)``, config not yet defaulted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: SAE directory not found")
+    cfg_dict = read_json(path / SAE_CFG_FILENAME)
+    cfg_dict["device"] = device
+    if cfg_overrides:
+        cfg_dict.update(cfg_overrides)
+    state_dict = read_safetensors(path / SAE_WEIGHTS_FILENAME, device)
+    return cfg_dict, state_dict
+
+
+# ---------------------------------------------------------------------------- configs
+def _format_version(cfg_dict: dict[str, Any]) -> tuple[int, ...] | None:
+    version = cfg_dict.get("sae_lens_version")
+    if not version and isinstance(cfg_dict.get("metadata"), dict):
+        version = cfg_dict["metadata"].get("sae_lens_version")
+    if not version:
+        return None
+    parts = []
+    for piece in str(version).replace("-", ".").split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts) or None
+
+
+def handle_config_defaulting(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Bring a cfg.json dict to the 6.x layout (configs older than SAELens 6.0 are rewritten)."""
+    version = _format_version(cfg_dict)
+    if version is None or version < (6,):
+        cfg_dict = handle_pre_6_0_config(cfg_dict)
+    cfg_dict.setdefault("architecture", "standard")
+    return cfg_dict
+
+
+def handle_pre_6_0_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """A flat pre-6.0 config (``hook_point``, ``activation_fn_str``, boolean
+    ``normalize_activations``, ``activation_fn_kwargs={"k": ...}``) -> the 6.x layout."""
+    renames = {
+        "hook_point": "hook_name",
+        "hook_point_head_index": "hook_head_index",
+        "activation_fn_str": "activation_fn",
+    }
+    cfg = {renames.get(k, k): v for k, v in cfg_dict.items()}
+    cfg.setdefault("prepend_bos", True)
+    cfg.setdefault("apply_b_dec_to_input", True)
+    cfg.setdefault("activation_fn", "relu")
+    cfg.setdefault("architecture", "standard")
+    cfg.setdefault(
+        "reshape_activations", "hook_z" if "hook_z" in (cfg.get("hook_name") or "") else "none"
+    )
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if cfg.get("activation_fn") == "topk":
+        if kwargs.get("k") is None:
+            raise ValueError("activation_fn='topk' config has no activation_fn_kwargs['k']")
+        cfg["architecture"] = "topk"
+        cfg["k"] = kwargs["k"]
+    normalize = cfg.get("normalize_activations")
+    if isinstance(normalize, bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if normalize else "none"
+    elif normalize is None:
+        cfg["normalize_activations"] = "none"
+    cfg.setdefault("device", "cpu")
+    cfg.setdefault("dtype", "float32")
+
+    arch = cfg["architecture"]
+    names = set(config_class_for_architecture(arch).__dataclass_fields__)
+    out = {k: v for k, v in cfg.items() if k in names and k != "metadata"}
+    metadata = dict(cfg_dict.get("metadata") or {})
+    metadata.update({k: v for k, v in cfg.items() if k in LLM_METADATA_KEYS})
+    # the format is now 6.x: record that, and what produced the original
+    metadata.setdefault("sae_lens_training_version", cfg.get("sae_lens_training_version"))
+    metadata["sae_lens_version"] = SAE_LENS_FORMAT_VERSION
+    out["metadata"] = metadata
+    out["architecture"] = arch
+    # carried for the state-dict fix-up below; not a config field
+    out["finetuning_scaling_factor"] = bool(cfg.get("finetuning_scaling_factor", False))
+    return out
+
+
+def _fold_scaling_factor(
+    cfg_dict: dict[str, Any], state_dict: dict[str, Tensor], where: str
+) -> None:
+    """SAELens < 6 could scale activations by ``scaling_factor [d_sae]`` before decoding.
+
+    All ones is dropped (older files always wrote it); anything else is folded
+    into ``W_dec`` rows, which gives exactly the same reconstruction.
+    """
+    factor = state_dict.pop("scaling_factor", state_dict.pop("finetuning_scaling_factor", None))
+    if factor is None:
+        return
+    if torch.allclose(factor, torch.ones_like(factor)):
+        return
+    if not cfg_dict.get("finetuning_scaling_factor", False):
+        raise ValueError(
+            f"{where}: has a scaling_factor that is not all ones but the config "
+            "says finetuning_scaling_factor=False"
+        )
+    if "W_dec" not in state_dict:
+        raise ValueError(f"{where}: scaling_factor present but no W_dec")
+    state_dict["W_dec"] = state_dict["W_dec"] * factor.to(state_dict["W_dec"].dtype)[:, None]
+
+
+# ---------------------------------------------------------------------------- building
+def build_sae(
+    cfg_dict: dict[str, Any],
+    state_dict: dict[str, Tensor],
+    *,
+    where: str,
+    expected_cls: type[SAE] | None = None,
+    validate: bool = False,
+) -> SAE:
+    """Config dict + state dict -> SAE, after checking names, shapes and (optionally) values.
+
+    ``where`` names the source (file or directory) in every error message.
+    """
+    from fastsae.saes import SAE, sae_class_for_architecture
+    from fastsae.saes.config import SAEConfig
+
+    cfg_dict = dict(cfg_dict)
+    _fold_scaling_factor(cfg_dict, state_dict, where)
+    try:
+        cfg = SAEConfig.from_dict(cfg_dict)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: invalid SAE config: {e}") from None
+    sae_cls = sae_class_for_architecture(cfg.architecture())
+    expected_cls = expected_cls or SAE
+    if not issubclass(sae_cls, expected_cls):
+        raise ValueError(
+            f"{where}: holds a {sae_cls.__name__} (architecture {cfg.architecture()!r}), "
+            f"which is not a {expected_cls.__name__}; load it with {sae_cls.__name__} or SAE"
+        )
+    device = cfg.device
+    cfg.device = "meta"  # build without allocating, then assign the loaded tensors
+    sae = sae_cls(cfg)
+    sae.cfg.device = device
+    sae.device = torch.device(device)
+    sae.process_state_dict_for_loading(state_dict)
+
+    expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: weights do not match architecture {cfg.architecture()!r}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    for name, shape in expected.items():
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise ValueError(
+                f"{where}: weight {name!r} has shape {list(got)} but the config "
+                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {list(shape)}"
+            )
+    if validate:
+        for name, tensor in state_dict.items():
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{where}: weight {name!r} has {bad} NaN/inf values")
+    dtype = str_to_dtype(cfg.dtype)
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    sae.load_state_dict(state_dict, assign=True)
+    return sae.to(device=device, dtype=dtype)
+
+
+def load_sae_from_disk(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    converter: DiskConverter | None = None,
+    *,
+    expected_cls: type[SAE] | None = None,
+    validate: bool = False,
+) -> SAE:
+    """Load an SAE directory: SAELens 6.x or older, or (``converter=None``) any format
+    :func:`fastsae.loading.converters.detect_disk_converter` recognises."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: SAE directory not found")
+    overrides = {"dtype": dtype_to_str(dtype)} if dtype is not None else None
+    if converter is None:
+        from fastsae.loading.converters import detect_disk_converter
+
+        converter = detect_disk_converter(path)
+    cfg_dict, state_dict = converter(path, device=device, cfg_overrides=overrides)
+    cfg_dict = handle_config_defaulting(cfg_dict)
+    return build_sae(
+        cfg_dict, state_dict, where=str(path), expected_cls=expected_cls, validate=validate
+    )
+
+
+# ---------------------------------------------------------------------------- writing
+def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same directory, fsync, then rename over ``target``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def save_sae(sae: SAE, path: str | Path, *, sparsity: Tensor | None = None) -> tuple[Path, Path]:
+    """Write ``sae`` to ``path`` in the SAELens 6.x format; returns (weights path, cfg path).
+
+    Each file is written to a temporary name and renamed into place, weights first
+    and ``cfg.json`` last, so a crash never leaves a half-written file, and a
+    directory with a ``cfg.json`` always has the weights it describes.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving(state_dict)
+    weights_path = path / SAE_WEIGHTS_FILENAME
+    cfg_path = path / SAE_CFG_FILENAME
+    _atomic_write(weights_path, lambda p: save_file(state_dict, str(p)))
+    if sparsity is not None:
+        if tuple(sparsity.shape) != (sae.cfg.d_sae,):
+            raise ValueError(
+                f"sparsity must be [d_sae]=[{sae.cfg.d_sae}], got {tuple(sparsity.shape)}"
+            )
+        tensors = {"sparsity": sparsity.detach().contiguous().cpu()}
+        _atomic_write(path / SPARSITY_FILENAME, lambda p: save_file(tensors, str(p)))
+    config = sae.cfg.to_dict()
+    _atomic_write(cfg_path, lambda p: p.write_text(json.dumps(config)))
+    return weights_path, cfg_path
