@@ -13,6 +13,7 @@ with SAELens parameter names and orientation:
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def gemma_scope_disk_loader(
     try:
         with np.load(file) as data:
             arrays = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{file}: truncated or corrupt npz file ({e})") from None
     state = {
         ("W_" + k[2:] if k.startswith("w_") else k): torch.tensor(v, dtype=torch.float32)

@@ -104,11 +104,19 @@ def _format_version(cfg_dict: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(parts) or None
 
 
-def handle_config_defaulting(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Bring a cfg.json dict to the 6.x layout (configs older than SAELens 6.0 are rewritten)."""
+def handle_config_defaulting(cfg_dict: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """Bring a cfg.json dict to the 6.x layout (configs older than SAELens 6.0 are rewritten).
+
+    ``where`` (the file or directory it came from) prefixes any error message.
+    """
     version = _format_version(cfg_dict)
     if version is None or version < (6,):
-        cfg_dict = handle_pre_6_0_config(cfg_dict)
+        try:
+            cfg_dict = handle_pre_6_0_config(cfg_dict)
+        except ValueError as e:
+            if where is None:
+                raise
+            raise ValueError(f"{where}: invalid SAE config: {e}") from None
     cfg_dict.setdefault("architecture", "standard")
     return cfg_dict
 
@@ -263,15 +271,15 @@ def load_sae_from_disk(
 
         converter = detect_disk_converter(path)
     cfg_dict, state_dict = converter(path, device=device, cfg_overrides=overrides)
-    cfg_dict = handle_config_defaulting(cfg_dict)
+    cfg_dict = handle_config_defaulting(cfg_dict, where=str(path))
     return build_sae(
         cfg_dict, state_dict, where=str(path), expected_cls=expected_cls, validate=validate
     )
 
 
 # ---------------------------------------------------------------------------- writing
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over ``target``."""
+def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``target``'s content to a fsynced temporary file beside it; returns that file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -279,33 +287,45 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
         write(tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    return tmp_path
 
 
 def save_sae(sae: SAE, path: str | Path, *, sparsity: Tensor | None = None) -> tuple[Path, Path]:
     """Write ``sae`` to ``path`` in the SAELens 6.x format; returns (weights path, cfg path).
 
-    Each file is written to a temporary name and renamed into place, weights first
-    and ``cfg.json`` last, so a crash never leaves a half-written file, and a
-    directory with a ``cfg.json`` always has the weights it describes.
+    Everything is checked and serialised first, then every file is written to a
+    temporary name, and only when all of them are written are they renamed into
+    place, ``cfg.json`` last: a failure never leaves a half-written file, nor new
+    weights beside an old ``cfg.json``.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving(state_dict)
+    if sparsity is not None and tuple(sparsity.shape) != (sae.cfg.d_sae,):
+        raise ValueError(f"sparsity must be [d_sae]=[{sae.cfg.d_sae}], got {tuple(sparsity.shape)}")
+    config_text = json.dumps(sae.cfg.to_dict())  # a config that cannot be written fails here
     weights_path = path / SAE_WEIGHTS_FILENAME
     cfg_path = path / SAE_CFG_FILENAME
-    _atomic_write(weights_path, lambda p: save_file(state_dict, str(p)))
+    writes: list[tuple[Path, Callable[[Path], None]]] = [
+        (weights_path, lambda p: save_file(state_dict, str(p)))
+    ]
     if sparsity is not None:
-        if tuple(sparsity.shape) != (sae.cfg.d_sae,):
-            raise ValueError(
-                f"sparsity must be [d_sae]=[{sae.cfg.d_sae}], got {tuple(sparsity.shape)}"
-            )
         tensors = {"sparsity": sparsity.detach().contiguous().cpu()}
-        _atomic_write(path / SPARSITY_FILENAME, lambda p: save_file(tensors, str(p)))
-    config = sae.cfg.to_dict()
-    _atomic_write(cfg_path, lambda p: p.write_text(json.dumps(config)))
+        writes.append((path / SPARSITY_FILENAME, lambda p: save_file(tensors, str(p))))
+    writes.append((cfg_path, lambda p: p.write_text(config_text)))
+
+    path.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for target, write in writes:
+            written.append((_write_temp(target, write), target))
+    except BaseException:
+        for tmp_path, _ in written:
+            tmp_path.unlink(missing_ok=True)
+        raise
+    for tmp_path, target in written:  # cfg.json last
+        os.replace(tmp_path, target)
     return weights_path, cfg_path

@@ -37,7 +37,7 @@ from fastsae.loading.disk import (
     read_log_sparsity,
     sae_lens_disk_loader,
 )
-from fastsae.saes.config import str_to_dtype
+from fastsae.saes.config import LLM_METADATA_KEYS, str_to_dtype
 
 if TYPE_CHECKING:
     from fastsae.saes.base import SAE
@@ -225,7 +225,12 @@ def load_pretrained(
         )
     else:
         cfg_dict, state_dict = convert(local, device=device, cfg_overrides=overrides)
-    cfg_dict = handle_config_defaulting(cfg_dict)
+    cfg_dict = handle_config_defaulting(cfg_dict, where=f"{repo_id}/{folder}")
+    # registry metadata (neuronpedia_id, dataset_path, ...) must land in ``metadata``: a
+    # 6.x cfg.json is not rewritten, and top-level keys that are not fields are dropped
+    metadata_overrides = {k: v for k, v in overrides.items() if k in LLM_METADATA_KEYS}
+    if metadata_overrides:
+        cfg_dict["metadata"] = {**(cfg_dict.get("metadata") or {}), **metadata_overrides}
     sae = build_sae(cfg_dict, state_dict, where=f"{repo_id}/{folder}", expected_cls=expected_cls)
     if sae.cfg.normalize_activations == "expected_average_only_in":
         factor = info.norm_scaling_factor.get(sae_id) if info is not None else None

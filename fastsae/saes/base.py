@@ -16,7 +16,12 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.hook_points import HookPoint
+
+try:  # TransformerLens >= 3 exports it at the top level (hook_points' copy is deprecated)
+    from transformer_lens import HookedRootModule
+except ImportError:  # TransformerLens 2.x
+    from transformer_lens.hook_points import HookedRootModule
 
 from fastsae import ops, torch_ops
 from fastsae.saes.config import SAEConfig, dtype_to_str, str_to_dtype
@@ -292,6 +297,29 @@ class SAE(HookedRootModule):
         self.W_enc.data.mul_(scaling_factor)
         self.W_dec.data.div_(scaling_factor)
         self.b_dec.data.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor
+    ) -> None:
+        """Fold ``z = (x - mean) @ M`` (and ``x = z @ M^-1 + mean``) into the weights.
+
+        ``mean [d_in]``, ``whitening_matrix M [d_in, d_in]``, ``unwhitening_matrix [d_in, d_in]``.
+        Afterwards raw activations give the same features and outputs as whitened
+        ones did before; ``normalize_activations`` becomes ``"none"``. Computed in at
+        least the precision of the statistics.
+        """
+        dtype = torch.promote_types(self.W_enc.dtype, whitening_matrix.dtype)
+        mean = mean.to(self.W_enc.device, dtype)
+        M = whitening_matrix.to(self.W_enc.device, dtype)
+        M_inv = unwhitening_matrix.to(self.W_enc.device, dtype)
+        self.W_enc.data.copy_(M @ self.W_enc.data.to(dtype))
+        b_enc = getattr(self, "b_enc", None)
+        if not self.cfg.apply_b_dec_to_input and isinstance(b_enc, nn.Parameter):
+            b_enc.data.sub_(mean @ self.W_enc.data.to(dtype))
+        self.W_dec.data.copy_(self.W_dec.data.to(dtype) @ M_inv)
+        self.b_dec.data.copy_(self.b_dec.data.to(dtype) @ M_inv + mean)
         self.cfg.normalize_activations = "none"
 
     # ------------------------------------------------------------------ device / dtype

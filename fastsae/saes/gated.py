@@ -24,6 +24,7 @@ class GatedSAE(SAE):
         self.b_gate = self._param(self.cfg.d_sae)
         self.r_mag = self._param(self.cfg.d_sae)
         self.b_mag = self._param(self.cfg.d_sae)
+        self.b_enc = None  # as in SAELens: gated SAEs have no b_enc
 
     def _encode_dense(self, sae_in: Tensor) -> Tensor:
         active = (sae_in @ self.W_enc + self.b_gate > 0).to(self.dtype)
@@ -38,3 +39,15 @@ class GatedSAE(SAE):
         norms = self.fold_and_get_W_dec_norm()
         self.b_gate.data.mul_(norms)
         self.b_mag.data.mul_(norms)
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor
+    ) -> None:
+        """As :meth:`SAE.fold_activation_whitening`, shifting ``b_gate`` and ``b_mag`` too."""
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+        if not self.cfg.apply_b_dec_to_input:
+            # the magnitude path uses W_enc * exp(r_mag), so its shift is scaled by exp(r_mag)
+            shift = mean.to(self.W_enc) @ self.W_enc
+            self.b_gate.data.sub_(shift)
+            self.b_mag.data.sub_(shift * self.r_mag.exp())

@@ -65,6 +65,17 @@ class TopKSAE(SAE):
             )
         super().fold_W_dec_norm()
 
+    def fold_activation_whitening(
+        self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor
+    ) -> None:
+        """As :meth:`SAE.fold_activation_whitening`; with ``rescale_acts_by_decoder_norm``
+        the decoder norms are folded first (unwhitening changes them, which would
+        change the selection) and the rescaling is switched off."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            self.fold_W_dec_norm()
+            self.cfg.rescale_acts_by_decoder_norm = False
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+
 
 class AbsTopKSAE(TopKSAE):
     """Keep the k largest-magnitude pre-activations per token with their sign (SAELens ``AbsTopKSAE``)."""

@@ -19,9 +19,8 @@ class Transcoder(StandardSAE):
     """ReLU transcoder: ``relu(x @ W_enc + b_enc) @ W_dec + b_dec`` with ``W_dec [d_sae, d_out]``.
 
     As in SAELens: ``b_dec`` is never subtracted from the input, no output
-    normalisation is applied, and ``use_error_term`` does not apply (input and
-    output live at different hooks). Unlike SAELens, ``hook_sae_output`` fires, so
-    ``run_with_cache`` shows the output like every other SAE's.
+    normalisation is applied, ``use_error_term`` does not apply (input and output
+    live at different hooks) and ``hook_sae_output`` does not fire.
     """
 
     config_class = TranscoderConfig
@@ -58,13 +57,19 @@ class Transcoder(StandardSAE):
     def _skip(self, x: Tensor) -> Tensor | None:
         return None
 
+    def fold_activation_whitening(self, mean, whitening_matrix, unwhitening_matrix) -> None:
+        raise NotImplementedError(
+            "fold_activation_whitening does not apply to transcoders: their output lives "
+            "in a different space from the whitened input"
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         """Prediction of the output-hook activations ``[..., d_out]`` from ``x [..., d_in]``."""
         sae_out = self._reconstruct(x)
         skip = self._skip(x)
         if skip is not None:
             sae_out = sae_out + skip
-        return self.hook_sae_output(sae_out)
+        return sae_out
 
     def forward_with_activations(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(output [..., d_out], dense feature activations [..., d_sae])``."""

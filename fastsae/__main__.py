@@ -1,0 +1,5 @@
+import sys
+
+from fastsae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""fastsae.ops on the torch path against float64 dense oracles written here."""
+
+import pytest
+import torch
+
+from fastsae import SparseCode, ops
+
+DTYPE_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def oracle_decode(values, indices, W_dec, b_dec):
+    dense = torch.zeros(values.shape[0], W_dec.shape[0], dtype=torch.float64)
+    dense.scatter_add_(1, indices.long(), values.double())
+    return dense @ W_dec.double() + b_dec.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,k", [(1, 1), (333, 7), (33, 64)])
+def test_sparse_decode_output_and_grads(dtype, batch, k):
+    torch.manual_seed(batch * 100 + k)
+    d_sae, d_out = 1000, 100
+    values = torch.randn(batch, k, dtype=dtype, requires_grad=True)
+    indices = torch.randint(0, d_sae, (batch, k))
+    W_dec = torch.randn(d_sae, d_out, dtype=dtype, requires_grad=True)
+    b_dec = torch.randn(d_out, dtype=dtype, requires_grad=True)
+    out = ops.sparse_decode(SparseCode(values, indices.to(torch.int32)), W_dec, b_dec)
+    assert out.shape == (batch, d_out) and out.dtype == dtype
+
+    v64 = values.detach().double().requires_grad_()
+    w64 = W_dec.detach().double().requires_grad_()
+    b64 = b_dec.detach().double().requires_grad_()
+    ref = oracle_decode(v64, indices, w64, b64)
+    tol = DTYPE_TOL[dtype]
+    assert rel_err(out, ref) < tol
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for mine, theirs in [(values, v64), (W_dec, w64), (b_dec, b64)]:
+        assert rel_err(mine.grad, theirs.grad) < tol
+
+
+def test_sparse_decode_repeated_indices_accumulate():
+    W_dec = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[3, 3, 7]])
+    out = ops.sparse_decode(SparseCode(values, indices), W_dec)
+    assert torch.allclose(out[0], 3 * W_dec[3])
+    out.sum().backward()
+    assert torch.allclose(W_dec.grad[3], torch.full((4,), 3.0, dtype=torch.float64))
+    assert torch.allclose(W_dec.grad[7], torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("abs_select", [False, True])
+@pytest.mark.parametrize("use_dec_norm", [False, True])
+def test_topk_encode_matches_dense_oracle(abs_select, use_dec_norm):
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 100)
+    W_enc = torch.randn(100, 1000)
+    b_enc = torch.randn(1000)
+    dec_norm = torch.rand(1000) + 0.5 if use_dec_norm else None
+    code = ops.topk_encode(x, W_enc, b_enc, 7, dec_norm=dec_norm, abs_select=abs_select)
+    assert code.values.shape == (2, 5, 7) and code.indices.shape == (2, 5, 7)
+
+    h = x.double() @ W_enc.double() + b_enc.double()
+    if dec_norm is not None:
+        h = h * dec_norm.double()
+    key = h.abs() if abs_select else h
+    idx = key.topk(7, dim=-1).indices
+    expected = torch.zeros_like(h).scatter_(-1, idx, h.gather(-1, idx))
+    if not abs_select:
+        expected = expected.relu()
+    assert rel_err(code.to_dense(1000), expected) < 1e-5
+
+
+def test_jumprelu_encode_dense_and_padded_sparse():
+    torch.manual_seed(2)
+    x = torch.randn(333, 100)
+    W_enc = torch.randn(100, 1000) * 0.1
+    b_enc = torch.randn(1000) * 0.1
+    threshold = torch.rand(1000) * 1.5
+    dense = ops.jumprelu_encode(x, W_enc, b_enc, threshold)
+    h = x.double() @ W_enc.double() + b_enc.double()
+    expected = h.relu() * (h > threshold.double())
+    assert dense.shape == (333, 1000)
+    assert rel_err(dense, expected) < 1e-5
+
+    code = ops.jumprelu_encode(x, W_enc, b_enc, threshold, sparse=True)
+    max_active = int((expected != 0).sum(-1).max())
+    assert code.values.shape == (333, max_active)
+    # every row keeps all its active latents; the rest is zero padding
+    assert torch.equal((code.values != 0).sum(-1), (dense != 0).sum(-1))
+    assert rel_err(code.to_dense(1000), expected) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    W_enc = torch.randn(10, 20)
+    b_enc = torch.randn(20)
+    with pytest.raises(ValueError, match="d_in=10"):
+        ops.topk_encode(torch.randn(3, 11), W_enc, b_enc, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 21)
+    with pytest.raises(ValueError, match="b_enc"):
+        ops.topk_encode(torch.randn(3, 10), W_enc, torch.randn(19), 2)
+    with pytest.raises(ValueError, match="threshold"):
+        ops.jumprelu_encode(torch.randn(3, 10), W_enc, b_enc, torch.randn(3))
+    with pytest.raises(ValueError, match="same shape"):
+        ops.sparse_decode(
+            SparseCode(torch.randn(3, 2), torch.zeros(3, 4, dtype=torch.long)), W_enc.T
+        )
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.sparse_decode(SparseCode(torch.randn(3, 2), torch.zeros(3, 2)), W_enc.T)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 2, impl="cuda")
+    with pytest.raises(NotImplementedError, match="no Triton kernels"):
+        ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 2, impl="triton")
