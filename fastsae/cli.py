@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    except (OSError, ValueError, NotImplementedError) as e:
         print(f"fastsae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -99,7 +99,8 @@ def gemma_scope_disk_loader(
     }
     _require(state, ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"], file)
     d_in, d_sae = state["W_enc"].shape
-    folder = folder if folder is not None else path.name
+    if folder is None:  # Gemma Scope folders are <layer_N | embedding>/width_W/average_l0_L
+        folder = "/".join(path.parts[-3:])
     if "embedding" in folder:
         # Gemma scales embeddings by sqrt(d_model) after the hook these SAEs read
         state["W_enc"] = state["W_enc"] / d_in**0.5
@@ -293,6 +294,8 @@ DISK_CONVERTERS: dict[str, DiskConverter] = {
 def detect_disk_converter(path: str | Path) -> DiskConverter:
     """Pick the converter for a directory from the files in it."""
     path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(f"{path}: is a file; pass the SAE directory that holds it")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: SAE directory not found")
     if (path / SAE_WEIGHTS_FILENAME).exists() or (

@@ -472,6 +472,11 @@ class SAE(HookedRootModule):
         """Override to edit the state dict in place after it is read."""
 
     # Tuple unpacking of from_pretrained, as SAELens < 6 returned (sae, cfg_dict, sparsity).
+    def _legacy_tuple(self) -> tuple[Any, dict[str, Any], Tensor | None]:
+        from fastsae.loading.pretrained import flat_cfg_dict
+
+        return self, flat_cfg_dict(self), self._log_sparsity
+
     def __iter__(self) -> Iterator[Any]:
         warnings.warn(
             "Unpacking an SAE is deprecated: SAE.from_pretrained() returns only the SAE. "
@@ -480,9 +485,7 @@ class SAE(HookedRootModule):
             DeprecationWarning,
             stacklevel=2,
         )
-        yield self
-        yield self.cfg.to_dict()
-        yield self._log_sparsity
+        yield from self._legacy_tuple()
 
     def __getitem__(self, index: int) -> Any:
         warnings.warn(
@@ -491,7 +494,7 @@ class SAE(HookedRootModule):
             DeprecationWarning,
             stacklevel=2,
         )
-        items = (self, self.cfg.to_dict(), self._log_sparsity)
+        items = self._legacy_tuple()
         if not -3 <= index < 3:
             raise IndexError(f"SAE tuple index {index} out of range")
         return items[index]
