@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import sae_lens
 import torch
+from sae_testing import assert_close
 
 import fastsae
 from fastsae.saes import SAE_CLASSES
@@ -19,21 +18,6 @@ pytestmark = [
 D_IN, D_SAE, K, D_OUT = 20, 60, 5, 12
 FP32_TOL = 1e-5
 ARCHS = sorted(SAE_CLASSES)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    num, den = (a64 - b64).norm().item(), b64.norm().item()
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL, what: str = ""):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ref.detach().abs().sum() > 0, f"{what}: reference is all zeros (a vacuous test)"
-    err = rel_err(ours, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
 
 def cfg_dict_for(arch: str, **extra) -> dict:

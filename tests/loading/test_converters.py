@@ -6,12 +6,12 @@ forward pass written here in plain torch (1e-5 relative error, fp32).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sae_testing import assert_close
 from safetensors.torch import save_file
 
 import fastsae
@@ -19,21 +19,6 @@ import fastsae
 D_IN, D_SAE, K = 20, 60, 5
 N_TOKENS = 9
 FP32_TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    num, den = (a64 - b64).norm().item(), b64.norm().item()
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL, what: str = ""):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ref.detach().abs().sum() > 0, f"{what}: reference is all zeros (a vacuous test)"
-    err = rel_err(ours, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
 
 def randn(*shape: int, seed: int, scale: float = 0.5) -> torch.Tensor:

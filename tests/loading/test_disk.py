@@ -8,13 +8,13 @@ relative error ``||a - b|| / ||b||`` in float64, 1e-5 for fp32 outputs.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import pytest
 import sae_lens
 import torch
+from sae_testing import assert_close
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,21 +33,6 @@ FP32_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    num, den = (a64 - b64).norm().item(), b64.norm().item()
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL, what: str = ""):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ref.detach().abs().sum() > 0, f"{what}: reference is all zeros (a vacuous test)"
-    err = rel_err(ours, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
-
-
 def cfg_dict_for(arch: str, **extra) -> dict:
     """A 6.x config dict (the shape both libraries' ``from_dict`` accept)."""
     cfg = {

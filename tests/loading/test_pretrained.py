@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import socket
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import sae_lens
 import torch
+from sae_testing import assert_close
 from safetensors.torch import save_file
 
 import fastsae
@@ -29,21 +29,6 @@ from fastsae.loading.pretrained import PretrainedRelease, get_pretrained_saes_di
 D_IN, D_SAE, K = 20, 60, 5
 FP32_TOL = 1e-5
 HOOK = "blocks.0.hook_resid_pre"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    num, den = (a64 - b64).norm().item(), b64.norm().item()
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = FP32_TOL, what: str = ""):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ref.detach().abs().sum() > 0, f"{what}: reference is all zeros (a vacuous test)"
-    err = rel_err(ours, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
 
 def random_input(d: int = D_IN) -> torch.Tensor:
