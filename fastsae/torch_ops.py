@@ -20,6 +20,8 @@ from fastsae.sparse_code import SparseCode
 # Rows per chunk in the sparse-decode backward: bounds the [chunk, K, d_out]
 # gather buffer to a few hundred MB at K=64, d_out=4096.
 _BACKWARD_CHUNK_ROWS = 256
+# rows whose non-zeros are counted to pick compact()'s first top-k width
+_COMPACT_SAMPLE_ROWS = 64
 
 
 def encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor | None) -> Tensor:
@@ -72,15 +74,40 @@ def topk_encode(
     return topk_select(h, k, abs_select=abs_select)
 
 
-def compact(acts: Tensor) -> SparseCode:
-    """Dense non-negative-or-signed ``acts [B, N]`` -> padded SparseCode.
+def compact(
+    acts: Tensor, *, nonnegative: bool = False, max_k: int | None = None
+) -> SparseCode | None:
+    """Dense ``acts [B, N]`` -> padded SparseCode holding every non-zero.
 
-    K is the largest number of non-zeros in any row (at least 1). The K entries of
-    largest magnitude per row hold every non-zero; the rest are padding with value 0.
+    K is the largest number of non-zeros in any row (at least 1); entries past a
+    row's own count are padding with value 0. ``nonnegative=True`` promises
+    ``acts >= 0`` (ReLU-family codes) and skips the ``abs``. Returns None when K
+    would exceed ``max_k``.
+
+    Counting the non-zeros of a [B, N] tensor costs as much as a top-k (167 ms vs
+    36 ms at B=2048, N=24576 on 2 CPU cores), so instead take a top-k of a width
+    guessed from a few rows and double it until every row's smallest pick is zero
+    or K reaches N.
     """
-    n_active = int((acts != 0).sum(-1).max().item()) if acts.numel() else 0
-    k = max(n_active, 1)
-    indices = torch.topk(acts.abs(), k, dim=-1, sorted=False).indices
+    n = acts.shape[-1]
+    key = acts if nonnegative else acts.abs()
+    # start from the widest of a few rows (cheap), so dense codes bail out at once
+    sampled = int((acts[:_COMPACT_SAMPLE_ROWS] != 0).sum(-1).max()) if acts.numel() else 0
+    if max_k is not None and sampled > max_k:
+        return None
+    k = min(n, max(64, 1 << max(sampled - 1, 0).bit_length()))
+    while True:
+        if max_k is not None and k > max_k:
+            return None
+        picked, indices = torch.topk(key, k, dim=-1, sorted=False)
+        if k == n or acts.shape[0] == 0 or not bool((picked.amin(-1) > 0).any()):
+            break
+        k = min(n, 2 * k)
+    # trim to the widest row: order the [B, k] picks by magnitude (cheap), keep the first K
+    width = max(int((picked != 0).sum(-1).max()) if picked.numel() else 0, 1)
+    if width < k:
+        order = picked.argsort(dim=-1, descending=True)[:, :width]
+        indices = indices.gather(-1, order)
     return SparseCode(acts.gather(-1, indices), indices)
 
 
@@ -102,7 +129,7 @@ def jumprelu_encode(
     Dense ``[B, d_sae]`` when ``sparse=False``; a padded SparseCode otherwise.
     """
     acts = jumprelu(encoder_preacts(x, W_enc, b_enc), threshold)
-    return compact(acts) if sparse else acts
+    return compact(acts, nonnegative=True) if sparse else acts
 
 
 class _SparseDecode(torch.autograd.Function):

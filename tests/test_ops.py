@@ -118,3 +118,22 @@ def test_bad_inputs_raise_clear_errors():
         ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 2, impl="cuda")
     with pytest.raises(NotImplementedError, match="no Triton kernels"):
         ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 2, impl="triton")
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_compact_keeps_every_nonzero_and_pads_with_zeros(nonnegative):
+    from fastsae import torch_ops
+
+    torch.manual_seed(3)
+    acts = torch.randn(50, 1000)
+    acts[acts.abs() < 2.0] = 0  # ~4.5% active: ~45 per row
+    acts[7, :300] = torch.rand(300) + 0.1  # one wide row forces the width search to grow
+    acts[11] = 0  # an empty row
+    if nonnegative:
+        acts = acts.abs()
+    code = torch_ops.compact(acts, nonnegative=nonnegative)
+    counts = (acts != 0).sum(-1)
+    assert code.values.shape == (50, int(counts.max()))
+    assert torch.equal((code.values != 0).sum(-1), counts)
+    assert torch.equal(code.to_dense(1000), acts)
+    assert torch_ops.compact(acts, nonnegative=nonnegative, max_k=100) is None

@@ -38,6 +38,8 @@ _HOOK_NAMES = (
     "hook_sae_error",
 )
 _LN_EPS = 1e-5
+# forward decodes a variable-width code sparsely while max active <= d_sae / this
+_SPARSE_DECODE_MAX_FRACTION = 32
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -63,6 +65,8 @@ class SAE(HookedRootModule):
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     cfg: SAEConfig
+    # True when every token has exactly k active latents (TopK): forward never goes dense
+    _fixed_k: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, use_error_term: bool = False):
         super().__init__()
@@ -202,9 +206,9 @@ class SAE(HookedRootModule):
         raise NotImplementedError(f"{type(self).__name__} must define _encode_dense")
 
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
-        """Processed input -> SparseCode. Default: compact the dense activations."""
+        """Processed input -> SparseCode. Default: compact the (non-negative) dense activations."""
         acts = self._encode_dense(sae_in)
-        values, indices = torch_ops.compact(acts.reshape(-1, acts.shape[-1]))
+        values, indices = torch_ops.compact(acts.reshape(-1, acts.shape[-1]), nonnegative=True)
         lead = acts.shape[:-1]
         return SparseCode(values.reshape(*lead, -1), indices.reshape(*lead, -1))
 
@@ -260,7 +264,20 @@ class SAE(HookedRootModule):
         if self._acts_hooked():
             return self.decode(self.encode(x))
         sae_in, stats = self._process_sae_in(x)
-        return self._decode_code(self._encode_code(sae_in), stats)
+        if self._fixed_k:
+            return self._decode_code(self._encode_code(sae_in), stats)
+        # ReLU / JumpReLU / gated codes have a data-dependent width: decode sparsely only
+        # while the widest row is a small fraction of d_sae, else the dense matmul is cheaper
+        acts = self._encode_dense(sae_in)
+        flat = acts.reshape(-1, acts.shape[-1])
+        code = torch_ops.compact(
+            flat, nonnegative=True, max_k=self.cfg.d_sae // _SPARSE_DECODE_MAX_FRACTION
+        )
+        if code is None:
+            return self._finish_decode(self._dense_decoder(acts), stats)
+        lead = acts.shape[:-1]
+        code = SparseCode(code.values.reshape(*lead, -1), code.indices.reshape(*lead, -1))
+        return self._decode_code(code, stats)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of ``x``; plus the error term when ``use_error_term`` is set."""

@@ -20,6 +20,7 @@ class TopKSAE(SAE):
     config_class = TopKSAEConfig
     cfg: TopKSAEConfig
     _abs_select = False
+    _fixed_k = True
 
     def _init_parameters(self) -> None:
         super()._init_parameters()
