@@ -1,13 +1,18 @@
 """Dispatch layer: one function per op, ``impl="auto" | "triton" | "torch"``.
 
-``auto`` will pick the Triton kernels on CUDA tensors once they exist (see
-``kernels/``); in this release every op runs on the pure-torch path in
-``fastsae.torch_ops``. ``impl="triton"`` never falls back silently: until the
-kernels land it raises an error that says so. Leading batch dimensions are
-flattened here, so the implementations only ever see 2-D inputs.
+``auto`` picks the Triton kernels when the tensors are on a CUDA device, Triton
+imports and ``FASTSAE_DISABLE_TRITON`` is unset; otherwise the pure-torch path in
+``fastsae.torch_ops``. ``impl="triton"`` never falls back silently: on tensors
+Triton cannot run it raises (the one exception is ``TRITON_INTERPRET=1``, which
+runs kernels on CPU tensors, for tests). An op whose kernel does not exist yet
+runs on torch under ``auto`` and raises under ``triton``. Leading batch
+dimensions are flattened here, so the implementations see 2-D inputs.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 from torch import Tensor
 
@@ -17,15 +22,40 @@ from fastsae.sparse_code import SparseCode
 IMPLS = ("auto", "triton", "torch")
 
 
-def _resolve_impl(impl: str) -> str:
+def triton_available() -> bool:
+    """Triton is importable (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_disabled() -> bool:
+    """``FASTSAE_DISABLE_TRITON`` is set to something other than "" or "0"."""
+    return os.environ.get("FASTSAE_DISABLE_TRITON", "") not in ("", "0")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def _use_triton(op: str, impl: str, tensors: tuple[Tensor | None, ...], has_kernel: bool) -> bool:
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton":
-        raise NotImplementedError(
-            "impl='triton': this fastsae release has no Triton kernels yet; "
-            "use impl='torch' or impl='auto'"
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if impl == "auto":
+        return has_kernel and on_cuda and triton_available() and not triton_disabled()
+    # impl == "triton": explicit, so every reason it cannot run is an error
+    if not has_kernel:
+        raise NotImplementedError(f"{op}: no Triton kernel yet; use impl='torch' or 'auto'")
+    if not triton_available():
+        raise RuntimeError(f"{op}: impl='triton' but Triton is not installed (pip install triton)")
+    if not on_cuda and not triton_interpret():
+        devices = sorted({str(t.device) for t in tensors if t is not None})
+        raise RuntimeError(
+            f"{op}: impl='triton' needs CUDA tensors, got {devices} "
+            "(set TRITON_INTERPRET=1 to run kernels on CPU for testing)"
         )
-    return "torch"
+    return True
 
 
 def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, op: str) -> None:
@@ -72,10 +102,17 @@ def topk_encode(
         raise ValueError(f"topk_encode: k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
     if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
         raise ValueError(f"topk_encode: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}")
-    _resolve_impl(impl)
-    code = torch_ops.topk_encode(
-        _flat(x), W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select
-    )
+    # the fused kernel keeps a running top-k in registers: k up to 1024
+    if _use_triton("topk_encode", impl, (x, W_enc, b_enc, dec_norm), has_kernel=k <= 1024):
+        from fastsae.kernels.autograd import TopKEncodeFunction
+
+        code = SparseCode(
+            *TopKEncodeFunction.apply(_flat(x), W_enc, b_enc, dec_norm, k, abs_select)
+        )
+    else:
+        code = torch_ops.topk_encode(
+            _flat(x), W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select
+        )
     return _unflat(code, tuple(x.shape[:-1]))
 
 
@@ -98,7 +135,7 @@ def jumprelu_encode(
         raise ValueError(
             f"jumprelu_encode: threshold must be [d_sae], got {tuple(threshold.shape)}"
         )
-    _resolve_impl(impl)
+    _use_triton("jumprelu_encode", impl, (x, W_enc, b_enc, threshold), has_kernel=False)
     out = torch_ops.jumprelu_encode(_flat(x), W_enc, b_enc, threshold, sparse=sparse)
     lead = tuple(x.shape[:-1])
     if sparse:
@@ -111,8 +148,9 @@ def sparse_decode(
 ) -> Tensor:
     """``sum_j values[..., j] * W_dec[indices[..., j]] (+ b_dec)`` -> ``[..., d_out]``.
 
-    ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``. Accumulates in the promoted dtype of
-    values and W_dec (fp32 or wider when either is fp32).
+    ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``; output in the promoted dtype of values
+    and W_dec; the Triton kernel accumulates in fp32. Differentiable in values,
+    W_dec and b_dec with a sparse backward.
     """
     values, indices = code
     if values.shape != indices.shape:
@@ -126,9 +164,13 @@ def sparse_decode(
         raise ValueError(f"sparse_decode: W_dec must be [d_sae, d_out], got {tuple(W_dec.shape)}")
     if b_dec is not None and tuple(b_dec.shape) != (W_dec.shape[1],):
         raise ValueError(f"sparse_decode: b_dec must be [d_out], got {tuple(b_dec.shape)}")
-    _resolve_impl(impl)
     lead = tuple(values.shape[:-1])
     k = values.shape[-1]
     flat = SparseCode(values.reshape(-1, k), indices.reshape(-1, k))
-    out = torch_ops.sparse_decode(flat, W_dec, b_dec)
+    if _use_triton("sparse_decode", impl, (values, indices, W_dec, b_dec), has_kernel=True):
+        from fastsae.kernels.autograd import SparseDecodeFunction
+
+        out = SparseDecodeFunction.apply(flat.values, flat.indices, W_dec, b_dec)
+    else:
+        out = torch_ops.sparse_decode(flat, W_dec, b_dec)
     return out.reshape(*lead, W_dec.shape[1])

@@ -67,11 +67,85 @@ def topk_encode(
     """Top-k of ``(x @ W_enc + b_enc) * dec_norm`` per row, as SAELens's TopK.
 
     ``x [B, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``dec_norm [d_sae]`` or None.
+    Differentiable in x, W_enc, b_enc and dec_norm through a backward that only
+    touches the selected pairs (no ``[B, d_sae]`` gradient).
     """
-    h = encoder_preacts(x, W_enc, b_enc)
-    if dec_norm is not None:
-        h = h * dec_norm
-    return topk_select(h, k, abs_select=abs_select)
+    values, indices = _TopKEncode.apply(x, W_enc, b_enc, dec_norm, k, abs_select)
+    return SparseCode(values, indices)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """Torch twin of ``fastsae.kernels.autograd.TopKEncodeFunction`` (same maths)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, dec_norm, k, abs_select):  # type: ignore[override]
+        h = encoder_preacts(x, W_enc, b_enc)
+        if dec_norm is not None:
+            h = h * dec_norm
+        values, indices = topk_select(h, k, abs_select=abs_select)
+        ctx.save_for_backward(x, W_enc, b_enc, dec_norm, values, indices)
+        ctx.abs_select = abs_select
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, d_values, _d_indices):  # type: ignore[override]
+        x, W_enc, b_enc, dec_norm, values, indices = ctx.saved_tensors
+        need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
+        d_pre = d_values if ctx.abs_select else d_values * (values > 0)
+        d_h = d_pre if dec_norm is None else d_pre * dec_norm[indices]
+        W_rows = W_enc.T  # [d_sae, d_in]: row n is latent n's encoder direction
+        d_dn = None
+        if dec_norm is not None and need_dn:
+            h_sel = gather_dot(x, indices, W_rows) + b_enc[indices]
+            d_dn = torch.zeros_like(dec_norm).index_add_(
+                0, indices.reshape(-1), (d_pre * h_sel).reshape(-1).to(dec_norm.dtype)
+            )
+        d_x = gather_weighted_sum(d_h, indices, W_rows).to(x.dtype) if need_x else None
+        d_w = None
+        if need_w:
+            d_w = scatter_rows(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype)
+        d_b = None
+        if need_b:
+            d_b = torch.zeros_like(b_enc).index_add_(
+                0, indices.reshape(-1), d_h.reshape(-1).to(b_enc.dtype)
+            )
+        return d_x, d_w, d_b, d_dn, None, None
+
+
+def _chunks(n_rows: int):
+    for start in range(0, n_rows, _BACKWARD_CHUNK_ROWS):
+        yield slice(start, start + _BACKWARD_CHUNK_ROWS)
+
+
+def gather_dot(G: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """``out[b, j] = <G[b], rows[indices[b, j]]>``: ``G [B, D]``, ``rows [N, D]`` -> ``[B, K]``."""
+    dtype = torch.promote_types(G.dtype, rows.dtype)
+    out = torch.empty(indices.shape, dtype=dtype, device=G.device)
+    for rs in _chunks(indices.shape[0]):
+        gathered = rows[indices[rs]].to(dtype)  # [b, K, D]
+        out[rs] = torch.bmm(gathered, G[rs].to(dtype).unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def gather_weighted_sum(weights: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """``out[b] = sum_j weights[b, j] * rows[indices[b, j]]``: -> ``[B, D]`` (any row strides)."""
+    dtype = torch.promote_types(weights.dtype, rows.dtype)
+    out = torch.empty(indices.shape[0], rows.shape[1], dtype=dtype, device=rows.device)
+    for rs in _chunks(indices.shape[0]):
+        gathered = rows[indices[rs]].to(dtype)  # [b, K, D]
+        out[rs] = torch.bmm(weights[rs].to(dtype).unsqueeze(1), gathered).squeeze(1)
+    return out
+
+
+def scatter_rows(weights: Tensor, indices: Tensor, X: Tensor, n_rows: int) -> Tensor:
+    """``out[n] = sum over (b, j) with indices[b, j] == n of weights[b, j] * X[b]`` -> ``[n_rows, D]``."""
+    dtype = torch.promote_types(weights.dtype, X.dtype)
+    out = torch.zeros(n_rows, X.shape[1], dtype=dtype, device=X.device)
+    for rs in _chunks(indices.shape[0]):
+        contrib = weights[rs].to(dtype).unsqueeze(-1) * X[rs].to(dtype).unsqueeze(1)
+        out.index_add_(0, indices[rs].reshape(-1), contrib.reshape(-1, X.shape[1]))
+    return out
 
 
 def compact(
@@ -156,19 +230,10 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         values, indices, W_dec = ctx.saved_tensors
         need_values, _, need_w = ctx.needs_input_grad[:3]
-        d_values = torch.empty_like(values) if need_values else None
-        d_w = torch.zeros_like(W_dec) if need_w else None
-        grad_out = grad_out.contiguous()
-        for start in range(0, values.shape[0], _BACKWARD_CHUNK_ROWS):
-            stop = start + _BACKWARD_CHUNK_ROWS
-            idx = indices[start:stop]
-            g = grad_out[start:stop]
-            if need_values:
-                rows = W_dec[idx.reshape(-1)].view(*idx.shape, -1).to(g.dtype)  # [b, K, d_out]
-                d_values[start:stop] = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).to(values.dtype)
-            if need_w:
-                contrib = values[start:stop].unsqueeze(-1).to(g.dtype) * g.unsqueeze(1)
-                d_w.index_add_(0, idx.reshape(-1), contrib.reshape(-1, g.shape[-1]).to(W_dec.dtype))
+        d_values = gather_dot(grad_out, indices, W_dec).to(values.dtype) if need_values else None
+        d_w = None
+        if need_w:
+            d_w = scatter_rows(values, indices, grad_out, W_dec.shape[0]).to(W_dec.dtype)
         return d_values, None, d_w
 
 

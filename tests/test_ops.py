@@ -97,7 +97,8 @@ def test_jumprelu_encode_dense_and_padded_sparse():
     assert rel_err(code.to_dense(1000), expected) < 1e-5
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     W_enc = torch.randn(10, 20)
     b_enc = torch.randn(20)
     with pytest.raises(ValueError, match="d_in=10"):
@@ -116,8 +117,10 @@ def test_bad_inputs_raise_clear_errors():
         ops.sparse_decode(SparseCode(torch.randn(3, 2), torch.zeros(3, 2)), W_enc.T)
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 2, impl="cuda")
-    with pytest.raises(NotImplementedError, match="no Triton kernels"):
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         ops.topk_encode(torch.randn(3, 10), W_enc, b_enc, 2, impl="triton")
+    with pytest.raises(NotImplementedError, match="no Triton kernel"):
+        ops.jumprelu_encode(torch.randn(3, 10), W_enc, b_enc, torch.zeros(20), impl="triton")
 
 
 @pytest.mark.parametrize("nonnegative", [True, False])

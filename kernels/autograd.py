@@ -1,0 +1,88 @@
+"""``torch.autograd.Function`` wrappers around the Triton launchers."""
+
+from __future__ import annotations
+
+import torch
+
+from .sparse_backward import group_by_latent, segment_rows_sum, sparse_dot
+from .sparse_decode import sparse_decode
+
+
+class SparseDecodeFunction(torch.autograd.Function):
+    """``out[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec`` with a sparse backward.
+
+    Gradients: ``d_values[b, j] = <dOut[b], W_dec[idx[b, j]]>``; ``dW_dec`` summed per
+    latent over its (token, slot) pairs (no atomics); ``db_dec = dOut.sum(0)``.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.has_bias = b_dec is not None
+        return sparse_decode(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        values, indices, W_dec = ctx.saved_tensors
+        need_values, _, need_w, need_b = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        d_values = sparse_dot(grad_out, indices, W_dec, values.dtype) if need_values else None
+        d_w = None
+        if need_w:
+            order, offsets = group_by_latent(indices, W_dec.shape[0])
+            d_w = segment_rows_sum(order, offsets, values, grad_out, indices.shape[1], W_dec.dtype)
+        d_b = grad_out.sum(0) if (need_b and ctx.has_bias) else None
+        return d_values, None, d_w, d_b
+
+
+class TopKEncodeFunction(torch.autograd.Function):
+    """Fused encode + top-k with a backward that only touches the selected (token, latent)
+    pairs: ``d_h[b, j] = d_values[b, j] * relu'(.) * dec_norm[idx]``, then
+    ``dx = sum_j d_h[b, j] * W_enc[:, idx[b, j]]`` (a sparse decode through ``W_enc.T``),
+    ``dW_enc[:, n] = sum over pairs of latent n of d_h * x[b]`` (grouped by latent, no
+    atomics, written as ``[d_sae, d_in]`` and returned transposed), ``db_enc`` and
+    ``d_dec_norm`` by index_add over the pairs. No ``[B, d_sae]`` tensor is formed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, dec_norm, k, abs_select):  # type: ignore[override]
+        from .topk_encode import topk_encode
+
+        x_c = x.to(W_enc.dtype)
+        values, indices = topk_encode(x_c, W_enc, b_enc, k, dec_norm, abs_select)
+        ctx.save_for_backward(x_c, W_enc, b_enc, dec_norm, values, indices)
+        ctx.abs_select = abs_select
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, d_values, _d_indices):  # type: ignore[override]
+        x, W_enc, b_enc, dec_norm, values, indices = ctx.saved_tensors
+        need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
+        d_pre = d_values.float()
+        if not ctx.abs_select:
+            d_pre = d_pre * (values > 0)
+        N = W_enc.shape[1]
+        flat_idx = indices.reshape(-1)
+        d_h = d_pre
+        d_dn = None
+        if dec_norm is not None:
+            d_h = d_pre * dec_norm.float()[indices]
+            if need_dn:
+                h_sel = sparse_dot(x, indices, W_enc.T, torch.float32) + b_enc.float()[indices]
+                d_dn = torch.zeros(N, dtype=torch.float32, device=x.device)
+                d_dn.index_add_(0, flat_idx, (d_pre * h_sel).reshape(-1))
+                d_dn = d_dn.to(dec_norm.dtype)
+        d_x = None
+        if need_x:
+            d_x = sparse_decode(d_h, indices, W_enc.T, out_dtype=ctx.x_dtype)
+        d_w = None
+        if need_w:
+            order, offsets = group_by_latent(indices, N)
+            d_w = segment_rows_sum(order, offsets, d_h, x, indices.shape[1], W_enc.dtype).T
+        d_b = None
+        if need_b:
+            d_b = torch.zeros(N, dtype=torch.float32, device=x.device)
+            d_b = d_b.index_add_(0, flat_idx, d_h.reshape(-1)).to(b_enc.dtype)
+        return d_x, d_w, d_b, d_dn, None, None

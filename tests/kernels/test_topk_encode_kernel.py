@@ -1,0 +1,100 @@
+"""topk_encode: Triton (fused) and torch against a float64 dense oracle.
+
+The oracle checks (1) the values at the op's own indices, (2) that those indices
+are a valid top-k (no unselected key beats a selected one by more than rounding),
+and (3) every gradient, computed densely in float64 over the op's selection. This
+holds for bf16/fp16 too, where a near-tie at the k-th place may legitimately be
+broken differently from float64.
+"""
+
+import pytest
+import torch
+from sae_testing import rel_err
+
+from fastsae import ops
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _inputs(batch, d_in, d_sae, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, d_in, generator=g).to(device, dtype)
+    W_enc = (torch.randn(d_in, d_sae, generator=g) / d_in**0.5).to(device, dtype)
+    b_enc = (0.1 * torch.randn(d_sae, generator=g)).to(device, dtype)
+    dec_norm = (torch.rand(d_sae, generator=g) + 0.5).to(device, dtype)
+    return [t.requires_grad_() for t in (x, W_enc, b_enc, dec_norm)]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 7, 64])
+@pytest.mark.parametrize("abs_select", [False, True])
+@pytest.mark.parametrize("use_dec_norm", [False, True])
+def test_topk_encode(impl, dtype, k, abs_select, use_dec_norm, device, batch_sizes, poison_outputs):
+    d_in, d_sae = 100, 1000
+    for batch in batch_sizes:
+        x, W_enc, b_enc, dec_norm = _inputs(batch, d_in, d_sae, dtype, device, seed=batch + k)
+        dn = dec_norm if use_dec_norm else None
+        values, indices = ops.topk_encode(
+            x, W_enc, b_enc, k, dec_norm=dn, abs_select=abs_select, impl=impl
+        )
+        assert values.shape == indices.shape == (batch, k)
+        assert indices.dtype == torch.int64 and int(indices.min()) >= 0
+        assert int(indices.max()) < d_sae and not values.isnan().any()
+        # k distinct latents per row
+        assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
+
+        x64, w64, b64, dn64 = (
+            t.detach().double().requires_grad_() for t in (x, W_enc, b_enc, dec_norm)
+        )
+        h = x64 @ w64 + b64
+        if use_dec_norm:
+            h = h * dn64
+        key = h.abs() if abs_select else h
+        chosen = torch.zeros_like(h, dtype=torch.bool).scatter_(1, indices, True)
+        kth = key.masked_fill(~chosen, float("inf")).amin(-1)
+        best_other = key.masked_fill(chosen, float("-inf")).amax(-1)
+        slack = TOL[dtype] * key.abs().amax(-1) * 4
+        assert (best_other <= kth + slack).all(), "selection is not a top-k"
+
+        sel = h.gather(1, indices)
+        expected = sel if abs_select else sel.relu()
+        tol = TOL[dtype]
+        assert rel_err(values, expected) < tol
+
+        grad = torch.randn(batch, k, dtype=torch.float64, device=device)
+        (values * grad.to(values.dtype)).sum().backward()
+        (expected * grad).sum().backward()
+        pairs = [("x", x, x64), ("W_enc", W_enc, w64), ("b_enc", b_enc, b64)]
+        if use_dec_norm:
+            pairs.append(("dec_norm", dec_norm, dn64))
+        for name, mine, theirs in pairs:
+            assert mine.grad is not None and mine.grad.shape == mine.shape, name
+            assert not mine.grad.isnan().any(), name
+            if theirs.grad.abs().sum() == 0:
+                assert mine.grad.abs().sum() == 0, name
+            else:
+                assert rel_err(mine.grad, theirs.grad) < tol, name
+
+
+def test_topk_encode_many_tiles_and_splits(device, poison_outputs):
+    """d_sae spanning several tiles and chunk splits, with a non-power-of-2 k."""
+    from fastsae.kernels.topk_encode import topk_encode
+
+    x, W_enc, b_enc, _ = _inputs(9, 37, 2500, torch.float32, device, seed=5)
+    for splits in (1, 4):
+        values, indices = topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), 13, splits=splits)
+        h = x.detach().double() @ W_enc.detach().double() + b_enc.detach().double()
+        ref_vals, ref_idx = h.topk(13, dim=-1)
+        assert torch.equal(indices.sort(-1).values, ref_idx.sort(-1).values)
+        assert rel_err(values.sort(-1).values, ref_vals.relu().sort(-1).values) < 1e-5
+
+
+def test_topk_encode_weights_fp32_activations_bf16(device):
+    """The common mixed case: bf16 activations into an fp32 SAE (cast to fp32, as SAELens)."""
+    x, W_enc, b_enc, _ = _inputs(17, 100, 1000, torch.float32, device, seed=9)
+    x_bf16 = x.detach().to(torch.bfloat16)
+    mine = ops.topk_encode(x_bf16, W_enc.detach(), b_enc.detach(), 7, impl="triton")
+    ref = ops.topk_encode(x_bf16.float(), W_enc.detach(), b_enc.detach(), 7, impl="torch")
+    assert mine.values.dtype == torch.float32
+    assert rel_err(mine.to_dense(1000), ref.to_dense(1000)) < 1e-5
