@@ -36,6 +36,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
+def auto_uses_triton(*tensors: Tensor | None) -> bool:
+    """Whether ``impl="auto"`` runs a Triton kernel on these tensors."""
+    return _use_triton("auto", "auto", tensors, has_kernel=True)
+
+
 def _use_triton(op: str, impl: str, tensors: tuple[Tensor | None, ...], has_kernel: bool) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
@@ -135,8 +140,13 @@ def jumprelu_encode(
         raise ValueError(
             f"jumprelu_encode: threshold must be [d_sae], got {tuple(threshold.shape)}"
         )
-    _use_triton("jumprelu_encode", impl, (x, W_enc, b_enc, threshold), has_kernel=False)
-    out = torch_ops.jumprelu_encode(_flat(x), W_enc, b_enc, threshold, sparse=sparse)
+    if _use_triton("jumprelu_encode", impl, (x, W_enc, b_enc, threshold), has_kernel=True):
+        from fastsae.kernels.autograd import JumpReLUEncodeFunction
+
+        out = JumpReLUEncodeFunction.apply(_flat(x), W_enc, b_enc, threshold, sparse)
+        out = SparseCode(*out) if sparse else out
+    else:
+        out = torch_ops.jumprelu_encode(_flat(x), W_enc, b_enc, threshold, sparse=sparse)
     lead = tuple(x.shape[:-1])
     if sparse:
         return _unflat(out, lead)

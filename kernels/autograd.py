@@ -74,15 +74,70 @@ class TopKEncodeFunction(torch.autograd.Function):
                 d_dn = torch.zeros(N, dtype=torch.float32, device=x.device)
                 d_dn.index_add_(0, flat_idx, (d_pre * h_sel).reshape(-1))
                 d_dn = d_dn.to(dec_norm.dtype)
-        d_x = None
-        if need_x:
-            d_x = sparse_decode(d_h, indices, W_enc.T, out_dtype=ctx.x_dtype)
-        d_w = None
-        if need_w:
-            order, offsets = group_by_latent(indices, N)
-            d_w = segment_rows_sum(order, offsets, d_h, x, indices.shape[1], W_enc.dtype).T
-        d_b = None
-        if need_b:
-            d_b = torch.zeros(N, dtype=torch.float32, device=x.device)
-            d_b = d_b.index_add_(0, flat_idx, d_h.reshape(-1)).to(b_enc.dtype)
+        d_x, d_w, d_b = _sparse_encoder_grads(
+            x, W_enc, b_enc, indices, d_h, ctx.x_dtype, need_x, need_w, need_b
+        )
         return d_x, d_w, d_b, d_dn, None, None
+
+
+def _sparse_encoder_grads(x, W_enc, b_enc, indices, d_h, x_dtype, need_x, need_w, need_b):
+    """Gradients of ``h = x @ W_enc + b_enc`` given ``d_h`` at the selected latents only.
+
+    ``dx[b] = sum_j d_h[b, j] * W_enc[:, idx[b, j]]`` (a sparse decode through ``W_enc.T``),
+    ``dW_enc[:, n] = sum over pairs of latent n of d_h * x[b]`` (grouped by latent, no
+    atomics, computed as ``[d_sae, d_in]`` and returned transposed), ``db_enc`` by
+    index_add over the pairs.
+    """
+    N = W_enc.shape[1]
+    d_x = sparse_decode(d_h, indices, W_enc.T, out_dtype=x_dtype) if need_x else None
+    d_w = None
+    if need_w:
+        order, offsets = group_by_latent(indices, N)
+        d_w = segment_rows_sum(order, offsets, d_h, x, indices.shape[1], W_enc.dtype).T
+    d_b = None
+    if need_b:
+        d_b = torch.zeros(N, dtype=torch.float32, device=x.device)
+        d_b = d_b.index_add_(0, indices.reshape(-1), d_h.reshape(-1)).to(b_enc.dtype)
+    return d_x, d_w, d_b
+
+
+class JumpReLUEncodeFunction(torch.autograd.Function):
+    """Fused encode + JumpReLU, dense ``[B, d_sae]`` or compacted to a padded code.
+
+    ``threshold`` gets no gradient (the comparison is flat almost everywhere, as in
+    SAELens's inference ``JumpReLUSAE``); x, W_enc and b_enc get the ReLU-gated
+    gradient, through the sparse path when the output is a code.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, threshold, sparse):  # type: ignore[override]
+        from .jumprelu_encode import jumprelu_encode_dense, jumprelu_encode_sparse
+
+        x_c = x.to(W_enc.dtype)
+        ctx.x_dtype = x.dtype
+        ctx.sparse = sparse
+        if sparse:
+            values, indices = jumprelu_encode_sparse(x_c, W_enc, b_enc, threshold)
+            ctx.save_for_backward(x_c, W_enc, b_enc, values, indices)
+            ctx.mark_non_differentiable(indices)
+            return values, indices
+        acts = jumprelu_encode_dense(x_c, W_enc, b_enc, threshold)
+        ctx.save_for_backward(x_c, W_enc, b_enc, acts)
+        return acts
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.sparse:
+            x, W_enc, b_enc, values, indices = ctx.saved_tensors
+            d_h = grads[0].float() * (values > 0)
+            d_x, d_w, d_b = _sparse_encoder_grads(
+                x, W_enc, b_enc, indices, d_h, ctx.x_dtype, need_x, need_w, need_b
+            )
+            return d_x, d_w, d_b, None, None
+        x, W_enc, b_enc, acts = ctx.saved_tensors
+        d_h = grads[0] * (acts > 0)
+        d_x = (d_h @ W_enc.T).to(ctx.x_dtype) if need_x else None
+        d_w = (x.T @ d_h.to(x.dtype)).to(W_enc.dtype) if need_w else None
+        d_b = d_h.sum(0).to(b_enc.dtype) if need_b else None
+        return d_x, d_w, d_b, None, None

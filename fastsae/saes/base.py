@@ -212,6 +212,10 @@ class SAE(HookedRootModule):
         lead = acts.shape[:-1]
         return SparseCode(values.reshape(*lead, -1), indices.reshape(*lead, -1))
 
+    def _fused_code(self, sae_in: Tensor) -> bool:
+        """True when ``_encode_code`` runs a fused kernel that beats encode-then-compact."""
+        return False
+
     def _decoder_values(self, code: SparseCode) -> SparseCode:
         """Hook for architectures that rescale activations before the decoder."""
         return code
@@ -264,7 +268,7 @@ class SAE(HookedRootModule):
         if self._acts_hooked():
             return self.decode(self.encode(x))
         sae_in, stats = self._process_sae_in(x)
-        if self._fixed_k:
+        if self._fixed_k or self._fused_code(sae_in):
             return self._decode_code(self._encode_code(sae_in), stats)
         # ReLU / JumpReLU / gated codes have a data-dependent width: decode sparsely only
         # while the widest row is a small fraction of d_sae, else the dense matmul is cheaper

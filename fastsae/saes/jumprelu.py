@@ -32,6 +32,10 @@ class JumpReLUSAE(SAE):
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
         return ops.jumprelu_encode(sae_in, self.W_enc, self.b_enc, self.threshold, sparse=True)
 
+    def _fused_code(self, sae_in: Tensor) -> bool:
+        # on CUDA the fused kernel compacts without writing [B, d_sae]
+        return ops.auto_uses_triton(sae_in, self.W_enc)
+
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         """Fold decoder norms into the encoder and scale the threshold to match."""

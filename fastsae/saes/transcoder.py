@@ -107,6 +107,7 @@ class JumpReLUTranscoder(Transcoder):
 
     _encode_dense = JumpReLUSAE._encode_dense
     _encode_code = JumpReLUSAE._encode_code
+    _fused_code = JumpReLUSAE._fused_code
     fold_W_dec_norm = JumpReLUSAE.fold_W_dec_norm
 
 

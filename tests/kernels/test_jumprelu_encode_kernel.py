@@ -1,0 +1,75 @@
+"""jumprelu_encode (dense and compacted): Triton and torch against a float64 oracle.
+
+Values and gradients are checked on the op's own active set; the active set must
+match the float64 one except for latents within rounding of a threshold (or of 0),
+where bf16/fp16 may legitimately decide differently.
+"""
+
+import pytest
+import torch
+from sae_testing import rel_err
+
+from fastsae import ops
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_jumprelu_encode(impl, dtype, sparse, device, batch_sizes, poison_outputs):
+    d_in, d_sae = 100, 1000
+    for batch in batch_sizes:
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, d_in, generator=g).to(device, dtype).requires_grad_()
+        W_enc = (torch.randn(d_in, d_sae, generator=g) / 10).to(device, dtype).requires_grad_()
+        b_enc = (0.1 * torch.randn(d_sae, generator=g)).to(device, dtype).requires_grad_()
+        threshold = (1.5 * torch.rand(d_sae, generator=g)).to(device, dtype)
+        out = ops.jumprelu_encode(x, W_enc, b_enc, threshold, sparse=sparse, impl=impl)
+        if sparse:
+            values, indices = out
+            assert values.shape == indices.shape and indices.dtype == torch.int64
+            counts = (values != 0).sum(-1)
+            assert values.shape[1] == max(int(counts.max()), 1)
+            dense = torch.zeros(batch, d_sae, dtype=values.dtype, device=device)
+            dense = dense.scatter_add(1, indices, values)
+        else:
+            dense = out
+            assert dense.shape == (batch, d_sae)
+        assert not dense.isnan().any()
+
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, W_enc, b_enc))
+        h = x64 @ w64 + b64
+        thr = threshold.double()
+        active = dense != 0
+        ref_active = (h > thr) & (h > 0)
+        slack = TOL[dtype] * h.detach().abs().amax() * 4
+        near = torch.minimum((h - thr).abs(), h.abs()) <= slack
+        assert not (active ^ ref_active)[~near].any(), "active set differs away from a threshold"
+        expected = torch.where(active, h, torch.zeros_like(h))
+        tol = TOL[dtype]
+        assert rel_err(dense, expected) < tol
+
+        grad = torch.randn(batch, d_sae, dtype=torch.float64, device=device)
+        (dense * grad.to(dense.dtype)).sum().backward()
+        (expected * grad).sum().backward()
+        for name, mine, theirs in [("x", x, x64), ("W_enc", W_enc, w64), ("b_enc", b_enc, b64)]:
+            assert mine.grad is not None and not mine.grad.isnan().any(), name
+            assert rel_err(mine.grad, theirs.grad) < tol, name
+
+
+def test_jumprelu_sparse_overflowing_capacity(device):
+    """Rows wider than the first buffer: the launcher reruns with room for every row."""
+    from fastsae.kernels.jumprelu_encode import jumprelu_encode_sparse
+
+    torch.manual_seed(4)
+    x = torch.randn(21, 30, device=device)
+    W_enc = torch.randn(30, 300, device=device)
+    b_enc = torch.randn(300, device=device)
+    threshold = torch.zeros(300, device=device)
+    values, indices = jumprelu_encode_sparse(x, W_enc, b_enc, threshold, capacity=3)
+    h = x.double() @ W_enc.double() + b_enc.double()
+    expected = h.relu()
+    assert values.shape[1] == int((expected > 0).sum(-1).max()) > 3
+    dense = torch.zeros(21, 300, dtype=torch.float64, device=device)
+    assert rel_err(dense.scatter_add(1, indices, values.double()), expected) < 1e-5
