@@ -7,35 +7,66 @@ configs, files and numbers; ``encode_sparse``/``decode_sparse`` and a sparse
 
 __version__ = "0.1.0"
 
-from fastsae import ops
-from fastsae.saes import (
-    SAE,
-    AbsTopKSAE,
-    AbsTopKSAEConfig,
-    GatedSAE,
-    GatedSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    JumpReLUSkipTranscoder,
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTranscoder,
-    JumpReLUTranscoderConfig,
-    SAEConfig,
-    SAEMetadata,
-    SkipTranscoder,
-    SkipTranscoderConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
-    Transcoder,
-    TranscoderConfig,
-)
+from typing import TYPE_CHECKING
+
 from fastsae.sparse_code import SparseCode
+
+# The SAE modules need transformer_lens; the ops and kernels do not. Load the modules
+# on first use so `from fastsae import ops, SparseCode` works in a bare torch + triton
+# environment (e.g. a GPU box running only the kernel tests and benchmarks).
+_SAE_NAMES = frozenset(
+    {
+        "SAE", "SAEConfig", "SAEMetadata", "StandardSAE", "StandardSAEConfig", "GatedSAE",
+        "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig",
+        "AbsTopKSAE", "AbsTopKSAEConfig", "Transcoder", "TranscoderConfig", "SkipTranscoder",
+        "SkipTranscoderConfig", "JumpReLUTranscoder", "JumpReLUTranscoderConfig",
+        "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig",
+    }
+)  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _SAE_NAMES:
+        from fastsae import saes
+
+        return getattr(saes, name)
+    if name in ("ops", "torch_ops"):
+        import importlib
+
+        return importlib.import_module(f"fastsae.{name}")
+    raise AttributeError(f"module 'fastsae' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from fastsae import ops, torch_ops
+    from fastsae.saes import (
+        SAE,
+        AbsTopKSAE,
+        AbsTopKSAEConfig,
+        GatedSAE,
+        GatedSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        SAEConfig,
+        SAEMetadata,
+        SkipTranscoder,
+        SkipTranscoderConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+        Transcoder,
+        TranscoderConfig,
+    )
 
 __all__ = [
     "__version__",
     "ops",
+    "torch_ops",
     "SparseCode",
     "SAE",
     "SAEConfig",

@@ -140,3 +140,16 @@ def test_compact_keeps_every_nonzero_and_pads_with_zeros(nonnegative):
     assert torch.equal((code.values != 0).sum(-1), counts)
     assert torch.equal(code.to_dense(1000), acts)
     assert torch_ops.compact(acts, nonnegative=nonnegative, max_k=100) is None
+
+
+def test_ops_import_without_transformer_lens():
+    """Kernel-only environments (a bare GPU box) need torch and triton, not transformer_lens."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fastsae; from fastsae import ops, SparseCode; "
+        "assert 'transformer_lens' not in sys.modules; "
+        "from fastsae import TopKSAE; assert 'transformer_lens' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
