@@ -1,4 +1,4 @@
-"""``fastsae`` command line: ``demo`` and ``convert``."""
+"""``fastsae`` command line: ``demo``, ``convert`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastsae import bench as bench_engine
 
 
 def _timeit(fn, repeats: int) -> float:
@@ -74,6 +76,11 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Benchmark fastsae (Triton and torch paths) against sae_lens and the dense maths."""
+    return bench_engine.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: as stored)")
     p.set_defaults(func=convert)
+
+    p = sub.add_parser(
+        "bench",
+        help="time encode/decode/forward/backward: fastsae-triton, fastsae-torch, sae_lens, "
+        "dense torch; table, JSON and PNG",
+    )
+    bench_engine.add_arguments(p)
+    p.set_defaults(func=bench)
     return parser
 
 

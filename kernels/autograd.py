@@ -29,7 +29,7 @@ class SparseDecodeFunction(torch.autograd.Function):
         d_values = sparse_dot(grad_out, indices, W_dec, values.dtype) if need_values else None
         d_w = None
         if need_w:
-            order, offsets = group_by_latent(indices, W_dec.shape[0])
+            order, offsets = group_by_latent(indices, W_dec.shape[0], keep=values != 0)
             d_w = segment_rows_sum(order, offsets, values, grad_out, indices.shape[1], W_dec.dtype)
         d_b = grad_out.sum(0) if (need_b and ctx.has_bias) else None
         return d_values, None, d_w, d_b
@@ -92,7 +92,7 @@ def _sparse_encoder_grads(x, W_enc, b_enc, indices, d_h, x_dtype, need_x, need_w
     d_x = sparse_decode(d_h, indices, W_enc.T, out_dtype=x_dtype) if need_x else None
     d_w = None
     if need_w:
-        order, offsets = group_by_latent(indices, N)
+        order, offsets = group_by_latent(indices, N, keep=d_h != 0)
         d_w = segment_rows_sum(order, offsets, d_h, x, indices.shape[1], W_enc.dtype).T
     d_b = None
     if need_b:

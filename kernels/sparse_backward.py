@@ -108,11 +108,19 @@ def _segment_rows_sum_kernel(
     tl.store(out_ptr + latent * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def group_by_latent(indices: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``indices [B, K]`` -> (``order [B*K]`` pair ids sorted by latent, ``offsets [N+1]``)."""
+def group_by_latent(
+    indices: torch.Tensor, n_latents: int, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indices [B, K]`` -> (``order [B*K]`` pair ids sorted by latent, ``offsets [N+1]``).
+
+    Pairs where ``keep`` is False (padding, zero weights) are sorted past the last
+    latent and never visited, so a padded code's filler latent is no hot spot.
+    """
     flat = indices.reshape(-1).long()
+    if keep is not None:
+        flat = torch.where(keep.reshape(-1), flat, n_latents)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_latents)
+    counts = torch.bincount(flat, minlength=n_latents + 1)[:n_latents]
     offsets = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return order, offsets

@@ -221,8 +221,11 @@ def topk_encode(
     if x.is_cuda:
         BLOCK_B, BLOCK_N, BLOCK_D = 16, max(K_PAD, 64), 32
         if splits is None:
-            # enough programs to fill a GPU at small B, few enough to keep scratch small
-            splits = max(1, min(16, triton.cdiv(N, 4 * BLOCK_N)))
+            # enough programs to fill a GPU at small B, few enough that the candidate
+            # scratch (B * splits * K_PAD * 8 bytes) stays under ~3% of a [B, N] bf16 tensor
+            by_memory = max(1, N // (128 * K_PAD))
+            splits = max(1, min(16, triton.cdiv(N, 4 * BLOCK_N), by_memory))
+            splits = 1 << (splits.bit_length() - 1)  # round down to a power of 2
     else:
         # TRITON_INTERPRET=1 on CPU: the interpreter pays per op, not per element, so
         # few big tiles (one program per 64 rows, the whole row in one or two tiles)

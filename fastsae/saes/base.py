@@ -248,14 +248,15 @@ class SAE(HookedRootModule):
 
     def decode_sparse(self, code: SparseCode) -> Tensor:
         """``SparseCode`` -> reconstruction ``[..., d_out]`` without a dense ``[..., d_sae]`` tensor."""
-        return self._decode_code(code, self._norm_stats)
-
-    def _decode_code(self, code: SparseCode, stats: tuple[Tensor, ...] | None) -> Tensor:
         code = SparseCode(*code)
         if code.indices.numel() and (
             int(code.indices.min()) < 0 or int(code.indices.max()) >= self.cfg.d_sae
         ):
             raise ValueError(f"SparseCode indices must lie in [0, d_sae={self.cfg.d_sae})")
+        return self._decode_code(code, self._norm_stats)
+
+    def _decode_code(self, code: SparseCode, stats: tuple[Tensor, ...] | None) -> Tensor:
+        """Decode a code this SAE produced (no bounds check: it would sync the device)."""
         code = self._decoder_values(code)
         out = ops.sparse_decode(code, self.W_dec, self.b_dec)
         return self._finish_decode(out.to(self.dtype), stats)

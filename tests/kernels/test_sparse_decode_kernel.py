@@ -63,3 +63,14 @@ def test_sparse_decode_hot_latent_and_odd_width(device, poison_outputs):
     assert rel_err(out, ref) < 1e-5
     assert rel_err(W_dec.grad, w64.grad) < 1e-5
     assert rel_err(values.grad, v64.grad) < 1e-5
+
+
+def test_group_by_latent_skips_padding(device):
+    """Padding pairs (keep=False) are sorted past the last latent and never summed."""
+    from fastsae.kernels.sparse_backward import group_by_latent
+
+    indices = torch.tensor([[3, 0, 0], [1, 3, 0]], device=device)
+    keep = torch.tensor([[True, False, False], [True, True, False]], device=device)
+    order, offsets = group_by_latent(indices, 5, keep=keep)
+    assert offsets.tolist() == [0, 0, 1, 1, 3, 3]
+    assert sorted(order[:3].tolist()) == [0, 3, 4]  # pair ids of the kept pairs
