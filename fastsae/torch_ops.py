@@ -139,8 +139,12 @@ def gather_weighted_sum(weights: Tensor, indices: Tensor, rows: Tensor) -> Tenso
 
 
 def scatter_rows(weights: Tensor, indices: Tensor, X: Tensor, n_rows: int) -> Tensor:
-    """``out[n] = sum over (b, j) with indices[b, j] == n of weights[b, j] * X[b]`` -> ``[n_rows, D]``."""
-    dtype = torch.promote_types(weights.dtype, X.dtype)
+    """``out[n] = sum over (b, j) with indices[b, j] == n of weights[b, j] * X[b]`` -> ``[n_rows, D]``.
+
+    Accumulates in at least fp32: a popular latent sums thousands of rows, which bf16
+    ``index_add_`` would round at every step.
+    """
+    dtype = torch.promote_types(torch.promote_types(weights.dtype, X.dtype), torch.float32)
     out = torch.zeros(n_rows, X.shape[1], dtype=dtype, device=X.device)
     for rs in _chunks(indices.shape[0]):
         contrib = weights[rs].to(dtype).unsqueeze(-1) * X[rs].to(dtype).unsqueeze(1)

@@ -3,12 +3,13 @@ here ``auto`` is pointed at the kernels for CPU tensors under the interpreter), 
 with sae-lens on the same weights: outputs and gradients."""
 
 import pytest
-import sae_lens
 import torch
 from sae_testing import assert_close
 
 import fastsae
 from fastsae import ops
+
+sae_lens = pytest.importorskip("sae_lens", reason="module parity needs sae-lens (dev extra)")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

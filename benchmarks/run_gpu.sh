@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool's `run`), from the repo root:
+#   bash benchmarks/run_gpu.sh                      # GPU kernel tests + bench grid slice
+#   BENCH_ARGS="--dtype bfloat16 --shapes 2304x65536,4096x131072" bash benchmarks/run_gpu.sh
+# Writes logs, JSON and PNG under $OUT (the device tool brings $OUT back).
+#
+# The GPU image has python3 with torch, triton, pytest, pytest-benchmark and matplotlib,
+# but not transformer-lens / sae-lens: the kernel tests and the fastsae-triton /
+# fastsae-torch / dense-torch rows run without them (fastsae.ops needs neither); the
+# sae_lens rows and the module parity tests are skipped with a reason unless their
+# wheels are carried in .whl (see ../.library/device/README.md), in which case they
+# are installed first. The full grid takes longer than one 10-minute call: split it
+# with BENCH_ARGS.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+    || { echo "fastsae install failed (see install.log)"; exit 1; }
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/versions.txt"
+python3 -m pytest -q tests/kernels 2>&1 | tee "$OUT/gpu-tests.log"
+tests_rc=${PIPESTATUS[0]}
+# shellcheck disable=SC2086
+python3 -m fastsae bench --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc, bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
