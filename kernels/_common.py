@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 # dtypes the kernels load and store; accumulation is always fp32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,3 +29,41 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 def block_size(n: int, lo: int, hi: int) -> int:
     """Power of two in [lo, hi] covering ``n`` where possible."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+@triton.jit
+def encoder_tile(
+    x_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_n, mask_n, D, stride_wd, stride_wn,
+    IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """fp32 pre-activations ``x[offs_b] @ W[:, offs_n] + b[offs_n]`` of one [BLOCK_B, BLOCK_N] tile.
+
+    ``x [B, D]`` row-major, ``W [D, N]`` any strides (int64 offsets). ``IEEE`` keeps fp32
+    dots exact; ``UPCAST_DOT`` widens tiles to fp32 first, because the triton 3.9
+    interpreter computes ``tl.dot`` on bf16 tiles as raw 16-bit integers.
+    """
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xt = tl.load(
+            x_ptr + offs_b[:, None] * D + offs_d[None, :],
+            mask=mask_b[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr
+            + offs_d[:, None].to(tl.int64) * stride_wd
+            + offs_n[None, :].to(tl.int64) * stride_wn,
+            mask=mask_d[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc)
+    return acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_same_device
+from ._common import check_dtype, check_same_device, encoder_tile
 
 
 @triton.jit
@@ -24,31 +24,11 @@ def _jumprelu_tile(
     IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """fp32 JumpReLU activations of one [BLOCK_B, BLOCK_N] tile."""
-    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xt = tl.load(
-            x_ptr + offs_b[:, None] * D + offs_d[None, :],
-            mask=mask_b[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr
-            + offs_d[:, None].to(tl.int64) * stride_wd
-            + offs_n[None, :].to(tl.int64) * stride_wn,
-            mask=mask_d[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if UPCAST_DOT:  # the triton 3.9 interpreter's tl.dot is wrong on bf16
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(xt, wt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, wt, acc)
-    h = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    """fp32 JumpReLU activations of one [BLOCK_B, BLOCK_N] tile, and its active mask."""
+    h = encoder_tile(
+        x_ptr, w_ptr, b_ptr, offs_b, mask_b, offs_n, mask_n, D, stride_wd, stride_wn,
+        IEEE, UPCAST_DOT, BLOCK_B, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
     thr = tl.load(t_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     active = (h > thr) & (h > 0) & mask_n[None, :] & mask_b[:, None]
     return tl.where(active, h, 0.0), active
