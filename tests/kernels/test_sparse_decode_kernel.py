@@ -74,3 +74,25 @@ def test_group_by_latent_skips_padding(device):
     order, offsets = group_by_latent(indices, 5, keep=keep)
     assert offsets.tolist() == [0, 0, 1, 1, 3, 3]
     assert sorted(order[:3].tolist()) == [0, 3, 4]  # pair ids of the kept pairs
+
+
+def test_gather_offsets_beyond_int32(device):
+    """Rows of a decoder with d_sae * d_out > 2**31 elements (4.3 GB in bf16): the gather
+    offsets must be computed in int64, or rows past 2**31 / d_out alias earlier ones."""
+    from fastsae.kernels.sparse_backward import sparse_dot
+    from fastsae.kernels.sparse_decode import sparse_decode
+
+    d_out = 1024
+    d_sae = 2**31 // d_out + 8
+    W = torch.empty(d_sae, d_out, dtype=torch.bfloat16, device=device)
+    rows = torch.tensor([[d_sae - 1, 5, d_sae - 3]], device=device)
+    torch.manual_seed(0)
+    W[rows[0]] = torch.randn(3, d_out, device=device).to(torch.bfloat16)
+    values = torch.tensor([[1.0, -2.0, 0.5]], device=device)
+    out = sparse_decode(values, rows, W, out_dtype=torch.float32)
+    ref = values.double() @ W[rows[0]].double()
+    assert rel_err(out, ref) < 1e-5
+    g = torch.randn(1, d_out, device=device)
+    dots = sparse_dot(g, rows, W, torch.float32)
+    assert rel_err(dots, g.double() @ W[rows[0]].double().T) < 1e-5
+    del W
