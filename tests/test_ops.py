@@ -153,3 +153,29 @@ def test_ops_import_without_transformer_lens():
         "from fastsae import TopKSAE; assert 'transformer_lens' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _FakeCudaTensor:
+    is_cuda = True
+    device = "cuda:0"
+
+
+def test_auto_dispatch_rules(monkeypatch):
+    """auto: Triton on CUDA tensors unless FASTSAE_DISABLE_TRITON is set or there is no
+    kernel; torch: never; triton: never falls back silently."""
+    fake = (_FakeCudaTensor(), _FakeCudaTensor())
+    monkeypatch.delenv("FASTSAE_DISABLE_TRITON", raising=False)
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    assert ops._use_triton("op", "auto", fake, has_kernel=True)
+    assert not ops._use_triton("op", "auto", fake, has_kernel=False)
+    assert not ops._use_triton("op", "torch", fake, has_kernel=True)
+    assert not ops._use_triton("op", "auto", (torch.zeros(1),), has_kernel=True)
+    monkeypatch.setenv("FASTSAE_DISABLE_TRITON", "1")
+    assert not ops._use_triton("op", "auto", fake, has_kernel=True)
+    assert ops._use_triton("op", "triton", fake, has_kernel=True)  # explicit wins
+    monkeypatch.setenv("FASTSAE_DISABLE_TRITON", "0")
+    assert ops._use_triton("op", "auto", fake, has_kernel=True)
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    assert not ops._use_triton("op", "auto", fake, has_kernel=True)
+    with pytest.raises(RuntimeError, match="not installed"):
+        ops._use_triton("op", "triton", fake, has_kernel=True)
