@@ -2,11 +2,11 @@
 
 ``auto`` picks the Triton kernels when the tensors are on a CUDA device, Triton
 imports and ``FASTSAE_DISABLE_TRITON`` is unset; otherwise the pure-torch path in
-``fastsae.torch_ops``. ``impl="triton"`` never falls back silently: on tensors
-Triton cannot run it raises (the one exception is ``TRITON_INTERPRET=1``, which
-runs kernels on CPU tensors, for tests). An op whose kernel does not exist yet
-runs on torch under ``auto`` and raises under ``triton``. Leading batch
-dimensions are flattened here, so the implementations see 2-D inputs.
+``fastsae.torch_ops``. ``FASTSAE_DISABLE_TRITON=1`` forces torch. ``impl="triton"``
+never falls back silently: when Triton is disabled, missing, or cannot run on the
+tensors it raises (CPU tensors are allowed under ``TRITON_INTERPRET=1``, for
+tests). Leading batch dimensions are flattened here, so the implementations see
+2-D inputs.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def _use_triton(op: str, impl: str, tensors: tuple[Tensor | None, ...], has_kern
         raise NotImplementedError(f"{op}: no Triton kernel yet; use impl='torch' or 'auto'")
     if not triton_available():
         raise RuntimeError(f"{op}: impl='triton' but Triton is not installed (pip install triton)")
+    if triton_disabled():
+        raise RuntimeError(f"{op}: impl='triton' but FASTSAE_DISABLE_TRITON is set")
     if not on_cuda and not triton_interpret():
         devices = sorted({str(t.device) for t in tensors if t is not None})
         raise RuntimeError(

@@ -172,7 +172,8 @@ def test_auto_dispatch_rules(monkeypatch):
     assert not ops._use_triton("op", "auto", (torch.zeros(1),), has_kernel=True)
     monkeypatch.setenv("FASTSAE_DISABLE_TRITON", "1")
     assert not ops._use_triton("op", "auto", fake, has_kernel=True)
-    assert ops._use_triton("op", "triton", fake, has_kernel=True)  # explicit wins
+    with pytest.raises(RuntimeError, match="FASTSAE_DISABLE_TRITON"):
+        ops._use_triton("op", "triton", fake, has_kernel=True)  # explicit never falls back
     monkeypatch.setenv("FASTSAE_DISABLE_TRITON", "0")
     assert ops._use_triton("op", "auto", fake, has_kernel=True)
     monkeypatch.setattr(ops, "triton_available", lambda: False)
