@@ -29,6 +29,7 @@ from fastsae.loading.disk import (
     read_safetensors,
     sae_lens_disk_loader,
 )
+from fastsae.saes.config import dtype_to_str
 
 GEMMA_SCOPE_FILENAME = "params.npz"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
@@ -177,7 +178,7 @@ def sparsify_disk_loader(
         "activation_fn_kwargs": {"k": raw["k"]},
         "d_in": raw["d_in"],
         "d_sae": d_sae,
-        "dtype": str(state["W_enc"].dtype).removeprefix("torch."),
+        "dtype": dtype_to_str(state["W_enc"].dtype),
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "model_name": run_cfg.get("model", path.parent.name),

@@ -37,7 +37,7 @@ from fastsae.loading.disk import (
     read_log_sparsity,
     sae_lens_disk_loader,
 )
-from fastsae.saes.config import LLM_METADATA_KEYS, str_to_dtype
+from fastsae.saes.config import LLM_METADATA_KEYS, dtype_to_str
 
 if TYPE_CHECKING:
     from fastsae.saes.base import SAE
@@ -126,8 +126,8 @@ def _fetch_folder(
         local = local_root / folder
         if not local.is_dir():
             raise FileNotFoundError(f"{local}: SAE folder not found")
-        detect_disk_converter(local)  # raises naming what is missing
-        return local, fmt or _format_of(detect_disk_converter(local))
+        converter = detect_disk_converter(local)  # raises naming what is missing
+        return local, fmt or _format_of(converter)
     prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
     if fmt is None:
         for probe, name in _PROBES:
@@ -217,7 +217,7 @@ def load_pretrained(
 
     local, fmt = _fetch_folder(repo_id, folder, fmt, force_download)
     convert = converter or _FORMATS[fmt][2]
-    dtype_str = str(str_to_dtype(dtype)).removeprefix("torch.")
+    dtype_str = dtype_to_str(dtype)
     overrides.update(device=device, dtype=dtype_str)
     if convert is gemma_scope_disk_loader:
         cfg_dict, state_dict = gemma_scope_disk_loader(

@@ -207,10 +207,16 @@ class SAE(HookedRootModule):
 
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
         """Processed input -> SparseCode. Default: compact the (non-negative) dense activations."""
-        acts = self._encode_dense(sae_in)
-        values, indices = torch_ops.compact(acts.reshape(-1, acts.shape[-1]), nonnegative=True)
+        return self._compact(self._encode_dense(sae_in))
+
+    @staticmethod
+    def _compact(acts: Tensor, max_k: int | None = None) -> SparseCode | None:
+        """Dense non-negative ``acts [..., d_sae]`` -> padded code ``[..., K]`` (None past max_k)."""
+        code = torch_ops.compact(acts.reshape(-1, acts.shape[-1]), nonnegative=True, max_k=max_k)
+        if code is None:
+            return None
         lead = acts.shape[:-1]
-        return SparseCode(values.reshape(*lead, -1), indices.reshape(*lead, -1))
+        return SparseCode(code.values.reshape(*lead, -1), code.indices.reshape(*lead, -1))
 
     def _fused_code(self, sae_in: Tensor) -> bool:
         """True when ``_encode_code`` runs a fused kernel that beats encode-then-compact."""
@@ -274,14 +280,9 @@ class SAE(HookedRootModule):
         # ReLU / JumpReLU / gated codes have a data-dependent width: decode sparsely only
         # while the widest row is a small fraction of d_sae, else the dense matmul is cheaper
         acts = self._encode_dense(sae_in)
-        flat = acts.reshape(-1, acts.shape[-1])
-        code = torch_ops.compact(
-            flat, nonnegative=True, max_k=self.cfg.d_sae // _SPARSE_DECODE_MAX_FRACTION
-        )
+        code = self._compact(acts, max_k=self.cfg.d_sae // _SPARSE_DECODE_MAX_FRACTION)
         if code is None:
             return self._finish_decode(self._dense_decoder(acts), stats)
-        lead = acts.shape[:-1]
-        code = SparseCode(code.values.reshape(*lead, -1), code.indices.reshape(*lead, -1))
         return self._decode_code(code, stats)
 
     def forward(self, x: Tensor) -> Tensor:
