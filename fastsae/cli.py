@@ -1,67 +1,70 @@
-"""``fastsae`` command line: ``demo``, ``convert`` and ``bench``."""
+"""``fastsae`` command line: ``demo``, ``train``, ``cache``, ``convert`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
-from pathlib import Path
-
-import torch
 
 from fastsae import bench as bench_engine
 
 
-def _timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def demo(args: argparse.Namespace) -> int:
-    """Build a TopK SAE, save it in SAELens format, reload it, and compare the
-    sparse forward with the dense SAELens-style computation on the same batch."""
-    from fastsae import SAE, TopKSAE, TopKSAEConfig
+    """Train a TopK SAE on real all-MiniLM-L6-v2 activations (nothing downloaded)."""
+    from fastsae.training.demo import run_demo
 
-    torch.manual_seed(args.seed)
-    cfg = TopKSAEConfig(
-        d_in=args.d_in,
-        d_sae=args.d_sae,
+    res = run_demo(
+        training_tokens=args.tokens,
+        expansion_factor=args.expansion_factor,
         k=args.k,
-        metadata={"model_name": "demo", "hook_name": "blocks.0.hook_resid_pre"},
+        layer=args.layer,
+        batch_tokens=args.batch_tokens,
+        output_path=args.out,
+        device=args.device,
+        seed=args.seed,
+        show_progress=not args.no_progress,
     )
-    sae = TopKSAE(cfg)
-    with torch.no_grad():
-        sae.b_enc.normal_(std=0.1)
-        sae.b_dec.normal_(std=0.1)
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastsae-demo-"))
-    sae.save_model(out_dir)
-    sae = SAE.load_from_disk(out_dir)
-    print(f"saved and reloaded a {type(sae).__name__} (d_in={cfg.d_in}, d_sae={cfg.d_sae}, "
-          f"k={cfg.k}) in SAELens format at {out_dir}")  # fmt: skip
+    print(
+        f"\nTrained a TopK SAE (d_in=384, d_sae={384 * args.expansion_factor}, k={args.k}) on "
+        f"{res.n_tokens:,} tokens of all-MiniLM-L6-v2 encoder.layer.{args.layer} activations "
+        f"in {res.train_seconds:.0f} s ({res.tokens_per_second:,.0f} tokens/s)"
+    )
+    print(f"held-out explained variance {res.explained_variance:.3f}, L0 {res.l0:.1f}, "
+          f"dead latents {100 * res.dead_fraction:.1f}%")  # fmt: skip
+    print(f"SAE saved to {res.output_path} (SAELens format); curves: {res.curves}")
+    return 0
 
-    x = torch.randn(args.batch, cfg.d_in)
-    with torch.no_grad():
-        code = sae.encode_sparse(x)
-        sparse_out = sae(x)
-        dense_acts = sae.encode(x)
-        dense_out = dense_acts @ sae.W_dec + sae.b_dec
-        rel_err = ((sparse_out - dense_out).norm() / dense_out.norm()).item()
-        t_sparse = _timeit(lambda: sae(x), args.repeats)
-        t_dense = _timeit(lambda: sae.encode(x) @ sae.W_dec + sae.b_dec, args.repeats)
-    print(f"encode_sparse: values {tuple(code.values.shape)}, indices {tuple(code.indices.shape)}")
-    print(f"L0 per token: {(dense_acts > 0).sum(-1).float().mean().item():.1f}")
-    print(f"sparse forward vs dense encode+decode: relative difference {rel_err:.2e}")
-    print(f"batch {args.batch}: sparse forward {t_sparse * 1e3:.1f} ms, "
-          f"dense encode+decode {t_dense * 1e3:.1f} ms ({t_dense / t_sparse:.2f}x)")  # fmt: skip
-    if rel_err > 1e-4:
-        print("ERROR: sparse and dense paths disagree", file=sys.stderr)
-        return 1
+
+def train(args: argparse.Namespace) -> int:
+    """Train an SAE from a YAML/JSON LanguageModelSAERunnerConfig."""
+    from fastsae.training.config import LanguageModelSAERunnerConfig
+    from fastsae.training.runner import SAETrainingRunner
+
+    cfg = LanguageModelSAERunnerConfig.from_file(args.config)
+    if args.resume is not None:
+        cfg.resume_from_checkpoint = args.resume
+    runner = SAETrainingRunner(cfg, show_progress=not args.no_progress)
+    runner.run()
+    m = runner.trainer.last_metrics
+    if m:
+        print(f"explained variance {m['metrics/explained_variance']:.3f}, L0 "
+              f"{m['metrics/l0']:.1f}, dead latents {m['sparsity/dead_features']}")  # fmt: skip
+    print(f"SAE saved to {cfg.output_path}")
+    return 0
+
+
+def cache(args: argparse.Namespace) -> int:
+    """Write a config's activations to disk as safetensors shards."""
+    from fastsae.training.activation_cache import cache_activations_from_config
+    from fastsae.training.config import LanguageModelSAERunnerConfig
+    from fastsae.training.runner import load_model
+
+    cfg = LanguageModelSAERunnerConfig.from_file(args.config)
+    if args.out is not None:
+        cfg.cached_activations_path = args.out
+    if not cfg.cached_activations_path:
+        raise ValueError("no cached_activations_path in the config and no --out given")
+    path = cache_activations_from_config(cfg, model_loader=load_model)
+    print(f"cached {cfg.training_tokens:,} activations of {cfg.hook_name} to {path}")
     return 0
 
 
@@ -85,15 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="save/reload a TopK SAE and run its sparse forward")
-    p.add_argument("--d-in", type=int, default=768)
-    p.add_argument("--d-sae", type=int, default=24576)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser(
+        "demo", help="train a TopK SAE on real all-MiniLM-L6-v2 activations, offline"
+    )
+    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens")
+    p.add_argument("--expansion-factor", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--layer", type=int, default=3, help="MiniLM layer 0-5 (encoder.layer.N)")
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="directory to save the SAE in (default: a temporary one)")
+    p.add_argument("--out", default="fastsae-demo", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("train", help="train an SAE from a YAML/JSON runner config")
+    p.add_argument("config", help="LanguageModelSAERunnerConfig as .yaml/.yml/.json")
+    p.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("cache", help="cache a config's activations as safetensors shards")
+    p.add_argument("config", help="LanguageModelSAERunnerConfig as .yaml/.yml/.json")
+    p.add_argument("--out", default=None, help="folder (default: cached_activations_path)")
+    p.set_defaults(func=cache)
 
     p = sub.add_parser(
         "convert", help="convert an SAE folder (any supported format) to SAELens format"
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, NotImplementedError) as e:
+    except (OSError, ValueError, NotImplementedError, ImportError) as e:
         print(f"fastsae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from fastsae.sparse_code import SparseCode
 
-# Rows per chunk in the sparse-decode backward: bounds the [chunk, K, d_out]
-# gather buffer to a few hundred MB at K=64, d_out=4096.
-_BACKWARD_CHUNK_ROWS = 256
+# Rows per chunk of the gather fallbacks: keeps the [chunk, K, d_out] buffer in cache
+# (gather_dot at B=2048, K=64, D=768 on 2 CPU cores: 400 ms with 256 rows, 90 ms with 16).
+_BACKWARD_CHUNK_ROWS = 16
 # rows whose non-zeros are counted to pick compact()'s first top-k width
 _COMPACT_SAMPLE_ROWS = 64
 
@@ -79,29 +79,37 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, dec_norm, k, abs_select):  # type: ignore[override]
-        h = encoder_preacts(x, W_enc, b_enc)
+        h = encoder_preacts(x, W_enc, b_enc)  # a fresh buffer: scaled in place
         if dec_norm is not None:
-            h = h * dec_norm
+            h = h.mul_(dec_norm) if h.dtype == dec_norm.dtype else h * dec_norm
         values, indices = topk_select(h, k, abs_select=abs_select)
-        ctx.save_for_backward(x, W_enc, b_enc, dec_norm, values, indices)
+        # the selected pre-activations before the decoder-norm scaling, for d dec_norm
+        h_sel = None
+        if dec_norm is not None:
+            raw = h.gather(-1, indices)
+            h_sel = raw / dec_norm[indices]
+        ctx.save_for_backward(x, W_enc, b_enc, dec_norm, values, indices, h_sel)
         ctx.abs_select = abs_select
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, d_values, _d_indices):  # type: ignore[override]
-        x, W_enc, b_enc, dec_norm, values, indices = ctx.saved_tensors
+        x, W_enc, b_enc, dec_norm, values, indices, h_sel = ctx.saved_tensors
         need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
         d_pre = d_values if ctx.abs_select else d_values * (values > 0)
         d_h = d_pre if dec_norm is None else d_pre * dec_norm[indices]
-        W_rows = W_enc.T  # [d_sae, d_in]: row n is latent n's encoder direction
         d_dn = None
         if dec_norm is not None and need_dn:
-            h_sel = gather_dot(x, indices, W_rows) + b_enc[indices]
             d_dn = torch.zeros_like(dec_norm).index_add_(
                 0, indices.reshape(-1), (d_pre * h_sel).reshape(-1).to(dec_norm.dtype)
             )
-        d_x = gather_weighted_sum(d_h, indices, W_rows).to(x.dtype) if need_x else None
+        d_x = None
+        if need_x:
+            # row n of W_enc.T is latent n's encoder direction; a contiguous copy lets
+            # embedding_bag gather it (41 ms + 5 ms vs ~1 s for strided column gathers
+            # at d_in=768, d_sae=24576 on 2 CPU cores)
+            d_x = gather_weighted_sum(d_h, indices, W_enc.T.contiguous()).to(x.dtype)
         d_w = None
         if need_w:
             d_w = scatter_rows(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype)
@@ -118,9 +126,40 @@ def _chunks(n_rows: int):
         yield slice(start, start + _BACKWARD_CHUNK_ROWS)
 
 
+def _embedding_bag_grads(
+    G: Tensor, indices: Tensor, weights: Tensor, rows: Tensor, need_weights: bool, need_rows: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Both sparse products as the backward of ``embedding_bag(indices, rows, weights)``
+    under the output gradient ``G [B, D]``: ``(gather_dot(G, indices, rows) [B, K],
+    scatter_rows(weights, indices, G, N) [N, D])``, in fp32 or wider.
+
+    torch's embedding_bag backward is a sorted segment sum: 62 ms for both at B=2048,
+    K=64, D=768, N=24576 on 2 CPU cores, vs 158 ms for the chunked gathers.
+    """
+    dtype = torch.promote_types(torch.promote_types(G.dtype, rows.dtype), torch.float32)
+    dtype = torch.promote_types(dtype, weights.dtype)
+    with torch.enable_grad():
+        rows_l = rows.detach().to(dtype).requires_grad_(need_rows)
+        weights_l = weights.detach().to(dtype).requires_grad_(need_weights)
+        out = F.embedding_bag(indices.long(), rows_l, per_sample_weights=weights_l, mode="sum")
+        wanted = [t for t, need in ((weights_l, need_weights), (rows_l, need_rows)) if need]
+        grads = iter(torch.autograd.grad(out, wanted, G.to(dtype)))
+    return (next(grads) if need_weights else None), (next(grads) if need_rows else None)
+
+
+def _contiguous_rows(rows: Tensor) -> bool:
+    return rows.stride(-1) == 1 and rows.stride(0) == rows.shape[-1]
+
+
 def gather_dot(G: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
     """``out[b, j] = <G[b], rows[indices[b, j]]>``: ``G [B, D]``, ``rows [N, D]`` -> ``[B, K]``."""
     dtype = torch.promote_types(G.dtype, rows.dtype)
+    if G.device.type == "cpu" and _contiguous_rows(rows) and indices.numel():
+        d_w, _ = _embedding_bag_grads(
+            G, indices, indices.new_zeros(indices.shape, dtype=dtype), rows, True, False
+        )
+        assert d_w is not None
+        return d_w.to(dtype)
     out = torch.empty(indices.shape, dtype=dtype, device=G.device)
     for rs in _chunks(indices.shape[0]):
         gathered = rows[indices[rs]].to(dtype)  # [b, K, D]
@@ -131,6 +170,11 @@ def gather_dot(G: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
 def gather_weighted_sum(weights: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
     """``out[b] = sum_j weights[b, j] * rows[indices[b, j]]``: -> ``[B, D]`` (any row strides)."""
     dtype = torch.promote_types(weights.dtype, rows.dtype)
+    if _contiguous_rows(rows) and indices.numel() and rows.dtype == dtype:
+        # embedding_bag is this op (4.6 ms vs 55 ms chunked at B=2048, K=64, D=768)
+        return F.embedding_bag(
+            indices.long(), rows, per_sample_weights=weights.to(dtype), mode="sum"
+        )
     out = torch.empty(indices.shape[0], rows.shape[1], dtype=dtype, device=rows.device)
     for rs in _chunks(indices.shape[0]):
         gathered = rows[indices[rs]].to(dtype)  # [b, K, D]
@@ -145,6 +189,12 @@ def scatter_rows(weights: Tensor, indices: Tensor, X: Tensor, n_rows: int) -> Te
     ``index_add_`` would round at every step.
     """
     dtype = torch.promote_types(torch.promote_types(weights.dtype, X.dtype), torch.float32)
+    if X.device.type == "cpu" and indices.numel():
+        # the rows' values do not enter the weight gradient: any [n_rows, D] tensor will do
+        dummy = torch.zeros(1, X.shape[1], dtype=dtype, device=X.device).expand(n_rows, -1)
+        _, out = _embedding_bag_grads(X, indices, weights, dummy, False, True)
+        assert out is not None
+        return out
     out = torch.zeros(n_rows, X.shape[1], dtype=dtype, device=X.device)
     for rs in _chunks(indices.shape[0]):
         contrib = weights[rs].to(dtype).unsqueeze(-1) * X[rs].to(dtype).unsqueeze(1)
@@ -234,6 +284,15 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         values, indices, W_dec = ctx.saved_tensors
         need_values, _, need_w = ctx.needs_input_grad[:3]
+        if grad_out.device.type == "cpu" and indices.numel() and _contiguous_rows(W_dec):
+            d_values, d_w = _embedding_bag_grads(
+                grad_out, indices, values, W_dec, need_values, need_w
+            )
+            return (
+                d_values.to(values.dtype) if d_values is not None else None,
+                None,
+                d_w.to(W_dec.dtype) if d_w is not None else None,
+            )
         d_values = gather_dot(grad_out, indices, W_dec).to(values.dtype) if need_values else None
         d_w = None
         if need_w:

@@ -6,32 +6,6 @@ from fastsae import SAE, StandardSAE, StandardSAEConfig
 from fastsae.cli import main
 
 
-def test_demo_runs_and_checks_the_sparse_path(tmp_path, capsys):
-    out = tmp_path / "demo_sae"
-    code = main(
-        [
-            "demo",
-            "--d-in",
-            "32",
-            "--d-sae",
-            "256",
-            "--k",
-            "8",
-            "--batch",
-            "16",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ]  # fmt: skip
-    )
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "relative difference" in printed and "L0 per token: 8.0" in printed
-    sae = SAE.load_from_disk(out)
-    assert sae.cfg.k == 8 and sae.cfg.d_sae == 256
-
-
 def test_convert_writes_sae_lens_format(tmp_path, capsys):
     src = StandardSAE(StandardSAEConfig(d_in=6, d_sae=12))
     src.save_model(tmp_path / "src")

@@ -168,7 +168,8 @@ class SAEConfig:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         arch = cls.__dict__.get("_architecture")
-        if arch is not None:
+        # training configs (fastsae.training) keep their own registry
+        if arch is not None and not getattr(cls, "_training_config", False):
             _CONFIG_CLASSES[arch] = cls
 
     @classmethod
@@ -302,6 +303,9 @@ class TopKSAEConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_k()
+
+    def _check_k(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be an int in [1, d_sae={self.d_sae}], got {self.k!r}")
 

@@ -1,0 +1,468 @@
+"""``LanguageModelSAERunnerConfig``: SAELens 6.x's training config, nested or flat.
+
+Two spellings build the same config:
+
+* 6.x nested: ``LanguageModelSAERunnerConfig(sae=TopKTrainingSAEConfig(d_in=768,
+  d_sae=16384, k=64), hook_name=..., ...)``
+* the older flat form of the tutorials: ``LanguageModelSAERunnerConfig(architecture=
+  "topk", d_in=768, expansion_factor=16, activation_fn_kwargs={"k": 64},
+  l1_coefficient=..., log_to_wandb=..., ...)``: SAE fields go to ``cfg.sae``, logging
+  fields to ``cfg.logger``; reading them flat (``cfg.l1_coefficient``) still works.
+
+Every field is validated before anything runs, with errors that name the field.
+``to_dict``/``to_json``/``to_yaml`` and ``from_dict``/``from_json``/``from_yaml``
+round-trip the nested form.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
+from fastsae.training.saes.base import TrainingSAEConfig, training_config_class_for_architecture
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go. JSONL + PNG locally always; Weights & Biases when ``log_to_wandb``.
+
+    ``wandb_log_frequency``: log every this many steps (JSONL, wandb, progress bar).
+    ``eval_every_n_wandb_logs``: run the evals every this many logs.
+    """
+
+    log_to_wandb: bool = False
+    wandb_project: str = "sae_lens_training"
+    wandb_id: str | None = None
+    run_name: str | None = None
+    wandb_entity: str | None = None
+    wandb_log_frequency: int = 10
+    eval_every_n_wandb_logs: int = 100
+    log_activations_store_to_wandb: bool = False
+    log_optimizer_state_to_wandb: bool = False
+    log_weights_to_wandb: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("wandb_log_frequency", "eval_every_n_wandb_logs"):
+            _positive_int(self, name)
+
+
+# Flat-form keys of SAELens < 6 that 6.x dropped. Accepted with a warning when set to
+# the behaviour fastsae has anyway; anything else is an error.
+_LEGACY_IGNORED = {
+    "hook_layer": None,
+    "hook_eval": None,
+    "b_dec_init_method": None,
+    "normalize_sae_decoder": None,
+    "decoder_heuristic_init": None,
+    "init_encoder_as_decoder_transpose": None,
+    "scale_sparsity_penalty_by_decoder_norm": None,
+    "decoder_orthogonal_init": None,
+    "mse_loss_normalization": None,
+    "noise_scale": None,
+    "finetuning_method": None,
+    "finetuning_tokens": None,
+    "sae_lens_version": None,
+    "sae_lens_training_version": None,
+    "model_class_name_eval": None,
+    "resume": None,
+}
+_LOGGER_KEYS = {f.name for f in fields(LoggingConfig)}
+# flat keys that only describe the SAE
+_SAE_FLAT_KEYS = {"architecture", "expansion_factor", "activation_fn", "activation_fn_kwargs"}
+
+
+@dataclass(init=False)
+class LanguageModelSAERunnerConfig:
+    """Everything a training run needs (SAELens 6.x names and defaults, with the
+    deliberate differences noted on the field).
+
+    Model and data: ``model_name`` (TransformerLens name, a Hugging Face model id, or a
+    local folder), ``model_class_name`` (``"HookedTransformer"`` or ``"AutoModel"`` for
+    any ``transformers`` model), ``hook_name`` (TransformerLens hook, or the module path
+    of a ``transformers`` model such as ``encoder.layer.3``), ``hook_head_index``,
+    ``dataset_path`` (HF dataset, local file or folder), ``streaming``,
+    ``is_dataset_tokenized``, ``context_size``, ``prepend_bos``,
+    ``exclude_special_tokens``, ``seqpos_slice``, ``disable_concat_sequences``,
+    ``sequence_separator_token``, ``use_cached_activations`` / ``cached_activations_path``
+    (activations written by ``fastsae cache``).
+
+    Batching: ``train_batch_size_tokens`` (SAE batch), ``store_batch_size_prompts``
+    (model batch), ``n_batches_in_buffer`` (shuffling buffer), ``training_tokens``.
+
+    Optimisation: ``lr``, ``adam_beta1``/``adam_beta2``, ``lr_scheduler_name``
+    (``constant``, ``cosineannealing``, ``cosineannealingwarmrestarts``),
+    ``lr_warm_up_steps``, ``lr_decay_steps``, ``lr_end`` (default lr/10),
+    ``n_restart_cycles``, ``max_grad_norm`` (gradient clipping; SAELens hard-codes 1.0),
+    ``autocast`` (bf16 autocast of the SAE step), ``dead_feature_window`` (steps without
+    firing after which a latent is dead), ``feature_sampling_window``,
+    ``dead_feature_threshold``.
+
+    Outputs: ``checkpoint_path`` (a run id is appended), ``n_checkpoints``,
+    ``save_final_checkpoint``, ``resume_from_checkpoint``, ``output_path`` (final SAE,
+    ``metrics.jsonl``, ``training_curves.png``; fastsae addition), ``logger``
+    (:class:`LoggingConfig`), ``n_eval_batches``, ``eval_batch_size_prompts``.
+
+    Devices: ``device`` (SAE), ``llm_device``, ``act_store_device``, ``dtype``,
+    ``autocast_lm``, ``seed``.
+    """
+
+    sae: TrainingSAEConfig
+    model_name: str = "gelu-2l"
+    model_class_name: str = "HookedTransformer"
+    hook_name: str = "blocks.0.hook_mlp_out"
+    hook_head_index: int | None = None
+    dataset_path: str = ""
+    dataset_trust_remote_code: bool = False
+    streaming: bool = True
+    is_dataset_tokenized: bool = True
+    context_size: int = 128
+    use_cached_activations: bool = False
+    cached_activations_path: str | None = None
+    from_pretrained_path: str | None = None
+    n_batches_in_buffer: int = 20
+    training_tokens: int = 2_000_000
+    store_batch_size_prompts: int = 32
+    seqpos_slice: tuple[int | None, ...] = (None,)
+    disable_concat_sequences: bool = False
+    sequence_separator_token: int | str | None = "bos"
+    device: str = "cpu"
+    llm_device: str | None = None
+    act_store_device: str | None = None
+    seed: int = 42
+    dtype: str = "float32"
+    prepend_bos: bool = True
+    autocast: bool = False
+    autocast_lm: bool = False
+    compile_llm: bool = False
+    llm_compilation_mode: str | None = None
+    compile_sae: bool = False
+    sae_compilation_mode: str | None = None
+    train_batch_size_tokens: int = 4096
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr: float = 3e-4
+    lr_scheduler_name: str = "constant"
+    lr_warm_up_steps: int = 0
+    lr_end: float | None = None
+    lr_decay_steps: int = 0
+    n_restart_cycles: int = 1
+    max_grad_norm: float | None = 1.0
+    dead_feature_window: int = 1000
+    feature_sampling_window: int = 2000
+    dead_feature_threshold: float = 1e-8
+    n_eval_batches: int = 10
+    eval_batch_size_prompts: int | None = None
+    logger: LoggingConfig = field(default_factory=LoggingConfig)
+    n_checkpoints: int = 0
+    checkpoint_path: str | None = "checkpoints"
+    save_final_checkpoint: bool = False
+    output_path: str | None = "output"
+    resume_from_checkpoint: str | None = None
+    verbose: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_from_pretrained_kwargs: dict[str, Any] | None = None
+    exclude_special_tokens: bool | list[int] = False
+    n_batches_for_norm_estimate: int = 1000
+    run_id: str | None = None
+
+    def __init__(self, sae: TrainingSAEConfig | dict[str, Any] | None = None, **kwargs: Any):
+        names = {f.name: f for f in fields(self)}
+        runner_kwargs: dict[str, Any] = {}
+        logger_kwargs: dict[str, Any] = {}
+        flat_sae: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in names and key not in ("sae", "dtype", "device") or key in ("dtype", "device"):
+                runner_kwargs[key] = value
+            elif key in _LOGGER_KEYS:
+                logger_kwargs[key] = value
+            elif key in _LEGACY_IGNORED:
+                warnings.warn(
+                    f"LanguageModelSAERunnerConfig: {key!r} is a SAELens < 6 option that "
+                    "SAELens 6 (and fastsae) no longer use; it is ignored",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+            else:
+                flat_sae[key] = value
+        for name, f in names.items():
+            if name == "sae":
+                continue
+            if name in runner_kwargs:
+                value = runner_kwargs[name]
+            elif f.default is not MISSING:
+                value = f.default
+            else:
+                value = f.default_factory()  # type: ignore[misc]
+            setattr(self, name, value)
+        if isinstance(self.logger, dict):
+            self.logger = LoggingConfig(**self.logger)
+        for key, value in logger_kwargs.items():
+            setattr(self.logger, key, value)
+        self.logger.__post_init__()
+        if isinstance(sae, dict):
+            sae = TrainingSAEConfig.from_dict({"dtype": self.dtype, "device": self.device, **sae})
+        if sae is None:
+            sae = _sae_config_from_flat(flat_sae, dtype=self.dtype, device=self.device)
+        elif flat_sae:
+            raise ValueError(
+                "LanguageModelSAERunnerConfig: unknown fields "
+                f"{sorted(flat_sae)} (with sae= given, SAE fields belong in the SAE config)"
+                + _suggest(flat_sae, names)
+            )
+        if not isinstance(sae, TrainingSAEConfig):
+            raise TypeError(
+                "sae must be a training SAE config (e.g. TopKTrainingSAEConfig), "
+                f"got {type(sae).__name__}"
+            )
+        self.sae = sae
+        self.__post_init__()
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        for name in (
+            "context_size",
+            "n_batches_in_buffer",
+            "training_tokens",
+            "store_batch_size_prompts",
+            "train_batch_size_tokens",
+            "dead_feature_window",
+            "feature_sampling_window",
+            "n_restart_cycles",
+            "n_batches_for_norm_estimate",
+        ):
+            _positive_int(self, name)
+        for name in ("lr_warm_up_steps", "lr_decay_steps", "n_checkpoints", "n_eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.lr_scheduler_name.lower() not in (
+            "constant",
+            "cosineannealing",
+            "cosineannealingwarmrestarts",
+        ):
+            raise ValueError(
+                "lr_scheduler_name must be 'constant', 'cosineannealing' or "
+                f"'cosineannealingwarmrestarts', got {self.lr_scheduler_name!r}"
+            )
+        if self.lr_end is None:
+            self.lr_end = self.lr / 10
+        if self.lr_decay_steps > 0 and self.lr_end == 0:
+            raise ValueError("lr_decay_steps > 0 needs lr_end > 0 (it decays from lr_end to 0)")
+        if self.lr_warm_up_steps + self.lr_decay_steps > self.total_training_steps:
+            raise ValueError(
+                f"lr_warm_up_steps + lr_decay_steps ({self.lr_warm_up_steps} + "
+                f"{self.lr_decay_steps}) exceed the run's {self.total_training_steps} steps"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        str_to_dtype(self.dtype)
+        if self.llm_device is None:
+            self.llm_device = self.device
+        if self.act_store_device is None or self.act_store_device == "with_model":
+            self.act_store_device = self.llm_device
+        if self.use_cached_activations and not self.cached_activations_path:
+            raise ValueError("use_cached_activations=True needs cached_activations_path")
+        if not self.use_cached_activations and not self.dataset_path:
+            raise ValueError(
+                "dataset_path is empty: give a Hugging Face dataset, a local file or folder "
+                "(or use_cached_activations with cached_activations_path)"
+            )
+        self.seqpos_slice = tuple(self.seqpos_slice)
+        if not 1 <= len(self.seqpos_slice) <= 3:
+            raise ValueError(f"seqpos_slice must have 1 to 3 entries, got {self.seqpos_slice!r}")
+        if self.sae.normalize_activations not in NORMALIZE_ACTIVATIONS:
+            raise ValueError(f"sae.normalize_activations: {self.sae.normalize_activations!r}")
+        if self.model_from_pretrained_kwargs is None:
+            self.model_from_pretrained_kwargs = (
+                {"center_writing_weights": False}
+                if self.model_class_name == "HookedTransformer"
+                else {}
+            )
+        if self.logger.log_to_wandb:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "log_to_wandb=True but wandb is not installed: pip install 'fastsae[wandb]'"
+                ) from None
+        if self.logger.run_name is None:
+            self.logger.run_name = (
+                f"{self.sae.architecture()}-{self.sae.d_sae}-LR-{self.lr}-Tokens-"
+                f"{self.training_tokens:3.3e}"
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def total_training_steps(self) -> int:
+        return self.training_tokens // self.train_batch_size_tokens
+
+    @property
+    def total_training_tokens(self) -> int:
+        return self.training_tokens
+
+    @property
+    def d_in(self) -> int:
+        return self.sae.d_in
+
+    @property
+    def tokens_per_buffer(self) -> int:
+        return self.train_batch_size_tokens * self.context_size * self.n_batches_in_buffer
+
+    def __getattr__(self, name: str) -> Any:
+        # flat reads of SAE and logging fields (cfg.l1_coefficient, cfg.log_to_wandb)
+        if name.startswith("_") or name in ("sae", "logger"):
+            raise AttributeError(name)
+        for owner in ("sae", "logger"):
+            obj = self.__dict__.get(owner)
+            if obj is not None and name in {f.name for f in fields(obj)}:
+                return getattr(obj, name)
+        raise AttributeError(f"LanguageModelSAERunnerConfig has no field {name!r}")
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict[str, Any]:
+        """Nested, JSON/YAML-ready dict (``sae`` holds the SAE config with its architecture)."""
+        res: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "sae":
+                value = {k: v for k, v in value.to_dict().items() if k != "metadata"}
+            elif f.name == "logger":
+                value = asdict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            res[f.name] = value
+        return res
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LanguageModelSAERunnerConfig:
+        """Nested (``sae: {...}``) or flat (``architecture: topk, d_in: ...``) dicts."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a runner config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        sae = data.pop("sae", None)
+        if isinstance(data.get("seqpos_slice"), list):
+            data["seqpos_slice"] = tuple(data["seqpos_slice"])
+        return cls(sae=sae, **data)
+
+    def to_json(self, path: str | Path) -> None:
+        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2))
+
+    def to_yaml(self, path: str | Path) -> None:
+        _atomic_write(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
+        return cls.from_dict(_read_mapping(Path(path), json.loads))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
+        return cls.from_dict(_read_mapping(Path(path), yaml.safe_load))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
+        """``.yaml``/``.yml`` or ``.json`` by extension."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_yaml(path)
+        if path.suffix == ".json":
+            return cls.from_json(path)
+        raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
+
+
+def _sae_config_from_flat(flat: dict[str, Any], *, dtype: str, device: str) -> TrainingSAEConfig:
+    """The older flat spelling -> a nested training SAE config."""
+    flat = dict(flat)
+    activation_fn = flat.pop("activation_fn", None)
+    kwargs = dict(flat.pop("activation_fn_kwargs", None) or {})
+    arch = flat.pop("architecture", None)
+    if arch is None:
+        arch = "topk" if activation_fn == "topk" else "standard"
+    if activation_fn not in (None, "relu", "topk"):
+        raise ValueError(f"activation_fn must be 'relu' or 'topk', got {activation_fn!r}")
+    if activation_fn == "topk" and arch not in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        raise ValueError(f"activation_fn='topk' does not go with architecture={arch!r}")
+    cfg_cls = training_config_class_for_architecture(arch)
+    if "d_in" not in flat:
+        raise ValueError("the flat config form needs d_in (or pass sae=...Config(d_in=...))")
+    expansion = flat.pop("expansion_factor", None)
+    if "d_sae" not in flat or flat["d_sae"] is None:
+        factor = 4 if expansion is None else expansion
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
+            raise ValueError(f"expansion_factor must be a positive int, got {factor!r}")
+        flat["d_sae"] = flat["d_in"] * factor
+    elif expansion is not None and flat["d_sae"] != flat["d_in"] * expansion:
+        raise ValueError(
+            f"d_sae={flat['d_sae']} and expansion_factor={expansion} disagree for d_in={flat['d_in']}"
+        )
+    if isinstance(flat.get("normalize_activations"), bool):
+        flat["normalize_activations"] = (
+            "expected_average_only_in" if flat["normalize_activations"] else "none"
+        )
+    if flat.get("use_ghost_grads") and arch != "standard":
+        raise ValueError(f"use_ghost_grads is only for architecture='standard', not {arch!r}")
+    if flat.get("use_ghost_grads") is False and arch != "standard":
+        flat.pop("use_ghost_grads")
+    kwargs.update(flat)
+    valid = {f.name for f in fields(cfg_cls)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(
+            f"LanguageModelSAERunnerConfig: unknown fields {unknown} for architecture {arch!r}"
+            + _suggest(
+                dict.fromkeys(unknown),
+                {
+                    **{f.name: None for f in fields(LanguageModelSAERunnerConfig)},
+                    **dict.fromkeys(valid),
+                },
+            )
+        )
+    kwargs.setdefault("dtype", dtype)
+    kwargs.setdefault("device", device)
+    return cfg_cls(**kwargs)
+
+
+def _suggest(unknown: dict[str, Any], known: dict[str, Any]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(known), n=1)
+        if close:
+            hints.append(f"{key!r} -> did you mean {close[0]!r}?")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
+def _positive_int(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.')}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,225 @@
+"""``SAETrainingRunner``: config in, trained SAE out (SAELens 6.x's runner surface).
+
+It loads the model (TransformerLens by name, or any ``transformers`` model with
+``model_class_name="AutoModel"``), builds the activation source (a live
+``ActivationsStore`` or a ``CachedActivationsStore`` written by ``fastsae cache``),
+the training SAE and the evaluator, runs :class:`~fastsae.training.trainer.SAETrainer`
+and saves the result (inference format) to ``output_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastsae.training.config import LanguageModelSAERunnerConfig
+from fastsae.training.saes.base import TrainingSAE, training_sae_class_for_architecture
+from fastsae.training.trainer import RUNNER_CFG_FILENAME, SAETrainer
+
+
+def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``cfg.model_name`` on ``cfg.llm_device``.
+
+    TransformerLens models carry their tokenizer (returned as None here); ``AutoModel``
+    loads ``transformers.AutoModel`` and ``AutoTokenizer`` from a hub id or a folder.
+    """
+    kwargs = dict(cfg.model_from_pretrained_kwargs or {})
+    if cfg.model_class_name == "HookedTransformer":
+        from transformer_lens import HookedTransformer
+
+        model = HookedTransformer.from_pretrained(cfg.model_name, device=cfg.llm_device, **kwargs)
+        return model.eval(), None
+    if cfg.model_class_name in ("AutoModel", "transformers"):
+        from transformers import AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(cfg.model_name, **kwargs).to(cfg.llm_device).eval()
+        return model, AutoTokenizer.from_pretrained(cfg.model_name)
+    raise ValueError(
+        f"model_class_name must be 'HookedTransformer' or 'AutoModel', got {cfg.model_class_name!r}"
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SAETrainingRunner:
+    """Train an SAE as ``cfg`` says: ``SAETrainingRunner(cfg).run()`` returns the training SAE.
+
+    ``override_model`` / ``override_dataset``: use these instead of loading
+    ``cfg.model_name`` / ``cfg.dataset_path`` (a model object, a ``datasets`` dataset).
+    ``override_tokenizer``: the tokenizer of a ``transformers`` override_model.
+    ``override_sae``: start from this training SAE instead of a fresh one.
+    """
+
+    def __init__(
+        self,
+        cfg: LanguageModelSAERunnerConfig,
+        override_model: Any = None,
+        override_dataset: Any = None,
+        override_sae: TrainingSAE | None = None,
+        *,
+        override_tokenizer: Any = None,
+        show_progress: bool = True,
+    ):
+        if not isinstance(cfg, LanguageModelSAERunnerConfig):
+            raise TypeError(f"cfg must be a LanguageModelSAERunnerConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.show_progress = show_progress
+        seed_everything(cfg.seed)
+        self.run_id = cfg.run_id or uuid.uuid4().hex[:8]
+        self.model, self.tokenizer = None, override_tokenizer
+        if cfg.use_cached_activations:
+            from fastsae.training.activation_cache import CachedActivationsStore
+
+            self.activations_store: Any = CachedActivationsStore(
+                cfg.cached_activations_path,
+                train_batch_size_tokens=cfg.train_batch_size_tokens,
+                seed=cfg.seed,
+                device=cfg.act_store_device,
+                dtype=cfg.dtype,
+            )
+            if self.activations_store.d_in != cfg.sae.d_in:
+                raise ValueError(
+                    f"sae.d_in={cfg.sae.d_in} but the cached activations at "
+                    f"{cfg.cached_activations_path} have width {self.activations_store.d_in}"
+                )
+        else:
+            from fastsae.training.activations_store import ActivationsStore
+
+            if override_model is not None:
+                self.model = override_model
+            else:
+                self.model, self.tokenizer = load_model(cfg)
+            self.activations_store = ActivationsStore.from_config(
+                self.model, cfg, override_dataset, tokenizer=self.tokenizer
+            )
+        self.sae = override_sae if override_sae is not None else self._build_sae()
+
+    def _build_sae(self) -> TrainingSAE:
+        cfg = self.cfg
+        md = cfg.sae.metadata
+        md.model_name = cfg.model_name
+        md.model_class_name = cfg.model_class_name
+        md.hook_name = cfg.hook_name
+        md.hook_head_index = cfg.hook_head_index
+        md.context_size = cfg.context_size
+        md.prepend_bos = cfg.prepend_bos
+        md.seqpos_slice = list(cfg.seqpos_slice)
+        md.dataset_path = cfg.dataset_path if isinstance(cfg.dataset_path, str) else None
+        md.exclude_special_tokens = cfg.exclude_special_tokens
+        md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
+        sae_cls = training_sae_class_for_architecture(cfg.sae.architecture())
+        if cfg.from_pretrained_path is not None:
+            from fastsae.loading.disk import read_json
+
+            sae_cfg_dict = read_json(Path(cfg.from_pretrained_path) / "cfg.json")
+            sae = TrainingSAE.from_dict(
+                {**cfg.sae.to_dict(), **sae_cfg_dict, "architecture": cfg.sae.architecture()}
+            )
+            sae.load_weights_from_checkpoint(cfg.from_pretrained_path)
+            return sae.to(cfg.device)
+        return sae_cls(cfg.sae).to(cfg.device)
+
+    def _evaluator(self):
+        store, model, cfg = self.activations_store, self.model, self.cfg
+
+        def evaluate(sae: TrainingSAE) -> dict[str, Any]:
+            from fastsae.evals import language_model_metrics, reconstruction_metrics
+
+            batches = [next(store) for _ in range(cfg.n_eval_batches)]
+            res: dict[str, Any] = {
+                f"eval/{k}": v for k, v in reconstruction_metrics(sae, batches).items()
+            }
+            if _is_language_model(model) and hasattr(store, "get_batch_tokens"):
+                tokens = store.get_batch_tokens(cfg.eval_batch_size_prompts)
+                lm = language_model_metrics(
+                    sae, model, tokens.to(cfg.llm_device), cfg.hook_name,
+                    hook_head_index=cfg.hook_head_index,
+                )  # fmt: skip
+                res.update({f"eval/{k}": v for k, v in lm.items()})
+            return res
+
+        return evaluate
+
+    def run(self) -> TrainingSAE:
+        """Train; save the inference SAE to ``output_path``; return the training SAE."""
+        cfg = self.cfg
+        run_dir = Path(cfg.output_path) if cfg.output_path is not None else None
+        wandb_run = None
+        if cfg.logger.log_to_wandb:
+            import wandb
+
+            wandb_run = wandb.init(
+                project=cfg.logger.wandb_project,
+                entity=cfg.logger.wandb_entity,
+                name=cfg.logger.run_name,
+                id=cfg.logger.wandb_id,
+                config=cfg.to_dict(),
+            )
+        checkpoint_cfg = cfg
+        if cfg.checkpoint_path is not None:
+            checkpoint_cfg = _WithCheckpointPath(cfg, str(Path(cfg.checkpoint_path) / self.run_id))
+        self.trainer = SAETrainer(
+            checkpoint_cfg,
+            self.sae,
+            self.activations_store,
+            evaluator=self._evaluator(),
+            run_dir=run_dir,
+            wandb_run=wandb_run,
+            show_progress=self.show_progress,
+        )
+        if cfg.resume_from_checkpoint is not None:
+            self.trainer.load_checkpoint(cfg.resume_from_checkpoint)
+        try:
+            sae = self.trainer.fit()
+        finally:
+            if wandb_run is not None:
+                wandb_run.finish()
+        if run_dir is not None:
+            self.save_final_sae(run_dir)
+        return sae
+
+    def save_final_sae(self, path: str | Path) -> Path:
+        """The trained SAE in the inference SAELens format, with its log sparsity and the
+        runner config, to ``path``."""
+        path = Path(path)
+        inference = self.sae.to_inference_sae()
+        inference.save_model(path, sparsity=self.trainer.log_feature_sparsity)
+        tmp = path / f".{RUNNER_CFG_FILENAME}.tmp"
+        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        tmp.replace(path / RUNNER_CFG_FILENAME)
+        return path
+
+
+LanguageModelSAETrainingRunner = SAETrainingRunner
+
+
+class _WithCheckpointPath:
+    """The runner config with ``checkpoint_path`` pointing at this run's folder."""
+
+    def __init__(self, cfg: LanguageModelSAERunnerConfig, checkpoint_path: str):
+        self._cfg = cfg
+        self.checkpoint_path = checkpoint_path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._cfg.to_dict()
+
+
+def _is_language_model(model: Any) -> bool:
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # pragma: no cover - transformer_lens is a dependency
+        return False
+    return isinstance(model, HookedTransformer)

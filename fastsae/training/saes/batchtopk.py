@@ -1,0 +1,209 @@
+"""BatchTopK and Matryoshka BatchTopK training SAEs (both save as JumpReLU).
+
+BatchTopK keeps the ``k * batch`` largest ReLU'd pre-activations of the whole batch.
+The selection needs every pre-activation, so the encoder here is dense; the
+selected entries become a padded SparseCode and the decoder, its backward and
+the Matryoshka inner reconstructions run on the sparse kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.sparse_code import SparseCode
+from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
+from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig
+
+
+@dataclass
+class BatchTopKTrainingSAEConfig(TopKTrainingSAEConfig):
+    """Training config of a BatchTopK SAE (SAELens fields).
+
+    ``k`` (float): mean active latents per token over the batch. ``topk_threshold_lr``:
+    EMA rate of the global threshold (the smallest selected activation), which becomes
+    the JumpReLU threshold of the saved SAE.
+    """
+
+    k: float = 100  # type: ignore[assignment]
+    topk_threshold_lr: float = 0.01
+
+    _architecture: ClassVar[str | None] = "batchtopk"
+    _inference_architecture: ClassVar[str | None] = "jumprelu"
+
+    def _check_k(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
+            raise ValueError(f"k must be a number, got {self.k!r}")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in (0, d_sae={self.d_sae}], got {self.k!r}")
+        if not 0 <= self.topk_threshold_lr <= 1:
+            raise ValueError(f"topk_threshold_lr must be in [0, 1], got {self.topk_threshold_lr!r}")
+
+
+class BatchTopKTrainingSAE(TopKTrainingSAE):
+    """BatchTopK SAE: ``k`` active latents per token on average over the batch."""
+
+    config_class = BatchTopKTrainingSAEConfig
+    cfg: BatchTopKTrainingSAEConfig
+
+    def __init__(self, cfg: BatchTopKTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        # double precision, as SAELens: an EMA of small numbers drifts in fp32
+        self.register_buffer(
+            "topk_threshold", torch.tensor(0.0, dtype=torch.double, device=self.W_dec.device)
+        )
+
+    def _n_selected(self, n_tokens: int) -> int:
+        return int(self.cfg.k * n_tokens)
+
+    def _activation(self, hidden_pre: Tensor) -> Tensor:
+        acts = hidden_pre.relu()
+        flat = acts.flatten()
+        top = torch.topk(flat, self._n_selected(acts.shape[:-1].numel()), dim=-1)
+        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
+
+    def _train_code(self, sae_in: Tensor, dec_norm: Tensor | None) -> SparseCode:
+        """Batch top-k as a padded code ``[batch, K]``, K = most latents any token got."""
+        acts = self._hidden_pre(sae_in, dec_norm).relu()
+        n_tokens, d_sae = acts.shape
+        flat = acts.reshape(-1)
+        n_sel = self._n_selected(n_tokens)
+        if n_sel == 0:
+            empty = torch.zeros(n_tokens, 1, dtype=acts.dtype, device=acts.device)
+            return SparseCode(empty * flat[:1], torch.zeros_like(empty, dtype=torch.long))
+        picked = torch.topk(flat, n_sel, dim=-1, sorted=False).indices.sort().values
+        rows = picked // d_sae
+        counts = torch.bincount(rows, minlength=n_tokens)
+        width = max(int(counts.max()), 1)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(n_sel, device=acts.device) - starts[rows]
+        values = flat.new_zeros(n_tokens, width).index_put((rows, slot), flat[picked])
+        indices = torch.zeros(n_tokens, width, dtype=torch.long, device=acts.device)
+        indices[rows, slot] = picked % d_sae
+        return SparseCode(values, indices)
+
+    def _encode_code(self, sae_in: Tensor) -> SparseCode:
+        return self._train_code(sae_in, self._dec_norm())
+
+    def _encode_dense(self, sae_in: Tensor) -> Tensor:
+        hidden_pre = self._hidden_pre(sae_in, self._dec_norm())
+        return self.hook_sae_acts_post(self._activation(hidden_pre))
+
+    def _after_step(self, output: TrainStepOutput) -> None:
+        output.metrics["topk_threshold"] = self._update_topk_threshold(output)
+
+    @torch.no_grad()
+    def _update_topk_threshold(self, output: TrainStepOutput) -> Tensor:
+        values = output.code.values if output.code is not None else output.feature_acts
+        positive = values[values > 0]
+        if positive.numel():
+            lr = self.cfg.topk_threshold_lr
+            with torch.autocast(self.topk_threshold.device.type, enabled=False):
+                new = (1 - lr) * self.topk_threshold + lr * positive.min().to(torch.double)
+            self.topk_threshold = new
+        return self.topk_threshold
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # the threshold is in units of hidden_pre * ||W_dec||, and W_dec just shrank
+            self.topk_threshold /= scaling_factor
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """TopK's norm fold, then the global threshold becomes a per-latent JumpReLU threshold."""
+        super().process_state_dict_for_saving_inference(state_dict)
+        threshold = state_dict.pop("topk_threshold").item()
+        state_dict["threshold"] = torch.ones_like(state_dict["b_enc"]) * threshold
+
+
+@dataclass
+class MatryoshkaBatchTopKTrainingSAEConfig(BatchTopKTrainingSAEConfig):
+    """Training config of a Matryoshka BatchTopK SAE (SAELens fields).
+
+    ``matryoshka_widths``: strictly increasing prefix widths; each prefix of the
+    dictionary must reconstruct the input on its own (an inner MSE per level). A last
+    level of ``d_sae`` is appended when missing. ``use_matryoshka_aux_loss``: dead
+    latents reconstruct their own level's residual instead of the whole SAE's.
+    """
+
+    matryoshka_widths: list[int] = field(default_factory=list)
+    use_matryoshka_aux_loss: bool = False
+
+    _architecture: ClassVar[str | None] = "matryoshka_batchtopk"
+    _inference_architecture: ClassVar[str | None] = "jumprelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        widths = self.matryoshka_widths = [int(w) for w in self.matryoshka_widths]
+        if not widths:
+            raise ValueError("matryoshka_widths must not be empty")
+        if any(w <= 0 for w in widths):
+            raise ValueError(f"matryoshka_widths must be positive, got {widths}")
+        if widths[-1] != self.d_sae:
+            warnings.warn(
+                f"the last matryoshka width {widths[-1]} is not d_sae={self.d_sae}; "
+                f"a final level of width {self.d_sae} is added",
+                stacklevel=2,
+            )
+            widths.append(self.d_sae)
+        if any(a >= b for a, b in zip(widths[:-1], widths[1:], strict=False)):
+            raise ValueError(f"matryoshka_widths must be strictly increasing, got {widths}")
+
+
+class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
+    """BatchTopK SAE whose every prefix ``[:w]`` of latents is trained to reconstruct alone."""
+
+    config_class = MatryoshkaBatchTopKTrainingSAEConfig
+    cfg: MatryoshkaBatchTopKTrainingSAEConfig
+
+    def _partial_reconstructions(self, code: SparseCode, stats: Any, include_outer: bool):
+        """Yield ``(width, reconstruction [batch, d_in])`` of each prefix level, sparsely."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            code = SparseCode(
+                code.values * (1 / self.W_dec.norm(dim=-1))[code.indices], code.indices
+            )
+        widths = self.cfg.matryoshka_widths if include_outer else self.cfg.matryoshka_widths[:-1]
+        for width in widths:
+            values = code.values * (code.indices < width)
+            decoded = ops.sparse_decode(SparseCode(values, code.indices), self.W_dec, self.b_dec)
+            yield width, self._normalize_out(decoded.to(self.dtype), stats)
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        code = output.code
+        if code is None:  # the dense path (a hook on the activations)
+            code = self._compact(output.feature_acts)
+            assert code is not None
+        for width, recons in self._partial_reconstructions(code, self._norm_stats, False):
+            inner = self.mse_loss_fn(recons, step_input.sae_in).sum(dim=-1).mean()
+            output.losses[f"inner_mse_loss_{width}"] = inner
+            output.loss = output.loss + inner
+        return output
+
+    def _extra_losses(
+        self,
+        step_input: TrainStepInput,
+        sae_in: Tensor,
+        sae_out: Tensor,
+        code: SparseCode,
+        dec_norm: Tensor | None,
+    ) -> dict[str, Tensor]:
+        if not self.cfg.use_matryoshka_aux_loss:
+            return super()._extra_losses(step_input, sae_in, sae_out, code, dec_norm)
+        mask = step_input.dead_neuron_mask
+        total = sae_out.new_tensor(0.0)
+        if mask is None or not bool(mask.any()):
+            return {"auxiliary_reconstruction_loss": total}
+        prev = 0
+        for width, partial in self._partial_reconstructions(code, self._norm_stats, True):
+            total = total + self._auxk_loss(
+                step_input.sae_in, partial, mask, sae_in=sae_in, columns=slice(prev, width)
+            )
+            prev = width
+        return {"auxiliary_reconstruction_loss": total}

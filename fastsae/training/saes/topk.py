@@ -1,0 +1,196 @@
+"""TopK training SAE: a sparse step end to end (no ``[batch, d_sae]`` tensor).
+
+The step is: fused encode + top-k (``ops.topk_encode``, sparse backward) ->
+sparse decode (``ops.sparse_decode``, sparse backward) -> MSE, plus AuxK over the
+dead latents, computed with a dense matmul restricted to the dead columns (AuxK's
+k_aux = d_in/2 is too wide for a gather to pay off, DESIGN.md kernel notes).
+Same losses and gradients as SAELens's ``TopKTrainingSAE`` (tested to fp32 tolerance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.saes.config import TopKSAEConfig
+from fastsae.saes.topk import TopKSAE
+from fastsae.sparse_code import SparseCode
+from fastsae.training.losses import topk_aux_scale
+from fastsae.training.saes.base import (
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+    _total,
+)
+
+
+@dataclass
+class TopKTrainingSAEConfig(TrainingSAEConfig, TopKSAEConfig):
+    """Training config of a TopK SAE (SAELens 6.x fields).
+
+    ``k``: active latents per token. ``aux_loss_coefficient``: weight of AuxK (dead
+    latents reconstruct the residual). ``rescale_acts_by_decoder_norm``: select and
+    decode as if decoder rows had unit norm (default True, as SAELens).
+    ``use_sparse_activations``: accepted for SAELens configs; fastsae's step is always
+    sparse, so it changes nothing.
+    """
+
+    use_sparse_activations: bool = False
+    aux_loss_coefficient: float = 1.0
+    rescale_acts_by_decoder_norm: bool = True
+
+    _architecture: ClassVar[str | None] = "topk"
+
+
+class TopKTrainingSAE(TrainingSAE, TopKSAE):
+    """TopK SAE with SAELens's losses (MSE + AuxK) on a sparse step."""
+
+    config_class = TopKTrainingSAEConfig
+    cfg: TopKTrainingSAEConfig
+
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    # ------------------------------------------------------------------ dense forms (SAELens API)
+    def _activation(self, hidden_pre: Tensor) -> Tensor:
+        values, indices = torch.topk(hidden_pre, self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
+
+    def _hidden_pre(self, sae_in: Tensor, dec_norm: Tensor | None) -> Tensor:
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        return hidden_pre * dec_norm if dec_norm is not None else hidden_pre
+
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense ``(feature_acts, hidden_pre)`` ``[batch, d_sae]``, as SAELens returns them."""
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self._hidden_pre(sae_in, self._dec_norm())
+        return self.hook_sae_acts_post(self._activation(hidden_pre)), hidden_pre
+
+    def calculate_aux_loss(
+        self, step_input: TrainStepInput, feature_acts: Tensor, hidden_pre: Tensor, sae_out: Tensor
+    ) -> dict[str, Tensor]:
+        return {
+            "auxiliary_reconstruction_loss": self._auxk_loss(
+                step_input.sae_in, sae_out, step_input.dead_neuron_mask, hidden_pre=hidden_pre
+            )
+        }
+
+    # ------------------------------------------------------------------ the sparse step
+    def _train_code(self, sae_in: Tensor, dec_norm: Tensor | None) -> SparseCode:
+        """Processed input ``[batch, d_in]`` -> the step's code ``[batch, K]`` (differentiable values)."""
+        return ops.topk_encode(sae_in, self.W_enc, self.b_enc, self.cfg.k, dec_norm=dec_norm)
+
+    def _after_step(self, output: TrainStepOutput) -> None:
+        """Hook run after the step's losses (BatchTopK updates its threshold here)."""
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if self._acts_hooked():
+            # a hook wants the dense activations: SAELens's dense step, same numbers
+            output = super().training_forward_pass(step_input)
+            self._after_step(output)
+            return output
+        x = step_input.sae_in
+        sae_in, stats = self._process_sae_in(x)
+        self._norm_stats = stats
+        dec_norm = self._dec_norm()
+        code = self._train_code(sae_in, dec_norm)
+        decoder_code = code
+        if dec_norm is not None:
+            decoder_code = SparseCode(code.values * (1 / dec_norm)[code.indices], code.indices)
+        sae_out = self._finish_decode(
+            ops.sparse_decode(decoder_code, self.W_dec, self.b_dec).to(self.dtype), stats
+        )
+        losses = {"mse_loss": self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()}
+        losses.update(self._extra_losses(step_input, sae_in, sae_out, code, dec_norm))
+        sae_in_detached = sae_in.detach()
+        dec_norm_detached = dec_norm.detach() if dec_norm is not None else None
+        output = TrainStepOutput(
+            sae_in=x,
+            sae_out=sae_out,
+            loss=_total(losses),
+            losses=losses,
+            code=code,
+            d_sae=self.cfg.d_sae,
+            hidden_pre_fn=lambda: self._hidden_pre(sae_in_detached, dec_norm_detached),
+        )
+        self._after_step(output)
+        return output
+
+    def _extra_losses(
+        self,
+        step_input: TrainStepInput,
+        sae_in: Tensor,
+        sae_out: Tensor,
+        code: SparseCode,
+        dec_norm: Tensor | None,
+    ) -> dict[str, Tensor]:
+        return {
+            "auxiliary_reconstruction_loss": self._auxk_loss(
+                step_input.sae_in, sae_out, step_input.dead_neuron_mask, sae_in=sae_in
+            )
+        }
+
+    def _auxk_loss(
+        self,
+        x: Tensor,
+        sae_out: Tensor,
+        dead_neuron_mask: Tensor | None,
+        *,
+        hidden_pre: Tensor | None = None,
+        sae_in: Tensor | None = None,
+        columns: slice | None = None,
+    ) -> Tensor:
+        """AuxK: the top ``d_in/2`` dead latents reconstruct the detached residual ``x - sae_out``.
+
+        Pre-activations of the dead latents come from ``hidden_pre`` when given (dense
+        path) or from ``sae_in`` with a matmul over the dead columns only. ``columns``
+        restricts everything to a slice of latents (Matryoshka levels).
+        """
+        if dead_neuron_mask is None:
+            return sae_out.new_tensor(0.0)
+        offset = 0 if columns is None else columns.start
+        mask = dead_neuron_mask if columns is None else dead_neuron_mask[columns]
+        dead = mask.nonzero().squeeze(1)
+        num_dead = dead.numel()
+        if num_dead == 0:
+            return sae_out.new_tensor(0.0)
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                "the TopK auxiliary loss does not support normalize_activations="
+                f"{self.cfg.normalize_activations!r}: its reconstruction would be in "
+                "normalised space while the residual is not"
+            )
+        dead = dead + offset
+        residual = (x - sae_out).detach()
+        k_aux, scale = topk_aux_scale(num_dead, x.shape[-1])
+        dec_norm = self.W_dec[dead].norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        if hidden_pre is not None:
+            h_dead = hidden_pre[..., dead]
+        else:
+            assert sae_in is not None
+            h_dead = sae_in @ self.W_enc[:, dead] + self.b_enc[dead]
+            if dec_norm is not None:
+                h_dead = h_dead * dec_norm
+        values, indices = h_dead.topk(k_aux, dim=-1, sorted=False)
+        acts = torch.zeros_like(h_dead).scatter(-1, indices, values)
+        if dec_norm is not None:
+            acts = acts * (1 / dec_norm)
+        recons = acts @ self.W_dec[dead]
+        loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        return self.cfg.aux_loss_coefficient * scale * loss
+
+    # ------------------------------------------------------------------ saving
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """Fold decoder norms into the encoder (unit-norm decoder), as SAELens saves TopK."""
+        super().process_state_dict_for_saving_inference(state_dict)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            norm = self.get_W_dec_norm()
+            state_dict["b_enc"] = state_dict["b_enc"] * norm
+            state_dict["W_dec"] = state_dict["W_dec"] / norm.unsqueeze(1)
+            state_dict["W_enc"] = state_dict["W_enc"] * norm.unsqueeze(0)
