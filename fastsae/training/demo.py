@@ -80,7 +80,7 @@ def demo_config(
         n_eval_batches=4,
         checkpoint_path=None,
         output_path=str(output_path),
-        wandb_log_frequency=10,
+        wandb_log_frequency=max(1, min(10, steps // 20)),
         eval_every_n_wandb_logs=10**6,
         device=device,
         seed=seed,

@@ -95,6 +95,8 @@ class MetricsLogger:
             ("sparsity/dead_features", "dead latents", False),
         ]
         panels = [p for p in panels if any(p[0] in r for r in rows)]
+        if not panels:
+            return None
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
         for ax, (key, title, log_y) in zip(axes[0], panels, strict=False):
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
