@@ -14,10 +14,8 @@ the dataset position, so a resumed store yields exactly the batches the original
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastsae.saes.config import str_to_dtype
+from fastsae.training.model_hooks import _ModuleReader, _TransformerLensReader
 from fastsae.training.text_data import (
     HfDataset,
     TokenRowSource,
@@ -42,153 +41,6 @@ __all__ = ["ActivationsStore", "load_text_dataset"]
 ACTIVATIONS_STORE_STATE_FILENAME = "activations_store_state.safetensors"  # as SAELens
 _TOKEN_COLUMNS = ("tokens", "input_ids", "text")
 _SEPARATORS = ("bos", "eos", "sep")
-
-
-class _StopForward(Exception):
-    """Raised by the forward hook once the hooked module has run: skips later layers."""
-
-
-def _layer_of(hook_name: str) -> int | None:
-    """The first ``.<int>`` segment of a hook name / module path, e.g. 3 in blocks.3.x."""
-    match = re.search(r"\.(\d+)(?:\.|$)", hook_name)
-    return None if match is None else int(match.group(1))
-
-
-def _describe_names(names: list[str], limit: int = 60) -> str:
-    """All names when few; else every path ending in a layer number (``*.layer.N``) and
-    the rest folded over their layer number (``blocks.{0..47}.hook_resid_pre``)."""
-    if len(names) <= limit:
-        return ", ".join(names)
-    explicit = [n for n in names if n.rsplit(".", 1)[-1].isdigit()]
-    groups: dict[str, list[int]] = {}
-    for name in names:
-        if name in explicit or not name:
-            continue
-        match = re.search(r"\.(\d+)(?=\.|$)", name)
-        if match is None:
-            groups.setdefault(name, [])
-        else:
-            key = name[: match.start(1)] + "{}" + name[match.end(1) :]
-            groups.setdefault(key, []).append(int(match.group(1)))
-    folded = [
-        key.format(f"{{{min(ids)}..{max(ids)}}}") if ids else key for key, ids in groups.items()
-    ]
-    more = ""
-    if len(folded) > limit:
-        more = f", ... ({len(folded) - limit} more patterns)"
-        folded = folded[:limit]
-    return ", ".join(explicit + folded) + more
-
-
-class _TransformerLensReader:
-    """Reads one hook of a TransformerLens model (HookedTransformer, TransformerBridge)."""
-
-    def __init__(self, model: nn.Module, hook_name: str):
-        names = sorted(model.hook_dict)
-        if hook_name not in model.hook_dict:
-            raise ValueError(
-                f"hook_name {hook_name!r} is not a hook of this {type(model).__name__}; "
-                f"valid hook names: {_describe_names(names)}"
-            )
-        self.model = model
-        self.hook_name = hook_name
-        layer = _layer_of(hook_name)
-        self.stop_at_layer = None if layer is None else layer + 1
-        cfg = getattr(model, "cfg", None)
-        self.max_context: int | None = getattr(cfg, "n_ctx", None)
-        # HookedTransformer/TransformerBridge take these; a bare HookedRootModule may not
-        accepted = set(inspect.signature(model.forward).parameters)
-        accepted |= set(inspect.signature(model.run_with_cache).parameters)
-        self.takes_stop_at_layer = "stop_at_layer" in accepted
-        self.takes_attention_mask = "attention_mask" in accepted
-
-    @property
-    def input_device(self) -> torch.device:
-        if hasattr(self.model, "W_E"):
-            return self.model.W_E.device
-        return next(self.model.parameters()).device
-
-    def read(self, tokens: Tensor, attention_mask: Tensor | None, kwargs: dict) -> Tensor:
-        """tokens ``[batch, pos]`` -> the hook's value ``[batch, pos, ...]``."""
-        extra: dict[str, Any] = {}
-        if self.takes_stop_at_layer and self.stop_at_layer is not None:
-            extra["stop_at_layer"] = self.stop_at_layer
-        if attention_mask is not None and self.takes_attention_mask:
-            extra["attention_mask"] = attention_mask
-        _, cache = self.model.run_with_cache(
-            tokens, names_filter=[self.hook_name], **extra, **kwargs
-        )
-        return cache[self.hook_name]
-
-
-class _ModuleReader:
-    """Reads the output of one submodule of a Hugging Face model (or any nn.Module).
-
-    The forward is stopped by an exception raised from the hook, so layers after the
-    hooked one never run. A tuple output gives its element 0 (the hidden states).
-    """
-
-    def __init__(self, model: nn.Module, hook_name: str):
-        modules = dict(model.named_modules())
-        path = hook_name
-        prefix = getattr(model, "base_model_prefix", "")
-        # "bert.encoder.layer.3" on a BertModel and "encoder.layer.3" on a
-        # BertForMaskedLM name the same module: accept both spellings.
-        if path not in modules and prefix:
-            if path.startswith(prefix + ".") and path[len(prefix) + 1 :] in modules:
-                path = path[len(prefix) + 1 :]
-            elif f"{prefix}.{path}" in modules:
-                path = f"{prefix}.{path}"
-        if not hook_name or path not in modules:
-            raise ValueError(
-                f"hook_name {hook_name!r} is not a module path of this {type(model).__name__}; "
-                f"valid module paths: {_describe_names([n for n in modules if n])}"
-            )
-        self.model = model
-        self.module_path = path
-        self.module = modules[path]
-        config = getattr(model, "config", None)
-        self.max_context = getattr(config, "max_position_embeddings", None)
-        self.is_hf = hasattr(model, "config") and hasattr(model, "get_input_embeddings")
-
-    @property
-    def input_device(self) -> torch.device:
-        if self.is_hf:
-            embed = self.model.get_input_embeddings()
-            if embed is not None and hasattr(embed, "weight"):
-                return embed.weight.device
-        return next(self.model.parameters()).device
-
-    def read(self, tokens: Tensor, attention_mask: Tensor | None, kwargs: dict) -> Tensor:
-        """tokens ``[batch, pos]`` -> the module's output ``[batch, pos, ...]``."""
-        captured: list[Any] = []
-
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _StopForward
-
-        handle = self.module.register_forward_hook(hook)
-        was_training = self.model.training
-        self.model.eval()  # dropout would corrupt the activations
-        try:
-            if self.is_hf:
-                mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-                self.model(input_ids=tokens, attention_mask=mask, **kwargs)
-            else:
-                self.model(tokens, **kwargs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-            self.model.train(was_training)
-        if not captured:
-            raise RuntimeError(f"module {self.module_path!r} did not run in the forward pass")
-        out = captured[0]
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"module {self.module_path!r} returned {type(out).__name__}, not a tensor"
-            )
-        return out
 
 
 def _check_positive_int(name: str, value: Any) -> None:
