@@ -96,10 +96,24 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             self._after_step(output)
             return output
         x = step_input.sae_in
-        sae_in, stats = self._process_sae_in(x)
-        self._norm_stats = stats
         dec_norm = self._dec_norm()
-        code = self._train_code(sae_in, dec_norm)
+        if self._input_bias_shortcut():
+            # sae_in = x - b_dec feeds only the encoder, so b_dec's gradient through it is
+            # -W_enc @ (the encoder bias gradient): no per-token [batch, d_in] input
+            # gradient (46 ms at B=2048, 768 x 24576 on 2 CPU cores; a full dense matmul
+            # for BatchTopK's dense encoder)
+            with torch.no_grad():
+                sae_in, stats = self._process_sae_in(x)
+            code = self._train_code(sae_in, dec_norm)
+            values = _InputBiasGrad.apply(
+                code.values, code.indices, self.b_dec, self.W_enc, dec_norm
+            )
+            code = SparseCode(values, code.indices)
+            sae_in = x - self.b_dec  # differentiable twin, for AuxK's dead-subset matmul
+        else:
+            sae_in, stats = self._process_sae_in(x)
+            code = self._train_code(sae_in, dec_norm)
+        self._norm_stats = stats
         decoder_code = code
         if dec_norm is not None:
             decoder_code = SparseCode(code.values * (1 / dec_norm)[code.indices], code.indices)
@@ -121,6 +135,14 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         )
         self._after_step(output)
         return output
+
+    def _input_bias_shortcut(self) -> bool:
+        return (
+            self.cfg.apply_b_dec_to_input
+            and self.cfg.normalize_activations in ("none", "expected_average_only_in")
+            and self.b_dec.requires_grad
+            and torch.is_grad_enabled()
+        )
 
     def _extra_losses(
         self,
@@ -194,3 +216,27 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             state_dict["b_enc"] = state_dict["b_enc"] * norm
             state_dict["W_dec"] = state_dict["W_dec"] / norm.unsqueeze(1)
             state_dict["W_enc"] = state_dict["W_enc"] * norm.unsqueeze(0)
+
+
+class _InputBiasGrad(torch.autograd.Function):
+    """Identity on a code's values whose backward adds ``b_dec``'s gradient through the
+    encoder input ``x - b_dec``: ``-W_enc @ g``, ``g[n]`` = the summed gradient of latent
+    n's pre-activation (``d values * [value > 0] * dec_norm[n]``, as the top-k's ReLU
+    and decoder-norm scaling give it)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, b_dec, W_enc, dec_norm):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, W_enc, dec_norm)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, d_values):  # type: ignore[override]
+        values, indices, W_enc, dec_norm = ctx.saved_tensors
+        d_pre = d_values * (values > 0)
+        if dec_norm is not None:
+            d_pre = d_pre * dec_norm[indices]
+        dtype = torch.promote_types(d_pre.dtype, torch.float32)
+        g = torch.zeros(W_enc.shape[1], dtype=dtype, device=W_enc.device)
+        g.index_add_(0, indices.reshape(-1).long(), d_pre.reshape(-1).to(dtype))
+        d_b_dec = -(W_enc.to(dtype) @ g)
+        return d_values, None, d_b_dec.to(W_enc.dtype), None, None
