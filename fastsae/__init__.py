@@ -25,7 +25,25 @@ _SAE_NAMES = frozenset(
 )  # fmt: skip
 
 
+_TRAINING_NAMES = frozenset(
+    {
+        "LanguageModelSAERunnerConfig", "LoggingConfig", "SAETrainingRunner",
+        "LanguageModelSAETrainingRunner", "SAETrainer", "ActivationsStore",
+        "CachedActivationsStore", "TrainingSAE", "TrainingSAEConfig", "TrainStepInput",
+        "TrainStepOutput", "TrainCoefficientConfig", "StandardTrainingSAE",
+        "StandardTrainingSAEConfig", "GatedTrainingSAE", "GatedTrainingSAEConfig",
+        "JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig", "TopKTrainingSAE",
+        "TopKTrainingSAEConfig", "BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig",
+        "MatryoshkaBatchTopKTrainingSAE", "MatryoshkaBatchTopKTrainingSAEConfig",
+    }
+)  # fmt: skip
+
+
 def __getattr__(name: str):
+    if name in _TRAINING_NAMES:
+        from fastsae import training
+
+        return getattr(training, name)
     if name in _SAE_NAMES:
         from fastsae import saes
 
@@ -89,4 +107,5 @@ __all__ = [
     "JumpReLUTranscoderConfig",
     "JumpReLUSkipTranscoder",
     "JumpReLUSkipTranscoderConfig",
+    *sorted(_TRAINING_NAMES),
 ]
