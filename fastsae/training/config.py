@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import warnings
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,9 @@ class LanguageModelSAERunnerConfig:
     seqpos_slice: tuple[int | None, ...] = (None,)
     disable_concat_sequences: bool = False
     sequence_separator_token: int | str | None = "bos"
+    activations_mixing_fraction: float = 0.5
+    use_chat_formatting: bool = False
+    prefetch_llm_batches: bool | int = False
     device: str = "cpu"
     llm_device: str | None = None
     act_store_device: str | None = None
@@ -211,10 +214,11 @@ class LanguageModelSAERunnerConfig:
         if sae is None:
             sae = _sae_config_from_flat(flat_sae, dtype=self.dtype, device=self.device)
         elif flat_sae:
+            sae_fields = dict.fromkeys(f.name for f in fields(sae)) if is_dataclass(sae) else {}
             raise ValueError(
                 "LanguageModelSAERunnerConfig: unknown fields "
                 f"{sorted(flat_sae)} (with sae= given, SAE fields belong in the SAE config)"
-                + _suggest(flat_sae, names)
+                + _suggest(flat_sae, {**names, **sae_fields})
             )
         if not isinstance(sae, TrainingSAEConfig):
             raise TypeError(
@@ -273,6 +277,20 @@ class LanguageModelSAERunnerConfig:
             self.llm_device = self.device
         if self.act_store_device is None or self.act_store_device == "with_model":
             self.act_store_device = self.llm_device
+        if self.activations_mixing_fraction != 0.5:
+            raise ValueError(
+                "activations_mixing_fraction: fastsae's shuffling buffer always keeps half of "
+                f"its activations for mixing (0.5), got {self.activations_mixing_fraction!r}"
+            )
+        if self.use_chat_formatting:
+            raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
+        prefetch = self.prefetch_llm_batches  # accepted for SAELens configs; no effect here
+        if not isinstance(prefetch, (bool, int)) or (
+            not isinstance(prefetch, bool) and prefetch < 0
+        ):
+            raise ValueError(
+                f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch!r}"
+            )
         if self.use_cached_activations and not self.cached_activations_path:
             raise ValueError("use_cached_activations=True needs cached_activations_path")
         if not self.use_cached_activations and not self.dataset_path:
@@ -338,7 +356,12 @@ class LanguageModelSAERunnerConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "sae":
-                value = {k: v for k, v in value.to_dict().items() if k != "metadata"}
+                value = value.to_dict()
+                value["metadata"] = {
+                    k: v
+                    for k, v in value["metadata"].items()
+                    if k not in ("training_architecture", "training_architecture_details")
+                }
             elif f.name == "logger":
                 value = asdict(value)
             elif isinstance(value, tuple):

@@ -19,6 +19,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fastsae.training.activation_scaler import ActivationScaler
 from fastsae.training.metrics import MetricsLogger, step_metrics
 from fastsae.training.optim import CoefficientScheduler, get_lr_scheduler
 from fastsae.training.saes.base import (
@@ -41,7 +45,7 @@ from fastsae.training.saes.base import (
 
 TRAINER_STATE_FILENAME = "trainer_state.pt"
 DATA_STATE_FILENAME = "data_state.pt"
-SCALER_FILENAME = "activation_scaler.json"
+PENDING_BATCH_FILENAME = "pending_batch.safetensors"
 RUNNER_CFG_FILENAME = "runner_cfg.json"
 
 Evaluator = Callable[[TrainingSAE], dict[str, Any]]
@@ -54,27 +58,6 @@ class TrainerState:
     n_training_steps: int = 0
     n_training_samples: int = 0
     n_frac_active_samples: int = 0
-
-
-class ActivationScaler:
-    """``normalize_activations="expected_average_only_in"``: scale inputs so that their
-    mean norm is ``sqrt(d_in)``; the factor is folded into the SAE when training ends."""
-
-    def __init__(self, scaling_factor: float | None = None):
-        self.scaling_factor = scaling_factor
-
-    def __call__(self, acts: Tensor) -> Tensor:
-        return acts * self.scaling_factor if self.scaling_factor is not None else acts
-
-    @torch.no_grad()
-    def estimate(self, batches: Iterator[Tensor], n_batches: int, d_in: int) -> float:
-        total, count = 0.0, 0
-        for _ in tqdm(range(n_batches), desc="Estimating norm scaling factor", leave=False):
-            norms = next(batches).float().norm(dim=-1)
-            total += float(norms.sum())
-            count += norms.numel()
-        self.scaling_factor = math.sqrt(d_in) / (total / count)
-        return self.scaling_factor
 
 
 class SAETrainer:
@@ -138,6 +121,8 @@ class SAETrainer:
             if cfg.autocast
             else contextlib.nullcontext()
         )
+        # a batch drawn from the data but not trained on yet (an interrupted step)
+        self._pending_batch: Tensor | None = None
         self.last_metrics: dict[str, float] = {}
         self.tokens_per_second: float | None = None
 
@@ -176,7 +161,12 @@ class SAETrainer:
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Tensor) -> TrainStepOutput:
-        """One optimizer step on a raw ``[batch, d_in]`` activation batch."""
+        """One optimizer step on a raw ``[batch, d_in]`` activation batch.
+
+        Nothing of the run's state changes until the gradients exist: an exception
+        (e.g. KeyboardInterrupt) raised during the forward/backward leaves the trainer
+        as it was, so the batch can be replayed.
+        """
         if batch.ndim != 2 or batch.shape[-1] != self.sae.cfg.d_in:
             raise ValueError(
                 f"activation batch must be [batch, d_in={self.sae.cfg.d_in}], "
@@ -185,27 +175,36 @@ class SAETrainer:
         sae = self.sae
         sae.train()
         sae_in = self.scaler(batch.to(sae.device, sae.dtype))
-        self.state.n_training_samples += batch.shape[0]
         is_logging_step = (
             self.state.n_training_steps + 1
         ) % self.cfg.logger.wandb_log_frequency == 0
-        with self.autocast:
-            output = sae.training_forward_pass(
-                TrainStepInput(
-                    sae_in=sae_in,
-                    coefficients=self.get_coefficients(),
-                    dead_neuron_mask=self.dead_neurons,
-                    n_training_steps=self.state.n_training_steps,
-                    is_logging_step=is_logging_step,
+        buffers = {name: b.clone() for name, b in sae.named_buffers()}
+        try:
+            with self.autocast:
+                output = sae.training_forward_pass(
+                    TrainStepInput(
+                        sae_in=sae_in,
+                        coefficients=self.get_coefficients(),
+                        dead_neuron_mask=self.dead_neurons,
+                        n_training_steps=self.state.n_training_steps,
+                        is_logging_step=is_logging_step,
+                    )
                 )
-            )
+            output.loss.backward()
+        except BaseException:
+            # undo the step's side effects (BatchTopK's threshold EMA, gradients)
+            with torch.no_grad():
+                for name, value in sae.named_buffers():
+                    value.copy_(buffers[name])
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         with torch.no_grad():
             fired = output.fired()
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[fired > 0] = 0
             self.act_freq_scores += fired
             self.state.n_frac_active_samples += batch.shape[0]
-        output.loss.backward()
+        self.state.n_training_samples += batch.shape[0]
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -213,18 +212,25 @@ class SAETrainer:
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()
+        output.weights_updated()
         return output
 
     # ------------------------------------------------------------------ the loop
+    def _estimate_normalisation(self) -> None:
+        mode = self.sae.cfg.normalize_activations
+        n, d_in = self.cfg.n_batches_for_norm_estimate, self.sae.cfg.d_in
+        if mode == "expected_average_only_in" and self.scaler.scaling_factor is None:
+            self.scaler.estimate_scaling_factor(self.data_provider, n, d_in)
+        elif mode == "covariance_whitening" and not self.scaler.whitening:
+            self.scaler.estimate_whitening(self.data_provider, n, d_in)
+
     def fit(self) -> TrainingSAE:
-        """Train until ``training_tokens``; returns the SAE (normalisation folded in)."""
-        if (
-            self.sae.cfg.normalize_activations == "expected_average_only_in"
-            and self.scaler.scaling_factor is None
-        ):
-            self.scaler.estimate(
-                self.data_provider, self.cfg.n_batches_for_norm_estimate, self.sae.cfg.d_in
-            )
+        """Train until ``training_tokens``; returns the SAE (normalisation folded in).
+
+        Ctrl-C (SIGINT) finishes the current step, writes an ``interrupted_<tokens>``
+        checkpoint and raises KeyboardInterrupt; a second Ctrl-C stops at once.
+        """
+        self._estimate_normalisation()
         pbar = tqdm(
             total=self.total_training_samples,
             initial=self.state.n_training_samples,
@@ -234,23 +240,30 @@ class SAETrainer:
             disable=not self.show_progress,
         )
         start, start_samples = time.perf_counter(), self.state.n_training_samples
-        try:
-            while self.state.n_training_samples < self.total_training_samples:
-                self._maybe_reset_sparsity()
-                batch = next(self.data_provider)
-                output = self.step(batch)
-                self.state.n_training_steps += 1
-                if self.state.n_training_steps % self.cfg.logger.wandb_log_frequency == 0:
-                    self._log(output, pbar)
-                self._maybe_evaluate()
-                self._checkpoint_if_needed()
-                pbar.update(batch.shape[0])
-        except KeyboardInterrupt:
-            pbar.close()
-            if self.cfg.checkpoint_path is not None:
-                path = self.save_checkpoint(f"interrupted_{self.state.n_training_samples}")
-                print(f"\nInterrupted: checkpoint saved to {path}")
-            raise
+        with _deferred_sigint() as interrupted:
+            try:
+                while self.state.n_training_samples < self.total_training_samples:
+                    self._maybe_reset_sparsity()
+                    batch = self._pending_batch
+                    if batch is None:
+                        batch = next(self.data_provider)
+                    self._pending_batch = batch
+                    output = self.step(batch)
+                    self._pending_batch = None
+                    self.state.n_training_steps += 1
+                    if self.state.n_training_steps % self.cfg.logger.wandb_log_frequency == 0:
+                        self._log(output, pbar)
+                    self._maybe_evaluate()
+                    self._checkpoint_if_needed()
+                    pbar.update(batch.shape[0])
+                    if interrupted():
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                pbar.close()
+                if self.cfg.checkpoint_path is not None:
+                    path = self.save_checkpoint(f"interrupted_{self.state.n_training_samples}")
+                    print(f"\nInterrupted: checkpoint saved to {path}")
+                raise
         pbar.close()
         elapsed = time.perf_counter() - start
         if elapsed > 0:
@@ -262,9 +275,7 @@ class SAETrainer:
         if self.state.n_frac_active_samples > 0:
             self.sae.cfg.metadata.l0 = float(self.feature_sparsity.sum())
             self.sae.cfg.metadata.num_dead_features = int(self.dead_neurons.sum())
-        if self.scaler.scaling_factor is not None:
-            self.sae.fold_activation_norm_scaling_factor(self.scaler.scaling_factor)
-            self.scaler.scaling_factor = None
+        self.scaler.fold_into(self.sae)
         if self.cfg.save_final_checkpoint and self.cfg.checkpoint_path is not None:
             self.save_checkpoint(f"final_{self.state.n_training_samples}")
         self.metrics.plot()
@@ -340,9 +351,10 @@ class SAETrainer:
             data_state = getattr(self.data_provider, "state_dict", None)
             if callable(data_state):
                 torch.save(data_state(), tmp / DATA_STATE_FILENAME)
-            (tmp / SCALER_FILENAME).write_text(
-                json.dumps({"scaling_factor": self.scaler.scaling_factor})
-            )
+            self.scaler.save(tmp)
+            if self._pending_batch is not None:
+                save_file({"batch": self._pending_batch.detach().cpu().contiguous()},
+                          str(tmp / PENDING_BATCH_FILENAME))  # fmt: skip
             to_dict = getattr(self.cfg, "to_dict", None)
             if callable(to_dict):
                 (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(to_dict(), indent=2))
@@ -406,9 +418,9 @@ class SAETrainer:
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        scaler_file = path / SCALER_FILENAME
-        if scaler_file.is_file():
-            self.scaler.scaling_factor = json.loads(scaler_file.read_text())["scaling_factor"]
+        self.scaler.load(path)
+        pending = path / PENDING_BATCH_FILENAME
+        self._pending_batch = load_file(str(pending))["batch"] if pending.is_file() else None
         data_file = path / DATA_STATE_FILENAME
         load = getattr(self.data_provider, "load_state_dict", None)
         if callable(load):
@@ -439,3 +451,25 @@ def _adam_kwargs(sae: TrainingSAE) -> dict[str, Any]:
     ):
         return {"fused": True}
     return {}
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """While active, the first SIGINT only sets a flag (read with the yielded callable),
+    so the loop can stop at a step boundary; a second one interrupts at once. Outside
+    the main thread signals cannot be caught, and this does nothing."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)

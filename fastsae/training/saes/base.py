@@ -172,6 +172,7 @@ class TrainStepOutput:
         code: SparseCode | None = None,
         d_sae: int | None = None,
         hidden_pre_fn: Callable[[], Tensor] | None = None,
+        hidden_pre_weights: tuple[Tensor, ...] = (),
         metrics: dict[str, Any] | None = None,
     ):
         if feature_acts is None and code is None:
@@ -185,6 +186,10 @@ class TrainStepOutput:
         self._feature_acts = feature_acts
         self._hidden_pre = hidden_pre
         self._hidden_pre_fn = hidden_pre_fn
+        # in-place updates (an optimizer step) bump a tensor's _version: a lazily built
+        # hidden_pre would then not be this step's any more
+        self._weight_versions = [(w, w._version) for w in hidden_pre_weights]
+        self._stale = False
         self._d_sae = d_sae
 
     @property
@@ -198,11 +203,22 @@ class TrainStepOutput:
     @property
     def hidden_pre(self) -> Tensor:
         if self._hidden_pre is None:
+            if self._stale or any(w._version != v for w, v in self._weight_versions):
+                raise RuntimeError(
+                    "hidden_pre of a sparse training step is built from the weights when first "
+                    "read, and the weights have changed since the step (optimizer step): read "
+                    "it before updating the weights"
+                )
             if self._hidden_pre_fn is None:
                 raise AttributeError("this step did not keep hidden_pre")
             with torch.no_grad():
                 self._hidden_pre = self._hidden_pre_fn()
         return self._hidden_pre
+
+    def weights_updated(self) -> None:
+        """The trainer calls this after its optimizer step: hidden_pre can no longer be built."""
+        self._stale = True
+        self._hidden_pre_fn = None  # frees the step's input
 
     def fired(self) -> Tensor:
         """``[batch, d_sae]``-free firing counts: how many tokens each latent fired on, ``[d_sae]``."""
@@ -324,13 +340,49 @@ class TrainingSAE(SAE):
         cfg = TrainingSAEConfig.from_dict(config_dict)
         return training_sae_class_for_architecture(cfg.architecture())(cfg)
 
+    @classmethod
+    def load_from_disk(  # type: ignore[override]
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        **_: Any,
+    ) -> TrainingSAE:
+        """A training SAE from a folder its ``save_model`` wrote (a training checkpoint).
+
+        The training architecture and its training-only fields come from the cfg.json
+        metadata (``training_architecture``, ``training_architecture_details``), as
+        SAELens records them.
+        """
+        from fastsae.loading.disk import read_json
+        from fastsae.saes.config import dtype_to_str
+
+        path = Path(path)
+        cfg_dict = read_json(path / "cfg.json")
+        metadata = dict(cfg_dict.get("metadata") or {})
+        arch = metadata.get("training_architecture") or cfg_dict.get("architecture")
+        merged = {**dict(metadata.get("training_architecture_details") or {}), **cfg_dict}
+        merged.update(architecture=arch, device=str(device))
+        if dtype is not None:
+            merged["dtype"] = dtype_to_str(dtype)
+        sae_cls = training_sae_class_for_architecture(arch)
+        if not issubclass(sae_cls, cls):
+            raise TypeError(f"{path} holds a {sae_cls.__name__}, not a {cls.__name__}")
+        sae = sae_cls(TrainingSAEConfig.from_dict(merged))
+        sae.load_weights_from_checkpoint(path)
+        return sae
+
     def load_weights_from_checkpoint(self, checkpoint_path: str | Path) -> None:
         """Load ``sae_weights.safetensors`` of a checkpoint directory into this SAE."""
         from fastsae.loading.disk import read_safetensors
 
-        state = read_safetensors(Path(checkpoint_path) / "sae_weights.safetensors")
+        path = Path(checkpoint_path) / "sae_weights.safetensors"
+        state = read_safetensors(path)
         self.process_state_dict_for_loading(state)
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path} does not fit this {type(self).__name__}: {e}") from e
 
 
 def _total(losses: dict[str, Tensor]) -> Tensor:

@@ -132,6 +132,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             code=code,
             d_sae=self.cfg.d_sae,
             hidden_pre_fn=lambda: self._hidden_pre(sae_in_detached, dec_norm_detached),
+            hidden_pre_weights=(self.W_enc, self.b_enc, self.W_dec),
         )
         self._after_step(output)
         return output

@@ -1,0 +1,780 @@
+"""Training SAEs: parity with sae-lens's training classes, float64 references, saving.
+
+For every training architecture, a fastsae and a sae-lens training SAE get the same
+random weights (every bias, threshold and buffer randomised), the same
+``TrainStepInput``; every loss, the total loss, ``feature_acts``, ``hidden_pre``,
+``sae_out`` and every parameter gradient must agree (fp32: 1e-5 relative error,
+``||a - b|| / ||b||``). Sizes are deliberately odd (d_in=33, d_sae=300, batch=47).
+
+Also: float64 runs of both libraries agree tightly and bound the fp32 error; TopK and
+standard losses equal a hand-written float64 formula; BatchTopK's threshold EMA;
+``save_inference_model`` directories load in both libraries with the training SAE's
+outputs; the sparse TopK step (lazy dense tensors, hooks -> dense path); config errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import sae_lens
+import torch
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput as SLTrainStepInput
+from sae_testing import assert_close
+
+import fastsae
+from fastsae.training.saes import (
+    BatchTopKTrainingSAEConfig,
+    GatedTrainingSAEConfig,
+    JumpReLUTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAEConfig,
+    TrainingSAEConfig,
+    TrainStepInput,
+    training_config_class_for_architecture,
+    training_sae_class_for_architecture,
+)
+
+D_IN, D_SAE, BATCH, K = 33, 300, 47, 7
+FP32_TOL = 1e-5
+FP64_TOL = 1e-10
+# fp32 fastsae against a float64 run: the fp32 rounding of a whole step
+FP32_VS_FP64_TOL = 1e-4
+WIDTHS = [20, 90, D_SAE]
+
+
+def _dead_mask(n_dead: int | None, *, low: int = 0) -> torch.Tensor | None:
+    """``[d_sae]`` bool with ``n_dead`` dead latents drawn from ``[low, d_sae)``; None for None."""
+    if n_dead is None:
+        return None
+    g = torch.Generator().manual_seed(1234 + n_dead + low)
+    mask = torch.zeros(D_SAE, dtype=torch.bool)
+    mask[low + torch.randperm(D_SAE - low, generator=g)[:n_dead]] = True
+    return mask
+
+
+# (id, architecture, config kwargs, coefficients, number of dead latents)
+CASES = [
+    ("standard-l1", "standard", {"lp_norm": 1.0}, {"l1": 0.37}, 50),
+    ("standard-l2", "standard", {"lp_norm": 2.0}, {"l1": 1.3}, None),
+    # l1 warm-up: the coefficient the scheduler hands out mid and at the start of warm-up
+    ("standard-warmup-mid", "standard", {"l1_warm_up_steps": 4}, {"l1": 0.25 * 0.8}, None),
+    ("standard-warmup-start", "standard", {"l1_warm_up_steps": 4}, {"l1": 0.0}, None),
+    ("standard-no-bdec", "standard", {"apply_b_dec_to_input": False}, {"l1": 0.5}, None),
+    ("gated", "gated", {}, {"l1": 0.6}, 40),
+    ("gated-no-bdec", "gated", {"apply_b_dec_to_input": False}, {"l1": 0.6}, None),
+    ("jumprelu-step", "jumprelu", {}, {"l0": 0.2}, 60),
+    (
+        "jumprelu-step-preact-ste",
+        "jumprelu",
+        {"pre_act_loss_coefficient": 0.3, "jumprelu_ste_to_input": True},
+        {"l0": 0.2},
+        60,
+    ),
+    (
+        "jumprelu-step-preact-nodead",
+        "jumprelu",
+        {"pre_act_loss_coefficient": 0.3},
+        {"l0": 0.2},
+        0,
+    ),
+    ("jumprelu-tanh", "jumprelu", {"jumprelu_sparsity_loss_mode": "tanh"}, {"l0": 0.7}, 60),
+    (
+        "jumprelu-tanh-preact-ste",
+        "jumprelu",
+        {
+            "jumprelu_sparsity_loss_mode": "tanh",
+            "jumprelu_tanh_scale": 2.5,
+            "pre_act_loss_coefficient": 0.3,
+            "jumprelu_ste_to_input": True,
+        },
+        {"l0": 0.7},
+        60,
+    ),
+    (
+        "jumprelu-quadratic",
+        "jumprelu",
+        {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 20.0},
+        {"l0": 0.05},
+        None,
+    ),
+    (
+        "jumprelu-quadratic-preact-ste",
+        "jumprelu",
+        {
+            "jumprelu_sparsity_loss_mode": "quadratic",
+            "target_l0": 20.0,
+            "pre_act_loss_coefficient": 0.3,
+            "jumprelu_ste_to_input": True,
+        },
+        {"l0": 0.05},
+        60,
+    ),
+    ("topk-rescale-nodead", "topk", {"k": K}, {}, None),
+    ("topk-rescale-zerodead", "topk", {"k": K}, {}, 0),
+    ("topk-rescale-fewdead", "topk", {"k": K}, {}, 10),  # 10 < d_in // 2 = 16
+    ("topk-rescale-manydead", "topk", {"k": K}, {}, 100),  # 100 > 16
+    ("topk-norescale-fewdead", "topk", {"k": K, "rescale_acts_by_decoder_norm": False}, {}, 10),
+    (
+        "topk-norescale-manydead",
+        "topk",
+        {"k": K, "rescale_acts_by_decoder_norm": False, "aux_loss_coefficient": 0.4},
+        {},
+        100,
+    ),
+    (
+        "topk-no-bdec",
+        "topk",
+        {"k": K, "apply_b_dec_to_input": False},
+        {},
+        100,
+    ),
+    ("batchtopk-rescale", "batchtopk", {"k": 4.5}, {}, 100),
+    (
+        "batchtopk-norescale",
+        "batchtopk",
+        {"k": 4.5, "rescale_acts_by_decoder_norm": False, "topk_threshold_lr": 0.3},
+        {},
+        10,
+    ),
+    (
+        "matryoshka",
+        "matryoshka_batchtopk",
+        {"k": 4.5, "matryoshka_widths": WIDTHS},
+        {},
+        100,
+    ),
+    (
+        "matryoshka-aux",
+        "matryoshka_batchtopk",
+        {"k": 4.5, "matryoshka_widths": WIDTHS, "use_matryoshka_aux_loss": True},
+        {},
+        100,
+    ),
+    (
+        "matryoshka-aux-norescale-fewdead",
+        "matryoshka_batchtopk",
+        {
+            "k": 4.5,
+            "matryoshka_widths": WIDTHS,
+            "use_matryoshka_aux_loss": True,
+            "rescale_acts_by_decoder_norm": False,
+        },
+        {},
+        10,
+    ),
+    # run-time input normalisation (AuxK refuses these modes, so no dead latents)
+    (
+        "topk-constant-norm",
+        "topk",
+        {"k": K, "normalize_activations": "constant_norm_rescale"},
+        {},
+        None,
+    ),
+    ("topk-layer-norm", "topk", {"k": K, "normalize_activations": "layer_norm"}, {}, None),
+    (
+        "topk-expected-average",
+        "topk",
+        {"k": K, "normalize_activations": "expected_average_only_in"},
+        {},
+        100,
+    ),
+    (
+        "batchtopk-constant-norm",
+        "batchtopk",
+        {"k": 4.5, "normalize_activations": "constant_norm_rescale"},
+        {},
+        None,
+    ),
+    ("standard-layer-norm", "standard", {"normalize_activations": "layer_norm"}, {"l1": 0.3}, None),
+    ("gated-layer-norm", "gated", {"normalize_activations": "layer_norm"}, {"l1": 0.3}, None),
+    (
+        "gated-constant-norm",
+        "gated",
+        {"normalize_activations": "constant_norm_rescale"},
+        {"l1": 0.3},
+        None,
+    ),
+    ("jumprelu-layer-norm", "jumprelu", {"normalize_activations": "layer_norm"}, {"l0": 0.3}, 60),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def _cfg_kwargs(arch: str, kwargs: dict) -> dict:
+    kwargs = copy.deepcopy(kwargs)
+    if arch == "jumprelu":
+        # wide enough that many pre-activations fall inside the estimator's window
+        kwargs.setdefault("jumprelu_bandwidth", 0.4)
+    return kwargs
+
+
+@torch.no_grad()
+def _randomize(sae: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial weights: every parameter and buffer random, decoder rows of varied norm."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+
+    params = dict(sae.named_parameters())
+    d_in = params["W_enc"].shape[0]
+    params["W_enc"].copy_(randn(params["W_enc"]) / math.sqrt(d_in))
+    row_scale = 0.5 + 1.5 * torch.rand(
+        params["W_dec"].shape[0], 1, generator=g, dtype=torch.float64
+    )
+    params["W_dec"].copy_(randn(params["W_dec"]) * row_scale / math.sqrt(d_in))
+    params["b_dec"].copy_(0.3 * randn(params["b_dec"]))
+    for name in ("b_enc", "b_gate", "b_mag"):
+        if name in params:
+            params[name].copy_(0.5 * randn(params[name]))
+    if "r_mag" in params:
+        params["r_mag"].copy_(0.2 * randn(params["r_mag"]))
+    if "threshold" in params:
+        t = params["threshold"]
+        t.copy_((0.1 + 0.9 * torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t.dtype))
+        t[:5] = -0.2  # the step projects these to 0 first
+    buffers = dict(sae.named_buffers())
+    if "topk_threshold" in buffers:
+        buffers["topk_threshold"].fill_(0.37)
+
+
+def _make_pair(arch: str, kwargs: dict, dtype: str = "float32", seed: int = 0):
+    """(fastsae training SAE, sae-lens training SAE) with the same random weights."""
+    kwargs = _cfg_kwargs(arch, kwargs)
+    ours_cfg = training_config_class_for_architecture(arch)(
+        d_in=D_IN, d_sae=D_SAE, dtype=dtype, **copy.deepcopy(kwargs)
+    )
+    ours = training_sae_class_for_architecture(arch)(ours_cfg)
+    sl_cls, sl_cfg_cls = get_sae_training_class(arch)
+    theirs = sl_cls(sl_cfg_cls(d_in=D_IN, d_sae=D_SAE, dtype=dtype, **copy.deepcopy(kwargs)))
+    _randomize(ours, seed)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _x(dtype: torch.dtype = torch.float32, batch: int = BATCH, seed: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (1.3 * torch.randn(batch, D_IN, generator=g, dtype=torch.float64) + 0.2).to(dtype)
+
+
+def _run(sae, step_input_cls, x, coefficients, mask):
+    """One training step's output (graph kept) on a fastsae or sae-lens SAE."""
+    if step_input_cls is SLTrainStepInput:
+        step_input = SLTrainStepInput(x, dict(coefficients), mask, 0, False)
+    else:
+        step_input = TrainStepInput(x, dict(coefficients), mask, 0)
+    return sae.training_forward_pass(step_input)
+
+
+def _scalar(value) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _assert_scalar_close(ours, ref, tol, what):
+    ours, ref = _scalar(ours), _scalar(ref)
+    if ref == 0.0:
+        assert ours == 0.0, f"{what}: {ours} != 0"
+        return
+    err = abs(ours - ref) / abs(ref)
+    assert err <= tol, f"{what}: {ours} vs {ref}, relative error {err:.3e} > {tol:.0e}"
+
+
+def _assert_grad_close(ours, ref, tol, what):
+    assert ours is not None and ref is not None, f"{what}: a gradient is missing"
+    if ref.abs().sum() == 0:
+        assert ours.abs().sum() == 0, f"{what}: reference gradient is zero, ours is not"
+        return
+    assert_close(ours, ref, tol, what)
+
+
+def _compare_steps(ours, theirs, out_o, out_t, tol):
+    assert set(out_o.losses) == set(out_t.losses)
+    for name in out_t.losses:
+        _assert_scalar_close(out_o.losses[name], out_t.losses[name], tol, name)
+    _assert_scalar_close(out_o.loss, out_t.loss, tol, "total loss")
+    assert_close(out_o.sae_out, out_t.sae_out, tol, "sae_out")
+    assert_close(out_o.feature_acts, out_t.feature_acts, tol, "feature_acts")
+    assert_close(out_o.hidden_pre, out_t.hidden_pre, tol, "hidden_pre")
+    out_o.loss.backward()
+    out_t.loss.backward()
+    theirs_params = dict(theirs.named_parameters())
+    ours_params = dict(ours.named_parameters())
+    assert set(ours_params) == set(theirs_params)
+    for name, p in ours_params.items():
+        _assert_grad_close(p.grad, theirs_params[name].grad, tol, f"grad {name}")
+        # the step's in-place projections (JumpReLU threshold >= 0) match too
+        assert torch.equal(p.detach(), theirs_params[name].detach()), name
+
+
+def _case(case_id):
+    return next(c for c in CASES if c[0] == case_id)
+
+
+# ---------------------------------------------------------------------------- fp32 parity
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_training_step_matches_sae_lens(case):
+    _, arch, kwargs, coefficients, n_dead = case
+    ours, theirs = _make_pair(arch, kwargs)
+    x, mask = _x(), _dead_mask(n_dead)
+    out_o = _run(ours, TrainStepInput, x, coefficients, mask)
+    out_t = _run(theirs, SLTrainStepInput, x, coefficients, mask)
+    _compare_steps(ours, theirs, out_o, out_t, FP32_TOL)
+    # every case exercises what it names: aux losses are non-zero when latents are dead
+    if n_dead and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        assert float(out_t.losses["auxiliary_reconstruction_loss"].detach()) > 0
+    if kwargs.get("pre_act_loss_coefficient") and n_dead:
+        assert float(out_t.losses["pre_act_loss"].detach()) > 0
+    if arch == "jumprelu":
+        assert ours.threshold.grad.abs().sum() > 0
+
+
+def test_matryoshka_aux_loss_with_a_level_without_dead_latents():
+    """Dead latents only in the outer levels: the first level's aux term is skipped."""
+    kwargs = {"k": 4.5, "matryoshka_widths": WIDTHS, "use_matryoshka_aux_loss": True}
+    ours, theirs = _make_pair("matryoshka_batchtopk", kwargs)
+    x, mask = _x(), _dead_mask(30, low=WIDTHS[0])
+    assert not mask[: WIDTHS[0]].any()
+    out_o = _run(ours, TrainStepInput, x, {}, mask)
+    out_t = _run(theirs, SLTrainStepInput, x, {}, mask)
+    _compare_steps(ours, theirs, out_o, out_t, FP32_TOL)
+
+
+def test_batchtopk_threshold_after_steps_matches_sae_lens():
+    ours, theirs = _make_pair("batchtopk", {"k": 4.5, "topk_threshold_lr": 0.2})
+    for step in range(3):
+        x = _x(seed=step)
+        out_o = _run(ours, TrainStepInput, x, {}, None)
+        out_t = _run(theirs, SLTrainStepInput, x, {}, None)
+        assert ours.topk_threshold.dtype == torch.float64
+        _assert_scalar_close(ours.topk_threshold, theirs.topk_threshold, 1e-12, "topk_threshold")
+        _assert_scalar_close(
+            out_o.metrics["topk_threshold"], out_t.metrics["topk_threshold"], 1e-12, "metric"
+        )
+    assert float(ours.topk_threshold) != 0.37  # it moved
+
+
+# ---------------------------------------------------------------------------- float64
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_float64_step_matches_sae_lens_and_bounds_fp32_error(case):
+    """Both libraries in float64 agree tightly; fastsae's fp32 step is near the float64 one."""
+    _, arch, kwargs, coefficients, n_dead = case
+    ours64, theirs64 = _make_pair(arch, kwargs, dtype="float64")
+    assert ours64.W_enc.dtype == torch.float64
+    x64, mask = _x(torch.float64), _dead_mask(n_dead)
+    out_o = _run(ours64, TrainStepInput, x64, coefficients, mask)
+    out_t = _run(theirs64, SLTrainStepInput, x64, coefficients, mask)
+    ref_losses = {k: float(v.detach()) for k, v in out_t.losses.items()}
+    ref_loss = float(out_t.loss.detach())
+    _compare_steps(ours64, theirs64, out_o, out_t, FP64_TOL)
+
+    ours32, _ = _make_pair(arch, kwargs)
+    out32 = _run(ours32, TrainStepInput, x64.float(), coefficients, mask)
+    for name, ref in ref_losses.items():
+        _assert_scalar_close(out32.losses[name], ref, FP32_VS_FP64_TOL, f"fp32 {name}")
+    _assert_scalar_close(out32.loss, ref_loss, FP32_VS_FP64_TOL, "fp32 total loss")
+    out32.loss.backward()
+    for name, p in ours32.named_parameters():
+        ref_grad = dict(ours64.named_parameters())[name].grad
+        _assert_grad_close(p.grad, ref_grad, FP32_VS_FP64_TOL, f"fp32 grad {name}")
+
+
+def _hand_topk_losses(ours, x, mask, *, rescale: bool, aux_coefficient: float):
+    """TopK's MSE and AuxK written out in float64 from the SAE's (float64) weights."""
+    W_enc, b_enc = ours.W_enc.detach().double(), ours.b_enc.detach().double()
+    W_dec, b_dec = ours.W_dec.detach().double(), ours.b_dec.detach().double()
+    x = x.double()
+    h = (x - b_dec) @ W_enc + b_enc
+    norm = W_dec.norm(dim=1) if rescale else torch.ones(W_dec.shape[0], dtype=torch.float64)
+    h = h * norm
+    vals, idx = h.topk(ours.cfg.k, dim=-1)
+    acts = torch.zeros_like(h).scatter(-1, idx, vals.relu())
+    out = (acts / norm) @ W_dec + b_dec
+    mse = (out - x).pow(2).sum(-1).mean()
+    n_dead = int(mask.sum())
+    half = x.shape[-1] // 2
+    k_aux = min(half, n_dead)
+    dead_h = torch.where(mask, h, torch.tensor(-math.inf, dtype=torch.float64))
+    avals, aidx = dead_h.topk(k_aux, dim=-1)
+    aux_acts = torch.zeros_like(h).scatter(-1, aidx, avals)
+    recons = (aux_acts / norm) @ W_dec
+    aux = (recons - (x - out)).pow(2).sum(-1).mean()
+    return float(mse), aux_coefficient * min(n_dead / half, 1.0) * float(aux)
+
+
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "norescale"])
+@pytest.mark.parametrize("n_dead", [10, 100], ids=["fewdead", "manydead"])
+def test_topk_losses_equal_hand_formula_in_float64(rescale, n_dead):
+    kwargs = {"k": K, "rescale_acts_by_decoder_norm": rescale, "aux_loss_coefficient": 0.7}
+    x, mask = _x(torch.float64), _dead_mask(n_dead)
+    for dtype, tol in (("float64", 1e-12), ("float32", FP32_VS_FP64_TOL)):
+        ours, _ = _make_pair("topk", kwargs, dtype=dtype)
+        out = _run(ours, TrainStepInput, x.to(ours.dtype), {}, mask)
+        mse, aux = _hand_topk_losses(ours, x, mask, rescale=rescale, aux_coefficient=0.7)
+        _assert_scalar_close(out.losses["mse_loss"], mse, tol, f"{dtype} mse")
+        _assert_scalar_close(out.losses["auxiliary_reconstruction_loss"], aux, tol, f"{dtype} auxk")
+
+
+@pytest.mark.parametrize("lp_norm", [1.0, 2.0])
+def test_standard_losses_equal_hand_formula_in_float64(lp_norm):
+    x = _x(torch.float64)
+    coefficient = 0.37
+    for dtype, tol in (("float64", 1e-12), ("float32", FP32_VS_FP64_TOL)):
+        ours, _ = _make_pair("standard", {"lp_norm": lp_norm}, dtype=dtype)
+        out = _run(ours, TrainStepInput, x.to(ours.dtype), {"l1": coefficient}, None)
+        W_enc, b_enc = ours.W_enc.detach().double(), ours.b_enc.detach().double()
+        W_dec, b_dec = ours.W_dec.detach().double(), ours.b_dec.detach().double()
+        acts = ((x - b_dec) @ W_enc + b_enc).relu()
+        mse = ((acts @ W_dec + b_dec - x) ** 2).sum(-1).mean()
+        weighted = acts * W_dec.norm(dim=1)
+        l1 = coefficient * (weighted.abs() ** lp_norm).sum(-1) ** (1 / lp_norm)
+        _assert_scalar_close(out.losses["mse_loss"], mse, tol, f"{dtype} mse")
+        _assert_scalar_close(out.losses["l1_loss"], l1.mean(), tol, f"{dtype} l1")
+
+
+# ---------------------------------------------------------------------------- sparse step
+SPARSE_ARCHS = [
+    ("topk", {"k": K}),
+    ("batchtopk", {"k": 4.5}),
+    ("matryoshka_batchtopk", {"k": 4.5, "matryoshka_widths": WIDTHS}),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs", SPARSE_ARCHS, ids=[a for a, _ in SPARSE_ARCHS])
+def test_sparse_step_is_lazy_and_hooks_switch_to_the_dense_path(arch, kwargs):
+    x, mask = _x(), _dead_mask(100)
+    ours, _ = _make_pair(arch, kwargs)
+    dense_sae, _ = _make_pair(arch, kwargs)
+    out = _run(ours, TrainStepInput, x, {}, mask)
+    assert out.code is not None
+    assert out.code.values.shape[0] == BATCH
+    # nothing [batch, d_sae] was built by the step
+    assert out._feature_acts is None and out._hidden_pre is None
+
+    seen = []
+    dense_sae.hook_sae_acts_post.add_hook(lambda act, hook: seen.append(act.shape) or act)
+    try:
+        dense = _run(dense_sae, TrainStepInput, x, {}, mask)
+    finally:
+        dense_sae.reset_hooks()
+    assert dense.code is None and seen == [(BATCH, D_SAE)]
+
+    assert_close(out.feature_acts, dense.feature_acts, FP32_TOL, "feature_acts")
+    assert not out.feature_acts.requires_grad
+    assert_close(out.hidden_pre, dense.hidden_pre, FP32_TOL, "hidden_pre")
+    assert torch.equal(out.fired(), dense.fired())
+    assert float(out.l0()) == float(dense.l0())
+    assert set(out.losses) == set(dense.losses)
+    for name in dense.losses:
+        _assert_scalar_close(out.losses[name], dense.losses[name], FP32_TOL, name)
+    out.loss.backward()
+    dense.loss.backward()
+    dense_params = dict(dense_sae.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, dense_params[name].grad, FP32_TOL, f"grad {name}")
+    if arch != "topk":
+        assert float(ours.topk_threshold) == pytest.approx(float(dense_sae.topk_threshold))
+
+
+def test_hook_on_acts_pre_also_switches_to_the_dense_path():
+    ours, _ = _make_pair("topk", {"k": K})
+    ours.hook_sae_acts_pre.add_hook(lambda act, hook: act)
+    try:
+        out = _run(ours, TrainStepInput, _x(), {}, None)
+    finally:
+        ours.reset_hooks()
+    assert out.code is None
+    assert _run(ours, TrainStepInput, _x(), {}, None).code is not None
+
+
+# ---------------------------------------------------------------------------- saving
+SAVE_CASES = [
+    ("standard", {}),
+    ("gated", {}),
+    ("jumprelu", {}),
+    ("topk", {"k": K}),
+    ("topk", {"k": K, "rescale_acts_by_decoder_norm": False}),
+    ("batchtopk", {"k": 4.5}),
+    ("batchtopk", {"k": 4.5, "rescale_acts_by_decoder_norm": False}),
+    ("matryoshka_batchtopk", {"k": 4.5, "matryoshka_widths": WIDTHS}),
+]
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    SAVE_CASES,
+    ids=[f"{a}-{i}" for i, (a, _) in enumerate(SAVE_CASES)],
+)
+def test_save_inference_model_loads_in_both_libraries(arch, kwargs, tmp_path):
+    ours, theirs = _make_pair(arch, kwargs)
+    if arch == "jumprelu":
+        with torch.no_grad():  # a raw inference threshold is >= 0
+            ours.threshold.clamp_(min=0)
+            theirs.threshold.clamp_(min=0)
+    x = _x()
+    ours.save_inference_model(tmp_path / "ours")
+    theirs.save_inference_model(tmp_path / "theirs")
+    ours.eval()
+    theirs.eval()
+    batch_topk = arch in ("batchtopk", "matryoshka_batchtopk")
+    with torch.no_grad():
+        if batch_topk:
+            # batch top-k is not a per-token function: the saved JumpReLU is the reference
+            ref_sae = sae_lens.SAE.load_from_disk(tmp_path / "theirs")
+            assert ref_sae.cfg.architecture() == "jumprelu"
+            ref = ref_sae(x)
+        else:
+            ref = theirs(x)
+            assert_close(ours(x), ref, FP32_TOL, "training SAE forward")
+        expected_arch = "jumprelu" if batch_topk else arch
+        for folder in ("ours", "theirs"):
+            for lib in (sae_lens, fastsae):
+                loaded = lib.SAE.load_from_disk(tmp_path / folder)
+                assert loaded.cfg.architecture() == expected_arch, (lib.__name__, folder)
+                assert_close(loaded(x), ref, FP32_TOL, f"{lib.__name__} loads {folder}")
+                if batch_topk:  # the global threshold became a per-latent one
+                    assert torch.allclose(loaded.threshold, torch.full((D_SAE,), 0.37))
+
+
+def test_to_inference_sae_is_a_copy():
+    ours, _ = _make_pair("topk", {"k": K})
+    inference = ours.to_inference_sae()
+    assert type(inference) is fastsae.TopKSAE
+    with torch.no_grad():
+        inference.W_enc.zero_()
+    assert ours.W_enc.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- init / configs
+@pytest.mark.parametrize(
+    "arch,kwargs", SAVE_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(SAVE_CASES)]
+)
+def test_decoder_init_norm(arch, kwargs):
+    sae = training_sae_class_for_architecture(arch)(
+        training_config_class_for_architecture(arch)(
+            d_in=D_IN, d_sae=D_SAE, decoder_init_norm=0.25, **_cfg_kwargs(arch, kwargs)
+        )
+    )
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((D_SAE,), 0.25))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+
+
+@pytest.mark.parametrize(
+    "case_id",
+    [
+        "standard-l2",
+        "gated",
+        "jumprelu-quadratic-preact-ste",
+        "topk-norescale-manydead",
+        "batchtopk-norescale",
+        "matryoshka-aux",
+    ],
+)
+def test_config_dict_round_trips_and_reads_in_sae_lens(case_id):
+    _, arch, kwargs, _, _ = _case(case_id)
+    cfg = training_config_class_for_architecture(arch)(
+        d_in=D_IN, d_sae=D_SAE, **_cfg_kwargs(arch, kwargs)
+    )
+    d = cfg.to_dict()
+    assert d["architecture"] == arch
+    again = TrainingSAEConfig.from_dict(d)
+    assert type(again) is type(cfg)
+    assert again.to_dict() == d
+    _, sl_cfg_cls = get_sae_training_class(arch)
+    theirs = sl_cfg_cls.from_dict(copy.deepcopy(d))
+    for name, value in _cfg_kwargs(arch, kwargs).items():
+        assert getattr(theirs, name) == value, name
+
+
+def _raises(match, cls, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        cls(d_in=D_IN, d_sae=D_SAE, **kwargs)
+
+
+def test_config_validation_errors():
+    _raises(
+        "jumprelu_sparsity_loss_mode", JumpReLUTrainingSAEConfig, jumprelu_sparsity_loss_mode="l1"
+    )
+    _raises("target_l0", JumpReLUTrainingSAEConfig, jumprelu_sparsity_loss_mode="quadratic")
+    _raises(
+        "target_l0",
+        JumpReLUTrainingSAEConfig,
+        jumprelu_sparsity_loss_mode="quadratic",
+        target_l0=D_SAE + 1,
+    )
+    _raises(
+        "target_l0",
+        JumpReLUTrainingSAEConfig,
+        jumprelu_sparsity_loss_mode="quadratic",
+        target_l0=0,
+    )
+    _raises("jumprelu_bandwidth", JumpReLUTrainingSAEConfig, jumprelu_bandwidth=0.0)
+    _raises("l0_coefficient", JumpReLUTrainingSAEConfig, l0_coefficient=-1.0)
+    _raises("l0_warm_up_steps", JumpReLUTrainingSAEConfig, l0_warm_up_steps=-3)
+    _raises("pre_act_loss_coefficient", JumpReLUTrainingSAEConfig, pre_act_loss_coefficient=-1e-3)
+    _raises("l1_coefficient", StandardTrainingSAEConfig, l1_coefficient=-0.1)
+    _raises("l1_warm_up_steps", StandardTrainingSAEConfig, l1_warm_up_steps=-1)
+    _raises("l1_coefficient", GatedTrainingSAEConfig, l1_coefficient=-0.1)
+    _raises("lp_norm", StandardTrainingSAEConfig, lp_norm=0.0)
+    _raises("aux_loss_coefficient", TopKTrainingSAEConfig, aux_loss_coefficient=-1.0)
+    _raises("decoder_init_norm", TopKTrainingSAEConfig, decoder_init_norm=0.0)
+    _raises(r"\bk\b", TopKTrainingSAEConfig, k=4.5)
+    _raises(r"\bk\b", TopKTrainingSAEConfig, k=0)
+    _raises(r"\bk\b", TopKTrainingSAEConfig, k=D_SAE + 1)
+    _raises(r"\bk\b", BatchTopKTrainingSAEConfig, k=0.0)
+    _raises(r"\bk\b", BatchTopKTrainingSAEConfig, k=D_SAE + 0.5)
+    _raises("topk_threshold_lr", BatchTopKTrainingSAEConfig, k=4.5, topk_threshold_lr=1.5)
+    _raises(
+        "strictly increasing",
+        MatryoshkaBatchTopKTrainingSAEConfig,
+        k=4.5,
+        matryoshka_widths=[90, 20, D_SAE],
+    )
+    _raises(
+        "strictly increasing",
+        MatryoshkaBatchTopKTrainingSAEConfig,
+        k=4.5,
+        matryoshka_widths=[20, 20, D_SAE],
+    )
+    _raises("empty", MatryoshkaBatchTopKTrainingSAEConfig, k=4.5, matryoshka_widths=[])
+    _raises("positive", MatryoshkaBatchTopKTrainingSAEConfig, k=4.5, matryoshka_widths=[0, D_SAE])
+    with pytest.raises(ValueError, match="unknown training architecture"):
+        training_config_class_for_architecture("nope")
+    with pytest.raises(ValueError, match="unknown training architecture"):
+        training_sae_class_for_architecture("nope")
+
+
+def test_matryoshka_widths_get_a_last_level():
+    with pytest.warns(UserWarning, match="matryoshka"):
+        cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=4.5, matryoshka_widths=[20, 90]
+        )
+    assert cfg.matryoshka_widths == [20, 90, D_SAE]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=4.5, matryoshka_widths=WIDTHS
+        )
+
+
+@pytest.mark.parametrize("mode", ["constant_norm_rescale", "layer_norm"])
+def test_auxk_refuses_run_time_normalisation_like_sae_lens(mode):
+    ours, theirs = _make_pair("topk", {"k": K, "normalize_activations": mode})
+    x, mask = _x(), _dead_mask(10)
+    with pytest.raises(ValueError, match=mode):
+        _run(theirs, SLTrainStepInput, x, {}, mask)
+    with pytest.raises(ValueError, match=mode):
+        _run(ours, TrainStepInput, x, {}, mask)
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    SAVE_CASES,
+    ids=[f"{a}-{i}" for i, (a, _) in enumerate(SAVE_CASES)],
+)
+def test_saved_cfg_json_equals_sae_lens(arch, kwargs, tmp_path):
+    ours, theirs = _make_pair(arch, kwargs)
+    ours.save_inference_model(tmp_path / "ours")
+    theirs.save_inference_model(tmp_path / "theirs")
+    cfg_o = json.loads((tmp_path / "ours" / "cfg.json").read_text())
+    cfg_t = json.loads((tmp_path / "theirs" / "cfg.json").read_text())
+    for cfg in (cfg_o, cfg_t):  # the writer's version differs by design
+        cfg["metadata"].pop("sae_lens_version")
+        cfg["metadata"].pop("sae_lens_training_version")
+    # fastsae's one extra training field (ghost grads, dropped by SAELens 6)
+    assert cfg_o["metadata"]["training_architecture_details"].pop("use_ghost_grads", False) is False
+    assert cfg_o == cfg_t
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [
+        ("topk", {"k": K}),
+        ("batchtopk", {"k": 4.5}),
+        ("batchtopk", {"k": 4.5, "rescale_acts_by_decoder_norm": False}),
+        ("jumprelu", {}),
+    ],
+    ids=["topk", "batchtopk", "batchtopk-norescale", "jumprelu"],
+)
+def test_fold_activation_norm_scaling_factor_matches_sae_lens(arch, kwargs):
+    ours, theirs = _make_pair(arch, kwargs)
+    ours.fold_activation_norm_scaling_factor(3.7)
+    theirs.fold_activation_norm_scaling_factor(3.7)
+    theirs_state = theirs.state_dict()
+    for name, value in ours.state_dict().items():
+        assert_close(value, theirs_state[name], 1e-6, name)
+    assert ours.cfg.normalize_activations == "none"
+
+
+def test_ghost_grads_loss_only_with_dead_latents_in_training():
+    """SAELens 6 dropped ghost grads, so no parity: it is present exactly when it should
+    be, finite, and reaches the dead latents' encoder columns (through exp)."""
+    ours = training_sae_class_for_architecture("standard")(
+        StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, use_ghost_grads=True)
+    )
+    _randomize(ours)
+    x, mask = _x(), _dead_mask(40)
+    assert "ghost_grad_loss" not in _run(ours, TrainStepInput, x, {"l1": 0.1}, None).losses
+    assert (
+        "ghost_grad_loss"
+        not in _run(ours, TrainStepInput, x, {"l1": 0.1}, torch.zeros_like(mask)).losses
+    )
+    ours.eval()
+    assert "ghost_grad_loss" not in _run(ours, TrainStepInput, x, {"l1": 0.1}, mask).losses
+    ours.train()
+    out = _run(ours, TrainStepInput, x, {"l1": 0.1}, mask)
+    ghost = out.losses["ghost_grad_loss"]
+    assert torch.isfinite(ghost) and float(ghost.detach()) > 0
+    assert float(out.loss.detach()) == pytest.approx(
+        sum(float(v.detach()) for v in out.losses.values()), rel=1e-6
+    )
+    ghost.backward()
+    assert ours.W_enc.grad[:, mask].abs().sum() > 0
+    assert ours.W_enc.grad[:, ~mask].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_selecting_nothing_matches_sae_lens(arch):
+    """k * batch < 1: no latent is selected; the step still works and matches."""
+    kwargs = {"k": 0.01}
+    if arch == "matryoshka_batchtopk":
+        kwargs.update(matryoshka_widths=WIDTHS, use_matryoshka_aux_loss=True)
+    ours, theirs = _make_pair(arch, kwargs)
+    x, mask = _x(), _dead_mask(100)
+    out_o = _run(ours, TrainStepInput, x, {}, mask)
+    out_t = _run(theirs, SLTrainStepInput, x, {}, mask)
+    assert out_t.feature_acts.abs().sum() == 0 and out_o.feature_acts.abs().sum() == 0
+    assert out_o.l0() == 0
+    assert set(out_o.losses) == set(out_t.losses)
+    for name in out_t.losses:
+        _assert_scalar_close(out_o.losses[name], out_t.losses[name], FP32_TOL, name)
+    out_o.loss.backward()
+    out_t.loss.backward()
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        _assert_grad_close(p.grad, theirs_params[name].grad, FP32_TOL, f"grad {name}")
+    assert float(ours.topk_threshold) == float(theirs.topk_threshold) == 0.37
+
+
+@pytest.mark.parametrize("arch,kwargs", SPARSE_ARCHS[:2], ids=[a for a, _ in SPARSE_ARCHS[:2]])
+def test_lazy_hidden_pre_refuses_after_an_optimizer_step(arch, kwargs):
+    ours, _ = _make_pair(arch, kwargs)
+    reference, _ = _make_pair(arch, kwargs)
+    x = _x()
+    expected = _run(reference, TrainStepInput, x, {}, None).hidden_pre.detach()
+    out = _run(ours, TrainStepInput, x, {}, None)
+    out.loss.backward()
+    torch.optim.Adam(ours.parameters(), lr=1e-2).step()  # what SAETrainer.step does next
+    # built lazily from the weights: after they changed it refuses rather than lie
+    with pytest.raises(RuntimeError, match="before updating the weights"):
+        _ = out.hidden_pre
+    read_first = _run(ours, TrainStepInput, x, {}, None)
+    fresh, _ = _make_pair(arch, kwargs)
+    fresh.load_state_dict(ours.state_dict())
+    assert_close(read_first.hidden_pre, _run(fresh, TrainStepInput, x, {}, None).hidden_pre,
+                 FP32_TOL, "hidden_pre")  # fmt: skip
+    assert expected.shape == read_first.hidden_pre.shape
