@@ -576,3 +576,44 @@ def test_covariance_whitening_is_estimated_applied_and_folded(tmp_path):
     assert torch.cat(seen).mean(0).norm() < 1.5  # raw: ~3.4; whitened: ~0.5 (96 samples)
     # ... and the whitening was folded into the returned SAE
     assert result.cfg.normalize_activations == "none"
+
+
+def test_sigint_finishes_the_step_then_checkpoints_and_resumes(tmp_path):
+    """A real Ctrl-C (SIGINT) mid-run: the current step completes, an interrupted_*
+    checkpoint is written at that step boundary, and resuming it equals the full run."""
+    import os
+    import signal
+
+    sae_cfg = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4)
+    n_steps, stop = 8, 3
+    reference = _trainer(
+        _cfg(tmp_path / "ref", sae_cfg, n_steps), _sae(sae_cfg), SyntheticActivations(),
+        tmp_path / "ref" / "run",
+    )  # fmt: skip
+    reference_losses = _record_losses(reference)
+    reference.fit()
+
+    class SignallingActivations(SyntheticActivations):
+        def __init__(self):
+            super().__init__()
+            self.drawn = 0
+
+        def __next__(self):
+            self.drawn += 1
+            if self.drawn == stop:
+                os.kill(os.getpid(), signal.SIGINT)  # lands while this batch is drawn
+            return super().__next__()
+
+    cfg = _cfg(tmp_path, sae_cfg, n_steps)
+    trainer = _trainer(cfg, _sae(sae_cfg), SignallingActivations(), tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.state.n_training_steps == stop  # the signalled step still ran
+    (checkpoint,) = (tmp_path / "ck").glob("interrupted_*")
+    resumed = _trainer(cfg, _sae(sae_cfg, seed=3), SyntheticActivations(), tmp_path / "run")
+    resumed.load_checkpoint(checkpoint)
+    resumed_losses = _record_losses(resumed)
+    final = resumed.fit()
+    assert resumed_losses == reference_losses[stop:]
+    for key, value in reference.sae.state_dict().items():
+        assert torch.equal(final.state_dict()[key], value), key
