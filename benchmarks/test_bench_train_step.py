@@ -1,10 +1,13 @@
-"""One TopK SAE training step on CPU: fastsae vs sae-lens 6.x on the same weights.
+"""One TopK SAE training step: fastsae vs sae-lens 6.x on the same weights.
 
     pytest benchmarks/test_bench_train_step.py --benchmark-json=out.json
-    python benchmarks/compare.py out.json
+    python benchmarks/compare.py out.json --target fastsae
 
-A step is ``training_forward_pass`` + ``loss.backward()`` + Adam step + zero_grad, at
-batch 2048, d_in 768, d_sae 24576, k 64, fp32 (the issue's CPU target shape).
+A step is ``training_forward_pass`` + ``loss.backward()`` + Adam step + zero_grad.
+CPU: batch 2048, d_in 768, d_sae 24576, k 64, fp32 (the trainer issue's CPU target).
+CUDA (when present): batch 8192, d_in 2304, d_sae 65536 and 131072, k 64, bf16
+autocast for both libraries (SAELens's ``autocast=True``), and fastsae alone at
+d_sae 1,048,576 / batch 4096 (the width target); timed with CUDA synchronisation.
 
 Providers:
   fastsae        ``fastsae.training.TopKTrainingSAE``: sparse step (fused encode+top-k,
@@ -21,9 +24,7 @@ losses and every gradient of fastsae are checked against sae-lens on the same ba
 from __future__ import annotations
 
 import pytest
-import sae_lens
 import torch
-from sae_lens.saes.sae import TrainStepInput as SLTrainStepInput
 from torch import Tensor
 
 from fastsae.training import (
@@ -34,31 +35,65 @@ from fastsae.training import (
     TrainStepInput,
 )
 
-BATCH, D_IN, D_SAE, K = 2048, 768, 24576, 64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (batch, d_in, d_sae, k, providers)
+ALL = ("fastsae", "fastsae-trainer", "sae_lens")
+SHAPES = (
+    [(8192, 2304, 65536, 64, ALL), (8192, 2304, 131072, 64, ALL),
+     (4096, 2304, 1_048_576, 64, ("fastsae",))]
+    if DEVICE == "cuda"
+    else [(2048, 768, 24576, 64, ALL)]
+)  # fmt: skip
+AUTOCAST = DEVICE == "cuda"
 ROUNDS, WARMUP_ROUNDS = 5, 1
-PROVIDERS = ("fastsae", "fastsae-trainer", "sae_lens")
+PROVIDERS = ALL
 DEAD_FRACTIONS = (0.0, 0.1)
+BATCH, D_IN, D_SAE, K = SHAPES[0][:4]
+
+try:  # the GPU image may lack sae-lens: its rows are then skipped
+    import sae_lens
+    from sae_lens.saes.sae import TrainStepInput as SLTrainStepInput
+except ImportError:
+    sae_lens = None
 
 
 def _group(dead: float) -> str:
-    return f"topk-train-step cpu fp32 B={BATCH} d_in={D_IN} d_sae={D_SAE} k={K} dead={dead:.0%}"
+    precision = "bf16-autocast" if AUTOCAST else "fp32"
+    return (
+        f"topk-train-step {DEVICE} {precision} B={BATCH} d_in={D_IN} d_sae={D_SAE} k={K} "
+        f"dead={dead:.0%}"
+    )
 
 
 def _weights(seed: int = 0) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(D_SAE, D_IN, generator=g) / D_IN**0.5
-    return {
+    sd = {
         "W_enc": (W_dec.T + 0.1 * torch.randn(D_IN, D_SAE, generator=g)).contiguous(),
         "W_dec": W_dec,
         "b_enc": 0.1 * torch.randn(D_SAE, generator=g),
         "b_dec": 0.1 * torch.randn(D_IN, generator=g),
     }
+    return {k: v.to(DEVICE) for k, v in sd.items()}
+
+
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=AUTOCAST)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _dead_mask(fraction: float) -> Tensor:
-    mask = torch.zeros(D_SAE, dtype=torch.bool)
+    mask = torch.zeros(D_SAE, dtype=torch.bool, device=DEVICE)
     mask[: int(fraction * D_SAE)] = True
     return mask
+
+
+def _x() -> Tensor:
+    return torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
 class _FixedBatch:
@@ -75,10 +110,12 @@ class _FixedBatch:
 def _make(provider: str, dead: float):
     torch.manual_seed(0)
     sd = _weights()
-    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1))
+    x = _x()
     mask = _dead_mask(dead)
     if provider == "sae_lens":
-        sae = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+        sae = sae_lens.TopKTrainingSAE(
+            sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device=DEVICE)
+        )
         sae.load_state_dict(sd)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
         step_in = SLTrainStepInput(
@@ -90,14 +127,15 @@ def _make(provider: str, dead: float):
         )
 
         def step():
-            out = sae.training_forward_pass(step_in)
+            with _autocast():
+                out = sae.training_forward_pass(step_in)
             out.loss.backward()
             opt.step()
             opt.zero_grad()
-            return out
+            _sync()
 
         return step
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device=DEVICE))
     sae.load_state_dict(sd)
     if provider == "fastsae-trainer":
         cfg = LanguageModelSAERunnerConfig(
@@ -110,31 +148,42 @@ def _make(provider: str, dead: float):
             checkpoint_path=None,
             output_path=None,
             verbose=False,
+            device=DEVICE,
+            autocast=AUTOCAST,
         )
         trainer = SAETrainer(cfg, sae, _FixedBatch(x), show_progress=False)
         # latents marked dead as in the other providers (window 1: > 1 pass without firing)
         trainer.n_forward_passes_since_fired[mask] = 10**9
         trainer.n_forward_passes_since_fired[~mask] = -(10**9)
-        return lambda: trainer.step(x)
+
+        def trainer_step():
+            trainer.step(x)
+            _sync()
+
+        return trainer_step
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     step_in = TrainStepInput(x, {}, mask, 0, False)
 
     def step():
-        out = sae.training_forward_pass(step_in)
+        with _autocast():
+            out = sae.training_forward_pass(step_in)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return out
+        _sync()
 
     return step
 
 
 def _check_parity(dead: float) -> None:
+    """fp32 losses and gradients equal sae-lens's (the timed steps compute the same thing)."""
     sd = _weights()
-    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1))
+    x = _x()
     mask = _dead_mask(dead)
-    fast = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
-    ref = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    fast = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device=DEVICE))
+    ref = sae_lens.TopKTrainingSAE(
+        sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device=DEVICE)
+    )
     fast.load_state_dict(sd)
     ref.load_state_dict(sd)
     fo = fast.training_forward_pass(TrainStepInput(x, {}, mask, 0, False))
@@ -151,12 +200,24 @@ def _check_parity(dead: float) -> None:
 
 @pytest.mark.parametrize("dead", DEAD_FRACTIONS)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_train_step(benchmark, provider: str, dead: float) -> None:
-    if provider == "fastsae":
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}x{s[2]}")
+def test_train_step(benchmark, provider: str, dead: float, shape) -> None:
+    global BATCH, D_IN, D_SAE, K
+    BATCH, D_IN, D_SAE, K, providers = shape
+    if provider not in providers:
+        pytest.skip(f"{provider} does not fit / is not run at d_sae={D_SAE}")
+    if provider == "sae_lens" and sae_lens is None:
+        pytest.skip("sae-lens is not installed")
+    if provider == "fastsae" and D_SAE <= 131072 and sae_lens is not None:
         _check_parity(dead)
     benchmark.group = _group(dead)
     benchmark.extra_info.update(
-        {"provider": provider, "batch": BATCH, "d_in": D_IN, "d_sae": D_SAE, "k": K, "dead": dead}
-    )
+        {"provider": provider, "batch": BATCH, "d_in": D_IN, "d_sae": D_SAE, "k": K, "dead": dead,
+         "device": DEVICE, "autocast_bf16": AUTOCAST}
+    )  # fmt: skip
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     step = _make(provider, dead)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    if DEVICE == "cuda":
+        benchmark.extra_info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
