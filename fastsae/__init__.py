@@ -40,6 +40,10 @@ _TRAINING_NAMES = frozenset(
 
 
 def __getattr__(name: str):
+    if name == "HookedSAETransformer":
+        from fastsae.hooked import HookedSAETransformer
+
+        return HookedSAETransformer
     if name in _TRAINING_NAMES:
         from fastsae import training
 
@@ -48,7 +52,7 @@ def __getattr__(name: str):
         from fastsae import saes
 
         return getattr(saes, name)
-    if name in ("ops", "torch_ops"):
+    if name in ("ops", "torch_ops", "analysis", "evals"):
         import importlib
 
         return importlib.import_module(f"fastsae.{name}")
@@ -107,5 +111,8 @@ __all__ = [
     "JumpReLUTranscoderConfig",
     "JumpReLUSkipTranscoder",
     "JumpReLUSkipTranscoderConfig",
+    "HookedSAETransformer",
+    "analysis",
+    "evals",
     *sorted(_TRAINING_NAMES),
 ]

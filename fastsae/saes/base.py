@@ -289,9 +289,12 @@ class SAE(HookedRootModule):
         """Reconstruction of ``x``; plus the error term when ``use_error_term`` is set."""
         sae_out = self._reconstruct(x)
         if self.use_error_term:
-            with torch.no_grad(), _disable_hooks(self):
-                clean = self._reconstruct(x)
-            sae_out = sae_out + self.hook_sae_error(x - clean)
+            # the error term carries no gradient, as in SAELens (x - clean inside no_grad)
+            with torch.no_grad():
+                with _disable_hooks(self):
+                    clean = self._reconstruct(x)
+                sae_error = self.hook_sae_error(x - clean)
+            sae_out = sae_out + sae_error
         return self.hook_sae_output(sae_out)
 
     # ------------------------------------------------------------------ folding

@@ -775,3 +775,16 @@ def test_transcoder_requires_no_b_dec_on_input():
         their_cfg_cls(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, apply_b_dec_to_input=True)
     with pytest.raises(ValueError, match="apply_b_dec_to_input"):
         fastsae.TranscoderConfig(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, apply_b_dec_to_input=True)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in TRANSCODERS and a != "gated"])
+def test_error_term_gradient_matches_sae_lens(arch):
+    """With use_error_term the error carries no gradient (SAELens computes it in no_grad):
+    d forward / d x goes through the reconstruction only."""
+    ours, theirs = make_pair(arch, use_error_term=True)
+    x1 = make_input((5, 7, ours.cfg.d_in)).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = make_input((5, 7, ours.cfg.d_in), seed=3)
+    (ours(x1) * g).sum().backward()
+    (theirs(x2) * g).sum().backward()
+    assert_close(x1.grad, x2.grad, what=f"{arch} x.grad with use_error_term")
