@@ -40,6 +40,10 @@ _TRAINING_NAMES = frozenset(
 
 
 def __getattr__(name: str):
+    if name in ("run_evals", "EvalConfig", "get_eval_everything_config"):
+        from fastsae import evals
+
+        return getattr(evals, name)
     if name == "HookedSAETransformer":
         from fastsae.hooked import HookedSAETransformer
 
@@ -112,6 +116,9 @@ __all__ = [
     "JumpReLUSkipTranscoder",
     "JumpReLUSkipTranscoderConfig",
     "HookedSAETransformer",
+    "run_evals",
+    "EvalConfig",
+    "get_eval_everything_config",
     "analysis",
     "evals",
     *sorted(_TRAINING_NAMES),
