@@ -30,7 +30,7 @@ What this script does, in one process:
 
 Usage::
 
-    python benchmarks/quality_minilm.py [--tokens 1000000] [--out results.json]
+    python benchmarks/quality_minilm.py [--tokens 2000000] [--out results.json]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "quality-minilm-cpu-2026-11-21.json"
+DEFAULT_OUT = Path(__file__).parent / "results" / "quality-minilm-2m-cpu-2026-11-21.json"
 HOOK_NAME = "encoder.layer.3"
 D_IN = 384
 
@@ -460,7 +460,7 @@ def _plot(fs: list[dict[str, float]], sl: list[dict[str, float]], path: Path) ->
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
     p.add_argument("--eval-tokens", type=int, default=65_536, help="held-out tokens")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     p.add_argument("--seed", type=int, default=42)

@@ -778,3 +778,27 @@ def test_lazy_hidden_pre_refuses_after_an_optimizer_step(arch, kwargs):
     assert_close(read_first.hidden_pre, _run(fresh, TrainStepInput, x, {}, None).hidden_pre,
                  FP32_TOL, "hidden_pre")  # fmt: skip
     assert expected.shape == read_first.hidden_pre.shape
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk"])
+def test_sparse_step_gradients_are_bitwise_deterministic(arch):
+    """Two identical steps give bit-identical gradients (exact resume depends on it; CPU
+    advanced-indexing backward accumulates with parallel atomics and would not)."""
+    from fastsae.training.saes import training_sae_class_for_architecture
+
+    extra = {"topk": {"k": 16}, "batchtopk": {"k": 16.0},
+             "matryoshka_batchtopk": {"k": 16.0, "matryoshka_widths": [256, 1536]}}[arch]  # fmt: skip
+    cls = training_sae_class_for_architecture(arch)
+    sae = cls(TrainingSAEConfig.from_dict({"architecture": arch, "d_in": 192, "d_sae": 1536,
+                                           **extra}))  # fmt: skip
+    x = torch.randn(1024, 192, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(1536, dtype=torch.bool)
+    dead[::5] = True
+    grads = []
+    for _ in range(2):
+        out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+        sae.zero_grad()
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name

@@ -18,7 +18,7 @@ from torch import Tensor
 from fastsae import ops
 from fastsae.sparse_code import SparseCode
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
-from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig
+from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, _take
 
 
 @dataclass
@@ -82,7 +82,9 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         width = max(int(counts.max()), 1)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(n_sel, device=acts.device) - starts[rows]
-        values = flat.new_zeros(n_tokens, width).index_put((rows, slot), flat[picked])
+        values = flat.new_zeros(n_tokens, width).index_put(
+            (rows, slot), flat.index_select(0, picked)
+        )
         indices = torch.zeros(n_tokens, width, dtype=torch.long, device=acts.device)
         indices[rows, slot] = picked % d_sae
         return SparseCode(values, indices)
@@ -166,7 +168,7 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
         """Yield ``(width, reconstruction [batch, d_in])`` of each prefix level, sparsely."""
         if self.cfg.rescale_acts_by_decoder_norm:
             code = SparseCode(
-                code.values * (1 / self.W_dec.norm(dim=-1))[code.indices], code.indices
+                code.values * _take(1 / self.W_dec.norm(dim=-1), code.indices), code.indices
             )
         widths = self.cfg.matryoshka_widths if include_outer else self.cfg.matryoshka_widths[:-1]
         for width in widths:

@@ -116,7 +116,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         self._norm_stats = stats
         decoder_code = code
         if dec_norm is not None:
-            decoder_code = SparseCode(code.values * (1 / dec_norm)[code.indices], code.indices)
+            decoder_code = SparseCode(code.values * _take(1 / dec_norm, code.indices), code.indices)
         sae_out = self._finish_decode(
             ops.sparse_decode(decoder_code, self.W_dec, self.b_dec).to(self.dtype), stats
         )
@@ -192,19 +192,20 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         dead = dead + offset
         residual = (x - sae_out).detach()
         k_aux, scale = topk_aux_scale(num_dead, x.shape[-1])
-        dec_norm = self.W_dec[dead].norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        W_dec_dead = self.W_dec.index_select(0, dead)
+        dec_norm = W_dec_dead.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         if hidden_pre is not None:
-            h_dead = hidden_pre[..., dead]
+            h_dead = hidden_pre.index_select(-1, dead)
         else:
             assert sae_in is not None
-            h_dead = sae_in @ self.W_enc[:, dead] + self.b_enc[dead]
+            h_dead = sae_in @ self.W_enc.index_select(1, dead) + self.b_enc.index_select(0, dead)
             if dec_norm is not None:
                 h_dead = h_dead * dec_norm
         values, indices = h_dead.topk(k_aux, dim=-1, sorted=False)
         acts = torch.zeros_like(h_dead).scatter(-1, indices, values)
         if dec_norm is not None:
             acts = acts * (1 / dec_norm)
-        recons = acts @ self.W_dec[dead]
+        recons = acts @ W_dec_dead
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * loss
 
@@ -217,6 +218,13 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             state_dict["b_enc"] = state_dict["b_enc"] * norm
             state_dict["W_dec"] = state_dict["W_dec"] / norm.unsqueeze(1)
             state_dict["W_enc"] = state_dict["W_enc"] * norm.unsqueeze(0)
+
+
+def _take(values: Tensor, indices: Tensor) -> Tensor:
+    """``values[indices]`` whose backward is a deterministic ``index_add`` (advanced
+    indexing's backward accumulates with parallel atomics on CPU: bitwise run-to-run
+    differences, which would break exact resumes)."""
+    return values.index_select(0, indices.reshape(-1)).view(indices.shape)
 
 
 class _InputBiasGrad(torch.autograd.Function):
