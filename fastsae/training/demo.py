@@ -45,7 +45,7 @@ def demo_config(
     expansion_factor: int = 8,
     k: int = 32,
     layer: int = 3,
-    batch_tokens: int = 2048,
+    batch_tokens: int = 1024,
     context_size: int = 128,
     output_path: str | Path = "fastsae-demo",
     device: str = "cpu",

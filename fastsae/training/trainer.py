@@ -198,13 +198,14 @@ class SAETrainer:
                     value.copy_(buffers[name])
             self.optimizer.zero_grad(set_to_none=True)
             raise
+        self._after_backward()
         with torch.no_grad():
-            fired = output.fired()
+            fired, n_tokens = self._reduce_fired(output.fired(), batch.shape[0])
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[fired > 0] = 0
             self.act_freq_scores += fired
-            self.state.n_frac_active_samples += batch.shape[0]
-        self.state.n_training_samples += batch.shape[0]
+            self.state.n_frac_active_samples += n_tokens
+        self.state.n_training_samples += n_tokens
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -212,8 +213,20 @@ class SAETrainer:
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()
+        self._after_optimizer_step()
         output.weights_updated()
         return output
+
+    # hooks for data parallelism (fastsae.training.distributed); no-ops on one process
+    def _after_backward(self) -> None:
+        """Runs once every ``.grad`` is filled, before clipping and the optimizer."""
+
+    def _reduce_fired(self, fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
+        """This step's per-latent firing counts ``[d_sae]`` and token count, over all data."""
+        return fired, n_tokens
+
+    def _after_optimizer_step(self) -> None:
+        """Runs after the optimizer and schedules stepped."""
 
     # ------------------------------------------------------------------ the loop
     def _estimate_normalisation(self) -> None:
