@@ -44,6 +44,8 @@ def train(args: argparse.Namespace) -> int:
         cfg.resume_from_checkpoint = args.resume
     runner = SAETrainingRunner(cfg, show_progress=not args.no_progress)
     runner.run()
+    if runner.dist.rank != 0:  # under torchrun, rank 0 reports
+        return 0
     m = runner.trainer.last_metrics
     if m:
         print(f"explained variance {m['metrics/explained_variance']:.3f}, L0 "
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expansion-factor", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--layer", type=int, default=3, help="MiniLM layer 0-5 (encoder.layer.N)")
-    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fastsae-demo", help="output folder")

@@ -320,8 +320,9 @@ class DistributedSAETrainer(SAETrainer):
         )
 
     def _maybe_evaluate(self) -> None:
-        if self.rank == 0:  # the SAE is replicated: rank 0 evaluates and logs
-            super()._maybe_evaluate()
+        # every rank evaluates (an evaluator may draw from the data, whose position must
+        # stay the same on every rank); only rank 0's MetricsLogger has a file to write
+        super()._maybe_evaluate()
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:

@@ -74,8 +74,15 @@ class SAETrainingRunner:
             raise TypeError(f"cfg must be a LanguageModelSAERunnerConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.show_progress = show_progress
+        # under torchrun (WORLD_SIZE > 1): data parallel over the default process group
+        from fastsae.training.distributed import init_distributed
+
+        self.dist = init_distributed()
+        if self.dist.world_size > 1 and str(cfg.device).startswith("cuda"):
+            cfg.device = cfg.llm_device = cfg.act_store_device = str(self.dist.device)
+            cfg.sae.device = str(self.dist.device)
         seed_everything(cfg.seed)
-        self.run_id = cfg.run_id or uuid.uuid4().hex[:8]
+        self.run_id = _shared_run_id(cfg.run_id, self.dist.world_size)
         self.model, self.tokenizer = None, override_tokenizer
         if cfg.use_cached_activations:
             from fastsae.training.activation_cache import CachedActivationsStore
@@ -154,8 +161,9 @@ class SAETrainingRunner:
         """Train; save the inference SAE to ``output_path``; return the training SAE."""
         cfg = self.cfg
         run_dir = Path(cfg.output_path) if cfg.output_path is not None else None
+        main = self.dist.rank == 0
         wandb_run = None
-        if cfg.logger.log_to_wandb:
+        if cfg.logger.log_to_wandb and main:
             import wandb
 
             wandb_run = wandb.init(
@@ -168,10 +176,19 @@ class SAETrainingRunner:
         checkpoint_cfg = cfg
         if cfg.checkpoint_path is not None:
             checkpoint_cfg = _WithCheckpointPath(cfg, str(Path(cfg.checkpoint_path) / self.run_id))
-        self.trainer = SAETrainer(
+        trainer_cls: type[SAETrainer] = SAETrainer
+        data: Any = self.activations_store
+        if self.dist.world_size > 1:
+            from fastsae.training.distributed import DistributedSAETrainer, RankShardedProvider
+
+            # every rank draws the same global batch and keeps its rows: the data
+            # position is then the same on every rank and resumes at any world size
+            data = RankShardedProvider(data, self.dist.rank, self.dist.world_size, mode="split")
+            trainer_cls = DistributedSAETrainer
+        self.trainer = trainer_cls(
             checkpoint_cfg,
             self.sae,
-            self.activations_store,
+            data,
             evaluator=self._evaluator(),
             run_dir=run_dir,
             wandb_run=wandb_run,
@@ -184,7 +201,7 @@ class SAETrainingRunner:
         finally:
             if wandb_run is not None:
                 wandb_run.finish()
-        if run_dir is not None:
+        if run_dir is not None and main:
             self.save_final_sae(run_dir)
         return sae
 
@@ -201,6 +218,18 @@ class SAETrainingRunner:
 
 
 LanguageModelSAETrainingRunner = SAETrainingRunner
+
+
+def _shared_run_id(run_id: str | None, world_size: int) -> str:
+    """The run's id (checkpoint folder name), the same on every rank."""
+    if run_id is not None:
+        return run_id
+    ids = [uuid.uuid4().hex[:8]]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
 
 
 class _WithCheckpointPath:
