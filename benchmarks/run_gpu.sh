@@ -29,7 +29,8 @@ tests_rc=${PIPESTATUS[0]}
 # shellcheck disable=SC2086
 python3 -m fastsae bench --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
-# the TopK training step (fastsae vs sae-lens, bf16 autocast) and the 1M-latent width check
+# the TopK training step (fastsae vs sae-lens and EleutherAI sparsify when their wheels are
+# carried in .whl, bf16 autocast) and the 1M-latent width check
 python3 -m pytest -q benchmarks/test_bench_train_step.py --benchmark-json="$OUT/train-step.json" \
     2>&1 | tee "$OUT/train-step.log"
 train_rc=${PIPESTATUS[0]}

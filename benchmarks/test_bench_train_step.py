@@ -16,6 +16,8 @@ Providers:
                  schedules and dead-latent bookkeeping
   sae_lens       ``sae_lens.TopKTrainingSAE`` + ``torch.optim.Adam`` as sae-lens's trainer
                  builds it (default implementation)
+  sparsify       EleutherAI ``sparsify.SparseCoder`` (CUDA only: its decoder is a Triton
+                 kernel) with its decoder-norm handling and fused Adam
 
 Groups: no dead latents (AuxK off) and 10% dead latents (AuxK on). Before timing, the
 losses and every gradient of fastsae are checked against sae-lens on the same batch.
@@ -37,7 +39,7 @@ from fastsae.training import (
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, d_in, d_sae, k, providers)
-ALL = ("fastsae", "fastsae-trainer", "sae_lens")
+ALL = ("fastsae", "fastsae-trainer", "sae_lens") + (("sparsify",) if DEVICE == "cuda" else ())
 SHAPES = (
     [(8192, 2304, 65536, 64, ALL), (8192, 2304, 131072, 64, ALL),
      (4096, 2304, 1_048_576, 64, ("fastsae",))]
@@ -55,6 +57,10 @@ try:  # the GPU image may lack sae-lens: its rows are then skipped
     from sae_lens.saes.sae import TrainStepInput as SLTrainStepInput
 except ImportError:
     sae_lens = None
+try:  # EleutherAI sparsify (eai-sparsify); its decoder is Triton-only, so CUDA only
+    import sparsify
+except ImportError:
+    sparsify = None
 
 
 def _group(dead: float) -> str:
@@ -112,6 +118,26 @@ def _make(provider: str, dead: float):
     sd = _weights()
     x = _x()
     mask = _dead_mask(dead)
+    if provider == "sparsify":
+        # sparsify's own step: fvu + auxk_alpha * AuxK, decoder-parallel gradient removed,
+        # Adam (sparsify's trainer defaults to signum; Adam keeps the comparison like for
+        # like), decoder rows renormalised
+        sc = sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(num_latents=D_SAE, k=K),
+                                  device=DEVICE)  # fmt: skip
+        opt = torch.optim.Adam(sc.parameters(), lr=1e-4, fused=True)
+
+        def sparsify_step():
+            with _autocast():
+                out = sc(x, dead_mask=mask)
+                loss = out.fvu + out.auxk_loss / 32
+            loss.backward()
+            sc.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sc.set_decoder_norm_to_unit_norm()
+            _sync()
+
+        return sparsify_step
     if provider == "sae_lens":
         sae = sae_lens.TopKTrainingSAE(
             sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device=DEVICE)
@@ -208,6 +234,8 @@ def test_train_step(benchmark, provider: str, dead: float, shape) -> None:
         pytest.skip(f"{provider} does not fit / is not run at d_sae={D_SAE}")
     if provider == "sae_lens" and sae_lens is None:
         pytest.skip("sae-lens is not installed")
+    if provider == "sparsify" and sparsify is None:
+        pytest.skip("eai-sparsify is not installed")
     if provider == "fastsae" and D_SAE <= 131072 and sae_lens is not None:
         _check_parity(dead)
     benchmark.group = _group(dead)
