@@ -111,6 +111,14 @@ class LanguageModelSAERunnerConfig:
 
     Devices: ``device`` (SAE), ``llm_device``, ``act_store_device``, ``dtype``,
     ``autocast_lm``, ``seed``.
+
+    Multi-GPU: under ``torchrun`` the run is data parallel by default. ``latent_shards``
+    (fastsae addition, default 1): when > 1, the SAE's latents (``W_enc``, ``b_enc``,
+    ``W_dec`` and their Adam state) are split over that many ranks instead, each rank
+    training on the same full batch (:mod:`fastsae.training.sharded_trainer`); it must
+    equal the world size (no data parallelism on top yet), needs a ``topk`` SAE with
+    ``normalize_activations="none"`` and ``d_sae`` divisible by it; such a run's
+    checkpoints resume under the same world size only.
     """
 
     sae: TrainingSAEConfig
@@ -174,6 +182,7 @@ class LanguageModelSAERunnerConfig:
     exclude_special_tokens: bool | list[int] = False
     n_batches_for_norm_estimate: int = 1000
     run_id: str | None = None
+    latent_shards: int = 1
 
     def __init__(self, sae: TrainingSAEConfig | dict[str, Any] | None = None, **kwargs: Any):
         names = {f.name: f for f in fields(self)}
@@ -240,8 +249,14 @@ class LanguageModelSAERunnerConfig:
             "feature_sampling_window",
             "n_restart_cycles",
             "n_batches_for_norm_estimate",
+            "latent_shards",
         ):
             _positive_int(self, name)
+        if self.sae.d_sae % self.latent_shards:
+            raise ValueError(
+                f"latent_shards={self.latent_shards} must divide sae.d_sae={self.sae.d_sae} "
+                "(each rank holds d_sae / latent_shards latents)"
+            )
         for name in ("lr_warm_up_steps", "lr_decay_steps", "n_checkpoints", "n_eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

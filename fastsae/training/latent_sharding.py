@@ -224,6 +224,18 @@ class ShardedTopKTrainingSAE(nn.Module):
     def d_sae_local(self) -> int:
         return self.hi - self.lo
 
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    def get_coefficients(self) -> dict[str, float]:
+        """TopK has no scheduled loss coefficients (the trainer's interface)."""
+        return {}
+
     def sharded_parameters(self) -> Iterable[nn.Parameter]:
         return (self.W_enc, self.b_enc, self.W_dec)
 

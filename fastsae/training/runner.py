@@ -74,10 +74,23 @@ class SAETrainingRunner:
             raise TypeError(f"cfg must be a LanguageModelSAERunnerConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.show_progress = show_progress
-        # under torchrun (WORLD_SIZE > 1): data parallel over the default process group
+        if cfg.latent_shards > 1 and cfg.sae.architecture() != "topk":
+            raise NotImplementedError(
+                f"latent_shards={cfg.latent_shards}: latent-sharded training supports "
+                f"architecture 'topk' only, not {cfg.sae.architecture()!r} (use latent_shards=1)"
+            )
+        # under torchrun (WORLD_SIZE > 1): data parallel over the default process group,
+        # or latent-sharded when cfg.latent_shards > 1
         from fastsae.training.distributed import init_distributed
 
         self.dist = init_distributed()
+        if cfg.latent_shards > 1 and cfg.latent_shards != self.dist.world_size:
+            raise ValueError(
+                f"latent_shards={cfg.latent_shards} must equal the number of processes "
+                f"(WORLD_SIZE={self.dist.world_size}): launch with torchrun "
+                f"--nproc_per_node={cfg.latent_shards} (latent sharding combined with data "
+                "parallelism is not supported yet)"
+            )
         if self.dist.world_size > 1 and str(cfg.device).startswith("cuda"):
             cfg.device = cfg.llm_device = cfg.act_store_device = str(self.dist.device)
             cfg.sae.device = str(self.dist.device)
@@ -178,7 +191,18 @@ class SAETrainingRunner:
             checkpoint_cfg = _WithCheckpointPath(cfg, str(Path(cfg.checkpoint_path) / self.run_id))
         trainer_cls: type[SAETrainer] = SAETrainer
         data: Any = self.activations_store
-        if self.dist.world_size > 1:
+        sae: Any = self.sae
+        if cfg.latent_shards > 1:
+            from fastsae.training.latent_sharding import ShardedTopKTrainingSAE
+            from fastsae.training.sharded_trainer import LatentShardedSAETrainer
+
+            # every rank draws the same full batch from its identically seeded store and
+            # holds d_sae / world latents of the same (rank 0's) initial SAE
+            _broadcast_parameters(self.sae, self.dist.device)
+            sae = ShardedTopKTrainingSAE.from_full(self.sae, self.dist.rank, self.dist.world_size)
+            self.sae = sae  # the full SAE is not kept during training
+            trainer_cls = LatentShardedSAETrainer
+        elif self.dist.world_size > 1:
             from fastsae.training.distributed import DistributedSAETrainer, RankShardedProvider
 
             # every rank draws the same global batch and keeps its rows: the data
@@ -187,7 +211,7 @@ class SAETrainingRunner:
             trainer_cls = DistributedSAETrainer
         self.trainer = trainer_cls(
             checkpoint_cfg,
-            self.sae,
+            sae,
             data,
             evaluator=self._evaluator(),
             run_dir=run_dir,
@@ -201,16 +225,24 @@ class SAETrainingRunner:
         finally:
             if wandb_run is not None:
                 wandb_run.finish()
+        sparsity = None
+        if cfg.latent_shards > 1:
+            # the shards gathered into the full training SAE, on every rank
+            sae = self.trainer.gather_full()
+            sparsity = self.trainer.gathered_log_feature_sparsity()
+            self.sae = sae
         if run_dir is not None and main:
-            self.save_final_sae(run_dir)
+            self.save_final_sae(run_dir, sparsity=sparsity)
         return sae
 
-    def save_final_sae(self, path: str | Path) -> Path:
-        """The trained SAE in the inference SAELens format, with its log sparsity and the
-        runner config, to ``path``."""
+    def save_final_sae(self, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:
+        """The trained SAE in the inference SAELens format, with its log sparsity (default:
+        the trainer's) and the runner config, to ``path``."""
         path = Path(path)
         inference = self.sae.to_inference_sae()
-        inference.save_model(path, sparsity=self.trainer.log_feature_sparsity)
+        if sparsity is None:
+            sparsity = self.trainer.log_feature_sparsity
+        inference.save_model(path, sparsity=sparsity)
         tmp = path / f".{RUNNER_CFG_FILENAME}.tmp"
         tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
         tmp.replace(path / RUNNER_CFG_FILENAME)
@@ -230,6 +262,22 @@ def _shared_run_id(run_id: str | None, world_size: int) -> str:
 
         dist.broadcast_object_list(ids, src=0)
     return ids[0]
+
+
+def _broadcast_parameters(sae: TrainingSAE, device: torch.device) -> None:
+    """Rank 0's weights on every rank (a no-op on one process)."""
+    import torch.distributed as dist
+
+    from fastsae.training.distributed import _collective
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    comm = torch.device("cpu") if dist.get_backend() == "gloo" else device
+    with torch.no_grad():
+        for name, t in sae.named_parameters():
+            buf = t.detach().to(comm).clone()
+            _collective(f"broadcast({name})", dist.broadcast, buf, src=0)
+            t.copy_(buf)
 
 
 class _WithCheckpointPath:

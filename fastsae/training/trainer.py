@@ -207,7 +207,7 @@ class SAETrainer:
             self.state.n_frac_active_samples += n_tokens
         self.state.n_training_samples += n_tokens
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm)
+            self._clip_gradients(self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
@@ -220,6 +220,10 @@ class SAETrainer:
     # hooks for data parallelism (fastsae.training.distributed); no-ops on one process
     def _after_backward(self) -> None:
         """Runs once every ``.grad`` is filled, before clipping and the optimizer."""
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Clip the gradients' global L2 norm to ``max_norm`` (latent sharding overrides it)."""
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm)
 
     def _reduce_fired(self, fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
         """This step's per-latent firing counts ``[d_sae]`` and token count, over all data."""
