@@ -29,7 +29,6 @@ data split).
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import uuid
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from fastsae.training.distributed import _collective, _world, check_same_config
@@ -51,10 +50,10 @@ from fastsae.training.saes.topk import TopKTrainingSAE
 from fastsae.training.trainer import (
     DATA_STATE_FILENAME,
     PENDING_BATCH_FILENAME,
-    RUNNER_CFG_FILENAME,
     TRAINER_STATE_FILENAME,
     SAETrainer,
     TrainerState,
+    _move_into_place,
 )
 
 RANK_STATE_FILENAME = "trainer_state_rank{rank}.pt"
@@ -245,20 +244,8 @@ class LatentShardedSAETrainer(SAETrainer):
         self._barrier("save_checkpoint: rank states")
         if self.rank == 0:
             try:
-                torch.save(self._state_dict(), tmp / TRAINER_STATE_FILENAME)
-                data_state = getattr(self.data_provider, "state_dict", None)
-                if callable(data_state):
-                    torch.save(data_state(), tmp / DATA_STATE_FILENAME)
-                self.scaler.save(tmp)
-                if self._pending_batch is not None:
-                    save_file({"batch": self._pending_batch.detach().cpu().contiguous()},
-                              str(tmp / PENDING_BATCH_FILENAME))  # fmt: skip
-                to_dict = getattr(self.cfg, "to_dict", None)
-                if callable(to_dict):
-                    (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(to_dict(), indent=2))
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
+                self._write_trainer_files(tmp)
+                _move_into_place(tmp, final)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -364,24 +364,27 @@ class SAETrainer:
         tmp = base / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             self.sae.save_model(tmp, sparsity=self.log_feature_sparsity)
-            torch.save(self._state_dict(), tmp / TRAINER_STATE_FILENAME)
-            data_state = getattr(self.data_provider, "state_dict", None)
-            if callable(data_state):
-                torch.save(data_state(), tmp / DATA_STATE_FILENAME)
-            self.scaler.save(tmp)
-            if self._pending_batch is not None:
-                save_file({"batch": self._pending_batch.detach().cpu().contiguous()},
-                          str(tmp / PENDING_BATCH_FILENAME))  # fmt: skip
-            to_dict = getattr(self.cfg, "to_dict", None)
-            if callable(to_dict):
-                (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(to_dict(), indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            self._write_trainer_files(tmp)
+            _move_into_place(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def _write_trainer_files(self, folder: Path) -> None:
+        """Everything of a checkpoint but the SAE: trainer state, data position,
+        normalisation, an interrupted step's pending batch, the run config."""
+        torch.save(self._state_dict(), folder / TRAINER_STATE_FILENAME)
+        data_state = getattr(self.data_provider, "state_dict", None)
+        if callable(data_state):
+            torch.save(data_state(), folder / DATA_STATE_FILENAME)
+        self.scaler.save(folder)
+        if self._pending_batch is not None:
+            save_file({"batch": self._pending_batch.detach().cpu().contiguous()},
+                      str(folder / PENDING_BATCH_FILENAME))  # fmt: skip
+        to_dict = getattr(self.cfg, "to_dict", None)
+        if callable(to_dict):
+            (folder / RUNNER_CFG_FILENAME).write_text(json.dumps(to_dict(), indent=2))
 
     def _state_dict(self) -> dict[str, Any]:
         return {
@@ -447,6 +450,13 @@ class SAETrainer:
                 )
             load(torch.load(data_file, map_location="cpu", weights_only=False))
         self.metrics.truncate_after(self.state.n_training_steps)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the fully written folder ``tmp`` (a rename: never half there)."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def _adam_kwargs(sae: TrainingSAE) -> dict[str, Any]:
