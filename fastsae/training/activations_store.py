@@ -248,6 +248,8 @@ class ActivationsStore:
         self.seqpos_slice = tuple(seqpos_slice)
         self.disable_concat_sequences = disable_concat_sequences
         self.sequence_separator_token = sequence_separator_token
+        # the buffer-filling progress bar (the runner turns it off with its own bar)
+        self.show_progress = True
         self.seed = seed
         self.model_kwargs = dict(model_kwargs or {})
         self.autocast_lm = autocast_lm
@@ -513,7 +515,8 @@ class ActivationsStore:
             desc="Filling activation buffer",
             unit="tok",
             leave=False,
-            disable=(need - have) < 8 * self.store_batch_size_prompts * self.training_context_size,
+            disable=not self.show_progress
+            or (need - have) < 8 * self.store_batch_size_prompts * self.training_context_size,
         )
         while have < need:
             acts = self.get_filtered_llm_batch()

@@ -122,6 +122,7 @@ class SAETrainingRunner:
             self.activations_store = ActivationsStore.from_config(
                 self.model, cfg, override_dataset, tokenizer=self.tokenizer
             )
+            self.activations_store.show_progress = show_progress
         self.sae = override_sae if override_sae is not None else self._build_sae()
 
     def _build_sae(self) -> TrainingSAE:
