@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import Tensor
 
 from fastsae.training.distributed import _collective, _world, check_same_config
@@ -48,8 +47,6 @@ from fastsae.training.metrics import step_metrics
 from fastsae.training.saes.base import TrainStepOutput
 from fastsae.training.saes.topk import TopKTrainingSAE
 from fastsae.training.trainer import (
-    DATA_STATE_FILENAME,
-    PENDING_BATCH_FILENAME,
     TRAINER_STATE_FILENAME,
     SAETrainer,
     TrainerState,
@@ -313,23 +310,7 @@ class LatentShardedSAETrainer(SAETrainer):
             self.coefficient_schedulers[name].load_state_dict(s)
         self.state = TrainerState(**state["state"])
         self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.scaler.load(path)
-        pending = path / PENDING_BATCH_FILENAME
-        self._pending_batch = load_file(str(pending))["batch"] if pending.is_file() else None
-        data_file = path / DATA_STATE_FILENAME
-        load = getattr(self.data_provider, "load_state_dict", None)
-        if callable(load):
-            if not data_file.is_file():
-                raise FileNotFoundError(
-                    f"{data_file} is missing: the checkpoint has no data position to resume from"
-                )
-            load(torch.load(data_file, map_location="cpu", weights_only=False))
-        self.metrics.truncate_after(self.state.n_training_steps)
+        self._load_run_files(path, state)
 
 
 __all__ = ["LatentShardedSAETrainer"]

@@ -433,6 +433,11 @@ class SAETrainer:
             owner, _, attr = name.rpartition(".")
             module = self.sae.get_submodule(owner) if owner else self.sae
             setattr(module, attr, value.to(self.sae.device))
+        self._load_run_files(path, state)
+
+    def _load_run_files(self, path: Path, state: dict[str, Any]) -> None:
+        """The part of a resume every trainer shares: RNG states, normalisation, an
+        interrupted step's pending batch, the data position, the metrics file."""
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(rng["python"])

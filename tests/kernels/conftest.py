@@ -50,3 +50,22 @@ def poison_outputs(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
+def auto_means_triton(monkeypatch):
+    """Point ``impl="auto"`` at the kernels (for CPU tensors under the interpreter too);
+    returns the list of ops that took the Triton path."""
+    from fastsae import ops
+
+    real = ops._use_triton
+    calls = []
+
+    def use_triton(op, impl, tensors, has_kernel):
+        if impl == "auto" and has_kernel:
+            calls.append(op)
+            return True
+        return real(op, impl, tensors, has_kernel)
+
+    monkeypatch.setattr(ops, "_use_triton", use_triton)
+    return calls

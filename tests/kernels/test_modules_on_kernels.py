@@ -7,26 +7,10 @@ import torch
 from sae_testing import assert_close
 
 import fastsae
-from fastsae import ops
 
 sae_lens = pytest.importorskip("sae_lens", reason="module parity needs sae-lens (dev extra)")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture
-def auto_means_triton(monkeypatch):
-    real = ops._use_triton
-    calls = []
-
-    def use_triton(op, impl, tensors, has_kernel):
-        if impl == "auto" and has_kernel:
-            calls.append(op)
-            return True
-        return real(op, impl, tensors, has_kernel)
-
-    monkeypatch.setattr(ops, "_use_triton", use_triton)
-    return calls
 
 
 def _pair(arch, device, **extra):

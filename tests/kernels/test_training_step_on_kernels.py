@@ -5,7 +5,6 @@ import pytest
 import torch
 from sae_testing import assert_close
 
-from fastsae import ops
 from fastsae.training.saes import (
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
@@ -16,21 +15,6 @@ from fastsae.training.saes import (
 
 sae_lens = pytest.importorskip("sae_lens", reason="training parity needs sae-lens (dev extra)")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture
-def auto_means_triton(monkeypatch):
-    real = ops._use_triton
-    calls = []
-
-    def use_triton(op, impl, tensors, has_kernel):
-        if impl == "auto" and has_kernel:
-            calls.append(op)
-            return True
-        return real(op, impl, tensors, has_kernel)
-
-    monkeypatch.setattr(ops, "_use_triton", use_triton)
-    return calls
 
 
 @pytest.mark.parametrize("rescale", [True, False])
