@@ -163,6 +163,32 @@ def check_same_config(cfg: Any, device: torch.device | str = "cpu") -> None:
         )
 
 
+# --------------------------------------------------------------------------- gradients
+def average_gradients(params, group, world_size: int, comm_device: torch.device) -> None:
+    """Average the gradients of ``params`` over ``group`` (``world_size`` ranks): one flat
+    all_reduce per dtype through ``comm_device`` (a missing gradient counts as zero)."""
+    if world_size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            by_dtype.setdefault(p.dtype, []).append(p)
+    for dtype, ps in by_dtype.items():
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
+        ).to(comm_device)
+        _collective(
+            f"all_reduce(gradients, {dtype})", dist.all_reduce, flat, op=dist.ReduceOp.SUM,
+            group=group,
+        )  # fmt: skip
+        flat /= world_size
+        offset = 0
+        for p in ps:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
+            offset += n
+
+
 # --------------------------------------------------------------------------- trainer
 class DistributedSAETrainer(SAETrainer):
     """:class:`SAETrainer` whose step is data-parallel over the default process group.
@@ -212,21 +238,7 @@ class DistributedSAETrainer(SAETrainer):
 
     def _reduce_gradients(self) -> None:
         """Average every parameter's gradient over ranks: one flat all_reduce per dtype."""
-        params = [p for p in self.sae.parameters() if p.requires_grad]
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype, group in by_dtype.items():
-            flat = torch.cat(
-                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
-            )
-            self._all_reduce_(flat, f"all_reduce(gradients, {dtype})")
-            flat /= self.world_size
-            offset = 0
-            for p in group:
-                n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p).to(p.device)
-                offset += n
+        average_gradients(self.sae.parameters(), None, self.world_size, self._comm_device)
 
     # ------------------------------------------------------------ the step's hooks
     def _after_backward(self) -> None:

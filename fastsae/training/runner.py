@@ -20,6 +20,7 @@ import torch
 
 from fastsae.training.config import LanguageModelSAERunnerConfig
 from fastsae.training.saes.base import TrainingSAE, training_sae_class_for_architecture
+from fastsae.training.sharded_data import RankShardedProvider
 from fastsae.training.trainer import RUNNER_CFG_FILENAME, SAETrainer
 
 
@@ -74,22 +75,28 @@ class SAETrainingRunner:
             raise TypeError(f"cfg must be a LanguageModelSAERunnerConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.show_progress = show_progress
-        if cfg.latent_shards > 1 and cfg.sae.architecture() != "topk":
-            raise NotImplementedError(
-                f"latent_shards={cfg.latent_shards}: latent-sharded training supports "
-                f"architecture 'topk' only, not {cfg.sae.architecture()!r} (use latent_shards=1)"
-            )
+        if cfg.latent_shards > 1:
+            from fastsae.training.latent_sharding import sharded_class_for_architecture
+
+            sharded_class_for_architecture(cfg.sae.architecture())  # raises for the others
         # under torchrun (WORLD_SIZE > 1): data parallel over the default process group,
-        # or latent-sharded when cfg.latent_shards > 1
+        # or a data_parallel x latent_shards mesh when cfg.latent_shards > 1
         from fastsae.training.distributed import init_distributed
 
         self.dist = init_distributed()
-        if cfg.latent_shards > 1 and cfg.latent_shards != self.dist.world_size:
+        world = self.dist.world_size
+        if cfg.latent_shards > 1 and world % cfg.latent_shards:
             raise ValueError(
-                f"latent_shards={cfg.latent_shards} must equal the number of processes "
-                f"(WORLD_SIZE={self.dist.world_size}): launch with torchrun "
-                f"--nproc_per_node={cfg.latent_shards} (latent sharding combined with data "
-                "parallelism is not supported yet)"
+                f"latent_shards={cfg.latent_shards} must divide the number of processes "
+                f"(WORLD_SIZE={world}): launch with torchrun --nproc_per_node a multiple of "
+                f"{cfg.latent_shards} (the ranks form a data_parallel x latent_shards mesh)"
+            )
+        data_parallel = world // cfg.latent_shards
+        if cfg.train_batch_size_tokens % data_parallel:
+            raise ValueError(
+                f"train_batch_size_tokens={cfg.train_batch_size_tokens} must be divisible by "
+                f"the number of data-parallel replicas ({data_parallel} = WORLD_SIZE {world} "
+                f"/ latent_shards {cfg.latent_shards})"
             )
         if self.dist.world_size > 1 and str(cfg.device).startswith("cuda"):
             cfg.device = cfg.llm_device = cfg.act_store_device = str(self.dist.device)
@@ -193,18 +200,24 @@ class SAETrainingRunner:
         trainer_cls: type[SAETrainer] = SAETrainer
         data: Any = self.activations_store
         sae: Any = self.sae
+        trainer_kwargs: dict[str, Any] = {}
         if cfg.latent_shards > 1:
-            from fastsae.training.latent_sharding import ShardedTopKTrainingSAE
+            from fastsae.training.latent_sharding import shard_sae
+            from fastsae.training.latent_sharding.mesh import init_latent_mesh
             from fastsae.training.sharded_trainer import LatentShardedSAETrainer
 
-            # every rank draws the same full batch from its identically seeded store and
-            # holds d_sae / world latents of the same (rank 0's) initial SAE
+            # every rank starts from rank 0's initial SAE and holds d_sae / latent_shards
+            # of its latents; the ranks of a shard group draw the same rows
+            mesh = init_latent_mesh(cfg.latent_shards)
             _broadcast_parameters(self.sae, self.dist.device)
-            sae = ShardedTopKTrainingSAE.from_full(self.sae, self.dist.rank, self.dist.world_size)
+            sae = shard_sae(self.sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
             self.sae = sae  # the full SAE is not kept during training
+            if mesh.dp_size > 1:
+                data = RankShardedProvider(data, mesh.dp_rank, mesh.dp_size, mode="split")
             trainer_cls = LatentShardedSAETrainer
+            trainer_kwargs["mesh"] = mesh
         elif self.dist.world_size > 1:
-            from fastsae.training.distributed import DistributedSAETrainer, RankShardedProvider
+            from fastsae.training.distributed import DistributedSAETrainer
 
             # every rank draws the same global batch and keeps its rows: the data
             # position is then the same on every rank and resumes at any world size
@@ -218,6 +231,7 @@ class SAETrainingRunner:
             run_dir=run_dir,
             wandb_run=wandb_run,
             show_progress=self.show_progress,
+            **trainer_kwargs,
         )
         if cfg.resume_from_checkpoint is not None:
             self.trainer.load_checkpoint(cfg.resume_from_checkpoint)

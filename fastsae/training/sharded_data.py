@@ -89,3 +89,20 @@ class RankShardedProvider:
 
 
 # --------------------------------------------------------------------------- config check
+
+
+def is_rank_sharded_state(state: Any) -> bool:
+    """Whether ``state`` is a :meth:`RankShardedProvider.state_dict`."""
+    return isinstance(state, dict) and {"mode", "provider", "n_global_batches"} <= set(state)
+
+
+def bare_provider_state(state: dict[str, Any]) -> Any:
+    """The wrapped provider's position in a ``"split"`` :class:`RankShardedProvider`
+    state, for resuming the same data without data parallelism (the global batches are
+    the provider's own batches then)."""
+    if state.get("mode") != "split":
+        raise ValueError(
+            f"the checkpoint's data position is for a data-parallel run in mode "
+            f"{state.get('mode')!r}; without data parallelism only 'split' positions resume"
+        )
+    return state["provider"]

@@ -1,30 +1,35 @@
-"""Latent-sharded training (``latent_shards > 1`` in the config, under ``torchrun``).
+"""Latent-sharded training (``latent_shards > 1`` in the config, under ``torchrun``),
+alone or combined with data parallelism on a 2-D mesh.
 
 :class:`LatentShardedSAETrainer` is :class:`~fastsae.training.trainer.SAETrainer` on a
-:class:`~fastsae.training.latent_sharding.ShardedTopKTrainingSAE`: rank ``r`` of ``W``
-holds latents ``[r * d_sae / W, (r + 1) * d_sae / W)`` of ``W_enc``/``b_enc``/``W_dec``
-(and their Adam state); ``b_dec`` is replicated. Pure latent sharding: the world is the
-shard group (``latent_shards == WORLD_SIZE``), and every rank trains on the **same**
-full batch (each rank draws from its own, identically seeded, data source; there is no
-data split).
+:class:`~fastsae.training.latent_sharding.ShardedTrainingSAE` (TopK, standard or
+JumpReLU). The ranks form a ``data_parallel x latent_shards`` mesh
+(:mod:`fastsae.training.latent_sharding.mesh`): the ``latent_shards`` ranks of a shard
+group hold ``d_sae / latent_shards`` latents each (and their Adam state) and train on
+the same rows; the ``data_parallel`` shard groups train on disjoint rows of each global
+batch (the caller gives each rank its replica's rows, e.g. a
+:class:`~fastsae.training.sharded_data.RankShardedProvider` over ``dp_rank`` /
+``dp_size``).
 
-* No gradient all-reduce: each shard owns its gradients, and ``b_dec``'s gradient is
-  already the full one on every rank (``latent_sharding``'s backward sums its encoder
-  part over ranks), so replicas stay equal.
+* Gradients: inside a shard group nothing to reduce (each shard owns its gradients and
+  ``b_dec``'s is already full, see ``latent_sharding.base``); across the data-parallel
+  group every gradient is averaged (one flat all_reduce per dtype).
 * Clipping: :func:`~fastsae.training.latent_sharding.clip_grad_norm_sharded` (the norm
-  of the unsharded gradient).
-* Dead latents: firing counts and the dead mask are per shard (``[d_sae / W]``); the
-  SAE's AuxK takes that local mask. Log rows: losses, MSE and explained variance are the
-  same on every rank (the reconstruction is summed over ranks); L0 and the dead-feature
-  count are summed over ranks.
-* Evaluation (``evaluator``) runs on the gathered full SAE on every rank (every rank
-  must draw the same evaluation batches to keep the data positions equal); this needs
-  the full SAE's memory on each rank while it runs.
+  of the unsharded, data-averaged gradient).
+* Dead latents: firing counts are per shard (``[d_sae / latent_shards]``), summed over
+  the data-parallel group; the SAE's losses take that local mask. Log rows: losses, MSE
+  and explained variance averaged over the data-parallel group; L0 and the dead count
+  summed over the shards.
+* Evaluation (``evaluator``) runs on the gathered full SAE on every rank (this needs the
+  full SAE's memory on each rank while it runs).
 * Checkpoints: ``<checkpoint>/`` holds the gathered SAE in the ordinary SAELens format
-  (written by rank 0), the replicated trainer state (``trainer_state.pt``: counters,
-  schedules, RNG, with ``latent_shards``) and per rank
-  ``trainer_state_rank{r}.pt`` (that shard's optimizer state and firing statistics,
-  written by rank ``r``). A checkpoint resumes under the **same** world size only.
+  (written by rank 0), the replicated trainer state (``trainer_state.pt``) and per
+  shard ``trainer_state_shard{s}.pt`` (that shard's optimizer state by parameter name
+  and firing statistics, written by the shard's rank of the first data-parallel
+  replica). A checkpoint resumes under **any** layout: another number of shards or
+  data-parallel replicas, and single-process checkpoints load into a sharded run (and
+  :class:`~fastsae.training.trainer.SAETrainer` resumes a sharded checkpoint), see
+  :mod:`fastsae.training.latent_sharding.checkpoint`.
 """
 
 from __future__ import annotations
@@ -41,11 +46,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.training.distributed import _collective, _world, check_same_config
-from fastsae.training.latent_sharding import ShardedTopKTrainingSAE, clip_grad_norm_sharded
+from fastsae.training.distributed import _collective, _world, average_gradients, check_same_config
+from fastsae.training.latent_sharding import ShardedTrainingSAE, clip_grad_norm_sharded
+from fastsae.training.latent_sharding.checkpoint import (
+    SHARD_STATE_FILENAME,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+    read_latent_range,
+)
+from fastsae.training.latent_sharding.mesh import LatentMesh
 from fastsae.training.metrics import step_metrics
-from fastsae.training.saes.base import TrainStepOutput
-from fastsae.training.saes.topk import TopKTrainingSAE
+from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
 from fastsae.training.trainer import (
     TRAINER_STATE_FILENAME,
     SAETrainer,
@@ -53,36 +64,45 @@ from fastsae.training.trainer import (
     _move_into_place,
 )
 
-RANK_STATE_FILENAME = "trainer_state_rank{rank}.pt"
-
 
 class LatentShardedSAETrainer(SAETrainer):
-    """:class:`SAETrainer` for a latent-sharded TopK SAE over the default process group.
+    """:class:`SAETrainer` for a latent-sharded SAE on a ``data_parallel x latent_shards``
+    mesh.
 
-    ``sae``: this rank's :class:`ShardedTopKTrainingSAE` (e.g. ``from_full(full, rank,
-    world)`` of the same initial SAE on every rank). ``data_provider``: the full batches,
-    the same on every rank. ``run_dir`` (metrics) and logging are rank 0's.
+    ``sae``: this rank's shard (e.g. ``shard_sae(full, mesh.shard_rank, mesh.shard_size,
+    mesh.shard_group)`` of the same initial SAE on every rank). ``mesh``: where this rank
+    sits (default: pure latent sharding over the SAE's group, no data parallelism).
+    ``data_provider``: this data-parallel replica's rows (the same on every rank of a
+    shard group). ``run_dir`` (metrics) and logging are rank 0's.
     """
 
     def __init__(
         self,
         cfg: Any,
-        sae: ShardedTopKTrainingSAE,
+        sae: ShardedTrainingSAE,
         data_provider: Iterator[Tensor],
         *args: Any,
+        mesh: LatentMesh | None = None,
         **kwargs: Any,
     ):
-        if not isinstance(sae, ShardedTopKTrainingSAE):
+        if not isinstance(sae, ShardedTrainingSAE):
             raise TypeError(
-                f"LatentShardedSAETrainer needs a ShardedTopKTrainingSAE, got {type(sae).__name__}"
+                f"LatentShardedSAETrainer needs a ShardedTrainingSAE, got {type(sae).__name__}"
             )
         self.rank, self.world_size = _world()
-        if (sae.rank, sae.world_size) != (self.rank, self.world_size):
+        if mesh is None:
+            mesh = LatentMesh(shard_size=sae.world_size, shard_rank=sae.rank, shard_group=sae.group)
+        if (sae.rank, sae.world_size) != (mesh.shard_rank, mesh.shard_size):
             raise ValueError(
-                f"the SAE shard is rank {sae.rank} of {sae.world_size}, but this process is "
-                f"rank {self.rank} of {self.world_size}: pure latent sharding shards over the "
-                "whole world"
+                f"the SAE shard is shard {sae.rank} of {sae.world_size}, but this process is "
+                f"shard {mesh.shard_rank} of {mesh.shard_size} in the mesh"
             )
+        if mesh.world_size != self.world_size:
+            raise ValueError(
+                f"the mesh ({mesh.dp_size} data-parallel x {mesh.shard_size} shards) does not "
+                f"cover the {self.world_size} processes"
+            )
+        self.mesh = mesh
         if self.rank != 0:
             kwargs["run_dir"] = None
             kwargs["wandb_run"] = None
@@ -102,46 +122,70 @@ class LatentShardedSAETrainer(SAETrainer):
         return self.world_size > 1
 
     # ------------------------------------------------------------ collectives
-    def _sum_(self, values: list[float], what: str) -> list[float]:
-        if not self.distributed:
+    def _reduce_(
+        self, values: list[float], over: str, what: str, mean: bool = False
+    ) -> list[float]:
+        """Sum (or average) ``values`` over the ``"dp"`` or the ``"shard"`` group."""
+        m = self.mesh
+        group, size = (m.dp_group, m.dp_size) if over == "dp" else (m.shard_group, m.shard_size)
+        if size == 1:
             return values
         buf = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        _collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM)
-        return buf.tolist()
+        _collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=group)
+        return (buf / size if mean else buf).tolist()
 
     def _gather_local(self, t: Tensor, what: str) -> Tensor:
-        """A per-shard ``[d_sae_local]`` tensor concatenated into ``[d_sae]`` (every rank)."""
-        if not self.distributed:
+        """A per-shard ``[d_sae_local]`` tensor concatenated into ``[d_sae]`` (every rank
+        of the shard group must call it)."""
+        if self.mesh.shard_size == 1:
             return t
         buf = t.to(self._comm_device).contiguous()
-        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
-        _collective(what, dist.all_gather, parts, buf)
+        parts = [torch.empty_like(buf) for _ in range(self.mesh.shard_size)]
+        _collective(what, dist.all_gather, parts, buf, group=self.mesh.shard_group)
         return torch.cat(parts).to(t.device)
 
     # ------------------------------------------------------------ the step's hooks
+    def _after_backward(self) -> None:
+        if self.mesh.dp_size > 1:
+            average_gradients(
+                self.sae.parameters(), self.mesh.dp_group, self.mesh.dp_size, self._comm_device
+            )
+
+    def _reduce_fired(self, fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
+        """Firing counts and token count summed over the data-parallel replicas."""
+        if self.mesh.dp_size == 1:
+            return fired, n_tokens
+        buf = torch.cat([fired.float(), fired.new_tensor([float(n_tokens)], dtype=torch.float32)])
+        buf = buf.to(self._comm_device)
+        _collective("all_reduce(fired counts)", dist.all_reduce, buf, op=dist.ReduceOp.SUM,
+                    group=self.mesh.dp_group)  # fmt: skip
+        return buf[:-1].to(fired.device), int(buf[-1].item())
+
     def _clip_gradients(self, max_norm: float) -> None:
         clip_grad_norm_sharded(self.sae, max_norm)  # type: ignore[arg-type]
 
-    # _after_backward: nothing (shards own their gradients, b_dec's is full everywhere)
-    # _reduce_fired: the base's (local counts; every rank sees the whole batch)
-
     # ------------------------------------------------------------ metrics
     def _log(self, output: TrainStepOutput, pbar) -> None:
-        row = step_metrics(output)  # losses/MSE/EV: equal on every rank
-        l0, dead, passes = self._sum_(
-            [
-                row["metrics/l0"],
-                float(self.dead_neurons.sum()),
-                float(self.n_forward_passes_since_fired.sum()),
-            ],
-            "all_reduce(log metrics)",
-        )
-        d_sae = self.sae.cfg.d_sae
+        row = step_metrics(output)
         row.update(
             {
-                "metrics/l0": l0,
-                "sparsity/dead_features": int(dead),
-                "sparsity/mean_passes_since_fired": passes / d_sae,
+                "sparsity/dead_features": float(self.dead_neurons.sum()),
+                "sparsity/mean_passes_since_fired": float(self.n_forward_passes_since_fired.sum()),
+            }
+        )
+        keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)))
+        values = self._reduce_([float(row[k]) for k in keys], "dp", "all_reduce(log metrics)", True)
+        row.update(zip(keys, values, strict=True))
+        # per-shard quantities: summed over the shards
+        summed = ("metrics/l0", "sparsity/dead_features", "sparsity/mean_passes_since_fired")
+        totals = self._reduce_([row[k] for k in summed], "shard", "all_reduce(shard metrics)")
+        row.update(zip(summed, totals, strict=True))
+        d_sae = self.sae.cfg.d_sae
+        dead = int(round(row["sparsity/dead_features"]))
+        row.update(
+            {
+                "sparsity/dead_features": dead,
+                "sparsity/mean_passes_since_fired": row["sparsity/mean_passes_since_fired"] / d_sae,
                 "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
                 "details/n_training_samples": self.state.n_training_samples,
                 **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
@@ -163,12 +207,13 @@ class LatentShardedSAETrainer(SAETrainer):
         steps = self.state.n_training_steps
         if steps > 0 and steps % self.cfg.feature_sampling_window == 0:
             sparsity = self.feature_sparsity
-            log_sum, below5, below6 = self._sum_(
+            log_sum, below5, below6 = self._reduce_(
                 [
                     float(torch.log10(sparsity + 1e-10).sum()),
                     float((sparsity < 1e-5).sum()),
                     float((sparsity < 1e-6).sum()),
                 ],
+                "shard",
                 "all_reduce(sparsity metrics)",
             )
             self.metrics.log(
@@ -194,8 +239,9 @@ class LatentShardedSAETrainer(SAETrainer):
 
     def _finish(self) -> None:
         if self.state.n_frac_active_samples > 0:
-            l0, dead = self._sum_(
+            l0, dead = self._reduce_(
                 [float(self.feature_sparsity.sum()), float(self.dead_neurons.sum())],
+                "shard",
                 "all_reduce(final sparsity)",
             )
             self.sae.cfg.metadata.l0 = l0
@@ -206,12 +252,13 @@ class LatentShardedSAETrainer(SAETrainer):
         self.metrics.plot()
 
     # ------------------------------------------------------------ the full SAE
-    def gather_full(self) -> TopKTrainingSAE:
-        """The full training SAE (every rank must call it)."""
+    def gather_full(self) -> TrainingSAE:
+        """The full training SAE (every rank of the shard group must call it)."""
         return self.sae.gather_full()  # type: ignore[operator]
 
     def gathered_log_feature_sparsity(self) -> Tensor:
-        """``[d_sae]`` log10 firing frequency over all shards (every rank must call it)."""
+        """``[d_sae]`` log10 firing frequency over all shards (every rank of the shard
+        group must call it)."""
         return self._gather_local(self.log_feature_sparsity, "all_gather(feature sparsity)")
 
     # ------------------------------------------------------------ checkpoints
@@ -221,29 +268,39 @@ class LatentShardedSAETrainer(SAETrainer):
 
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
         """Every rank calls it: rank 0 writes the gathered SAE and the replicated state,
-        each rank its shard's optimizer state; the folder appears atomically."""
+        the first replica's ranks their shard's state; the folder appears atomically."""
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
         final = base / name
         tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
         if self.distributed:
             _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
         tmp = base / tmp_name[0]
-        full = self.gather_full()
-        sparsity = self.gathered_log_feature_sparsity()
-        # a rank that fails here raises; the others then fail at the next collective
-        # (after the process group's timeout) naming it
-        if self.rank == 0:
-            base.mkdir(parents=True, exist_ok=True)
-            full.save_model(tmp, sparsity=sparsity)
-        del full
+        writer = self.mesh.dp_rank == 0  # the first replica's shard group writes
+        if writer:
+            full = self.gather_full()
+            sparsity = self.gathered_log_feature_sparsity()
+            # a rank that fails here raises; the others then fail at the next collective
+            # (after the process group's timeout) naming it
+            if self.rank == 0:
+                base.mkdir(parents=True, exist_ok=True)
+                full.save_model(tmp, sparsity=sparsity)
+            del full
         self._barrier("save_checkpoint: folder")
-        torch.save(self._rank_state_dict(), tmp / RANK_STATE_FILENAME.format(rank=self.rank))
-        self._barrier("save_checkpoint: rank states")
+        if writer:
+            file = tmp / SHARD_STATE_FILENAME.format(shard=self.mesh.shard_rank)
+            torch.save(self._shard_state_dict(), file)
+        self._barrier("save_checkpoint: shard states")
         if self.rank == 0:
+            # with data parallelism an interrupted step's batch is rank 0's rows only: not
+            # saved (the resumed run skips that global batch)
+            pending = self._pending_batch
+            if self.mesh.dp_size > 1:
+                self._pending_batch = None
             try:
                 self._write_trainer_files(tmp)
                 _move_into_place(tmp, final)
             finally:
+                self._pending_batch = pending
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
         self._barrier("save_checkpoint: commit")
@@ -262,47 +319,51 @@ class LatentShardedSAETrainer(SAETrainer):
                 "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
-            "latent_shards": self.world_size,
+            "latent_shards": self.mesh.shard_size,
+            "data_parallel": self.mesh.dp_size,
         }
 
-    def _rank_state_dict(self) -> dict[str, Any]:
+    def _shard_state_dict(self) -> dict[str, Any]:
+        optimizer, groups = optimizer_state_by_name(
+            self.optimizer, list(self.sae.named_parameters())
+        )
         return {
-            "rank": self.rank,
-            "latent_shards": self.world_size,
-            "optimizer": self.optimizer.state_dict(),
+            "shard": self.mesh.shard_rank,
+            "latent_shards": self.mesh.shard_size,
+            "optimizer": optimizer,
+            "param_groups": groups,
             "act_freq_scores": self.act_freq_scores,
             "n_forward_passes_since_fired": self.n_forward_passes_since_fired,
         }
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Every rank loads its shard of a checkpoint written with the same world size."""
+        """Every rank loads its latents of a checkpoint written under any layout (a
+        latent-sharded run with any number of shards and replicas, or one process)."""
         path = Path(path)
         state_file = path / TRAINER_STATE_FILENAME
-        rank_file = path / RANK_STATE_FILENAME.format(rank=self.rank)
         if not state_file.is_file():
             raise FileNotFoundError(
                 f"{path} is not a fastsae training checkpoint: {TRAINER_STATE_FILENAME} is missing"
             )
-        device = self.sae.device  # type: ignore[attr-defined]
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        saved = state.get("latent_shards")
-        if saved != self.world_size or not rank_file.is_file():
-            raise ValueError(
-                f"{path} was written by a latent-sharded run over {saved} ranks "
-                f"(or is not a latent-sharded checkpoint); resuming needs the same world "
-                f"size, this run has {self.world_size}"
-            )
-        rank_state = torch.load(rank_file, map_location=device, weights_only=False)
-        full = TopKTrainingSAE(self.sae.cfg)
+        sae: ShardedTrainingSAE = self.sae  # type: ignore[assignment]
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
+            raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
+        full = sae.full_class(sae.cfg)
         full.load_weights_from_checkpoint(path)
-        shard = ShardedTopKTrainingSAE.from_full(full, self.rank, self.world_size)
+        names = [n for n, _ in full.named_parameters()]
+        shard = type(sae).from_full(full, sae.rank, sae.world_size)
         with torch.no_grad():
-            for name, p in self.sae.named_parameters():
+            for name, p in sae.named_parameters():
                 p.copy_(getattr(shard, name))
         del full, shard
-        self.optimizer.load_state_dict(rank_state["optimizer"])
-        self.act_freq_scores = rank_state["act_freq_scores"].to(self.act_freq_scores.device)
-        self.n_forward_passes_since_fired = rank_state["n_forward_passes_since_fired"].to(
+        local = read_latent_range(path, state, names, sae.cfg.d_sae, sae.lo, sae.hi)
+        load_optimizer_state_by_name(
+            self.optimizer, list(sae.named_parameters()), local["optimizer"], local["param_groups"]
+        )
+        self.act_freq_scores = local["act_freq_scores"].to(self.act_freq_scores.device)
+        self.n_forward_passes_since_fired = local["n_forward_passes_since_fired"].to(
             self.n_forward_passes_since_fired.device
         )
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -311,6 +372,12 @@ class LatentShardedSAETrainer(SAETrainer):
         self.state = TrainerState(**state["state"])
         self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
         self._load_run_files(path, state)
+        if self._pending_batch is not None and self.mesh.dp_size > 1:
+            # a whole global batch (saved without data parallelism): this replica's rows
+            rows = self._pending_batch.shape[0] // self.mesh.dp_size
+            self._pending_batch = self._pending_batch[
+                self.mesh.dp_rank * rows : (self.mesh.dp_rank + 1) * rows
+            ]
 
 
 __all__ = ["LatentShardedSAETrainer"]

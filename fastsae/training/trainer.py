@@ -42,6 +42,11 @@ from fastsae.training.saes.base import (
     TrainStepInput,
     TrainStepOutput,
 )
+from fastsae.training.sharded_data import (
+    RankShardedProvider,
+    bare_provider_state,
+    is_rank_sharded_state,
+)
 
 TRAINER_STATE_FILENAME = "trainer_state.pt"
 DATA_STATE_FILENAME = "data_state.pt"
@@ -419,7 +424,25 @@ class SAETrainer:
             state = torch.load(state_file, map_location=self.sae.device, weights_only=False)
         except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
             raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("latent_shards"):
+            # written by a latent-sharded run: its shards' optimizer states, concatenated
+            from fastsae.training.latent_sharding.checkpoint import (
+                load_optimizer_state_by_name,
+                read_latent_range,
+            )
+
+            named = list(self.sae.named_parameters())
+            d_sae = self.sae.cfg.d_sae
+            whole = read_latent_range(path, state, [n for n, _ in named], d_sae, 0, d_sae)
+            load_optimizer_state_by_name(
+                self.optimizer, named, whole["optimizer"], whole["param_groups"]
+            )
+            state = {
+                **state,
+                **{k: whole[k] for k in ("act_freq_scores", "n_forward_passes_since_fired")},
+            }
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         for name, s in state["coefficient_schedulers"].items():
             self.coefficient_schedulers[name].load_state_dict(s)
@@ -453,7 +476,12 @@ class SAETrainer:
                 raise FileNotFoundError(
                     f"{data_file} is missing: the checkpoint has no data position to resume from"
                 )
-            load(torch.load(data_file, map_location="cpu", weights_only=False))
+            data_state = torch.load(data_file, map_location="cpu", weights_only=False)
+            if is_rank_sharded_state(data_state) and not isinstance(
+                self.data_provider, RankShardedProvider
+            ):  # written by a data-parallel run, resumed without one
+                data_state = bare_provider_state(data_state)
+            load(data_state)
         self.metrics.truncate_after(self.state.n_training_steps)
 
 

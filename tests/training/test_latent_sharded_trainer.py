@@ -1,26 +1,35 @@
-"""SAETrainingRunner with ``latent_shards=2`` under a 2-rank gloo process group (what
-torchrun gives it): the latent-sharded run equals a single-process run, rank 0 saves
-one ordinary SAELens directory, and checkpoints resume under the same world size."""
+"""SAETrainingRunner with ``latent_shards`` under gloo process groups (what torchrun
+gives it), for TopK, JumpReLU and standard SAEs:
+
+* pure latent sharding (2 ranks, 2 shards) and a 2 x 2 data-parallel x latent-sharded
+  mesh (4 ranks) each equal a single-process run (weights and logged metrics);
+* rank 0 saves one ordinary SAELens directory; checkpoints hold per-shard state;
+* a checkpoint resumes under the same layout, under another one (4 ranks -> 2 shards,
+  2 shards -> 4 shards) and in a single process, and a single-process checkpoint
+  resumes in a sharded run: every resumed run ends with the uninterrupted run's SAE.
+"""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from spawn_ranks import run_ranks
 
-WORLD = 2
+STEPS = 8
 
 
-def _setup(tmp: Path, tag: str, **overrides):
+def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
     import datasets
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from fastsae.training import LanguageModelSAERunnerConfig, TopKTrainingSAEConfig
+    from fastsae.training import (
+        JumpReLUTrainingSAEConfig,
+        LanguageModelSAERunnerConfig,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAEConfig,
+    )
 
     model = HookedTransformer(
         HookedTransformerConfig(
@@ -30,11 +39,18 @@ def _setup(tmp: Path, tag: str, **overrides):
     ).eval()  # fmt: skip
     rows = torch.randint(1, 50, (300, 16), generator=torch.Generator().manual_seed(0)).tolist()
     dataset = datasets.Dataset.from_dict({"tokens": rows})
+    sae = {
+        "topk": lambda: TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4),
+        "jumprelu": lambda: JumpReLUTrainingSAEConfig(
+            d_in=16, d_sae=64, l0_coefficient=0.01, jumprelu_init_threshold=0.05,
+            pre_act_loss_coefficient=0.1,
+        ),  # fmt: skip
+        "standard": lambda: StandardTrainingSAEConfig(d_in=16, d_sae=64, l1_coefficient=0.05),
+    }[arch]()
     kwargs = dict(
-        sae=TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4),
-        model_name="tiny", hook_name="blocks.1.hook_resid_pre", dataset_path="unused",
+        sae=sae, model_name="tiny", hook_name="blocks.1.hook_resid_pre", dataset_path="unused",
         context_size=16, prepend_bos=False, train_batch_size_tokens=64,
-        store_batch_size_prompts=8, n_batches_in_buffer=4, training_tokens=64 * 8,
+        store_batch_size_prompts=8, n_batches_in_buffer=4, training_tokens=64 * STEPS,
         lr=1e-3, max_grad_norm=0.05, dead_feature_window=2, n_checkpoints=1, run_id="run",
         checkpoint_path=str(tmp / tag / "ck"), output_path=str(tmp / tag / "out"),
         wandb_log_frequency=2, eval_every_n_wandb_logs=2, n_eval_batches=1,
@@ -44,115 +60,152 @@ def _setup(tmp: Path, tag: str, **overrides):
     return model, dataset, LanguageModelSAERunnerConfig(**kwargs)
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    out = Path(tmp) / f"sharded_{rank}.pt"
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        from fastsae.training import SAETrainingRunner
-        from fastsae.training.sharded_trainer import LatentShardedSAETrainer
-
-        model, dataset, cfg = _setup(Path(tmp), "ls", latent_shards=WORLD)
-        runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
-                                   show_progress=False)  # fmt: skip
-        sae = runner.run()
-        assert isinstance(runner.trainer, LatentShardedSAETrainer)
-        assert runner.trainer.sae.W_enc.shape == (16, 64 // WORLD)
-        res = {"state": sae.state_dict(), "steps": runner.trainer.state.n_training_steps,
-               "metrics": runner.trainer.last_metrics}  # fmt: skip
-        # resume from the mid-run checkpoint (same world size): same final SAE
-        (ck,) = (Path(tmp) / "ls" / "ck" / "run").iterdir()
-        _, _, cfg2 = _setup(Path(tmp), "ls_resume", latent_shards=WORLD,
-                            resume_from_checkpoint=str(ck))  # fmt: skip
-        runner2 = SAETrainingRunner(cfg2, override_model=model, override_dataset=dataset,
-                                    show_progress=False)  # fmt: skip
-        loaded_at = []
-        original = LatentShardedSAETrainer.load_checkpoint
-
-        def spy(self, path):
-            original(self, path)
-            loaded_at.append(self.state.n_training_steps)
-
-        LatentShardedSAETrainer.load_checkpoint = spy
-        res["resumed"] = runner2.run().state_dict()
-        res["resumed_at"] = loaded_at
-        torch.save(res, out)
-    except BaseException:  # noqa: BLE001 - report to the test
-        torch.save({"exception": traceback.format_exc()}, out)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def test_runner_latent_sharded_equals_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank hung")
-    results = [torch.load(tmp_path / f"sharded_{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "exception" not in res, f"rank {r}:\n{res['exception']}"
-        assert res["steps"] == 8
-        assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < 8
-
-    from fastsae import SAE
+def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
     from fastsae.training import SAETrainingRunner
 
-    model, dataset, cfg = _setup(tmp_path, "single")
+    model, dataset, cfg = _setup(tmp, tag, arch, **overrides)
     runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
                                show_progress=False)  # fmt: skip
-    single = runner.run()
-    for name, value in single.state_dict().items():
-        for res in results:
-            torch.testing.assert_close(res["state"][name], value, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(res["resumed"][name], value, rtol=1e-4, atol=1e-5)
-    for key in ("metrics/l0", "metrics/explained_variance", "losses/overall_loss",
-                "sparsity/dead_features"):  # fmt: skip
-        for res in results:
-            assert res["metrics"][key] == pytest.approx(
-                runner.trainer.last_metrics[key], rel=1e-4, abs=1e-5
-            ), key
-    # rank 0 wrote one ordinary SAELens directory and one checkpoint folder
-    out = tmp_path / "ls" / "out"
-    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")) == sorted(
-        p.name
-        for p in (tmp_path / "single" / "out").iterdir()
-        if p.suffix in (".json", ".safetensors")
+    loaded_at: list[int] = []
+    sae = _run_spying(runner, loaded_at)
+    return {
+        "state": sae.state_dict(),
+        "steps": runner.trainer.state.n_training_steps,
+        "metrics": runner.trainer.last_metrics,
+        "trainer": type(runner.trainer).__name__,
+        "local_W_enc": tuple(runner.trainer.sae.W_enc.shape),
+        "resumed_at": loaded_at,
+    }
+
+
+def _run_spying(runner, loaded_at: list[int]):
+    """runner.run(), recording the step a resumed trainer continues from."""
+    from fastsae.training.distributed import DistributedSAETrainer
+    from fastsae.training.sharded_trainer import LatentShardedSAETrainer
+    from fastsae.training.trainer import SAETrainer
+
+    patched = {}
+    for cls in (SAETrainer, DistributedSAETrainer, LatentShardedSAETrainer):
+        if "load_checkpoint" in cls.__dict__:
+            original = cls.__dict__["load_checkpoint"]
+
+            def spy(self, path, _original=original):
+                _original(self, path)
+                loaded_at.append(self.state.n_training_steps)
+
+            patched[cls] = original
+            cls.load_checkpoint = spy
+    try:
+        return runner.run()
+    finally:
+        for cls, original in patched.items():
+            cls.load_checkpoint = original
+
+
+def _worker(rank: int, world: int, tmp: str, tag: str, arch: str, overrides: dict) -> dict:
+    return _train(Path(tmp), tag, arch, **overrides)
+
+
+def _checkpoint(tmp: Path, tag: str) -> Path:
+    (ck,) = (tmp / tag / "ck" / "run").iterdir()
+    return ck
+
+
+def _assert_same_sae(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, value in want.items():
+        torch.testing.assert_close(
+            got[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{what} {n}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """Uninterrupted single-process runs (the references), one per architecture."""
+    tmp = tmp_path_factory.mktemp("single")
+    return {arch: (tmp, _train(tmp, arch, arch)) for arch in ("topk", "jumprelu", "standard")}
+
+
+def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
+    from fastsae import SAE
+
+    ref_tmp, ref = single_runs["topk"]
+    results = run_ranks(_worker, 2, tmp_path / "r", str(tmp_path), "ls", "topk",
+                        {"latent_shards": 2})  # fmt: skip
+    for res in results:
+        assert res["trainer"] == "LatentShardedSAETrainer" and res["steps"] == STEPS
+        assert res["local_W_enc"] == (16, 32)
+        _assert_same_sae(res["state"], ref["state"], "2 shards")
+        for key in ("metrics/l0", "metrics/explained_variance", "losses/overall_loss",
+                    "sparsity/dead_features"):  # fmt: skip
+            assert res["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-5)
+    # rank 0 wrote one ordinary SAELens directory, equal to the single-process one
+    out, ref_out = tmp_path / "ls" / "out", ref_tmp / "topk" / "out"
+    files = sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors"))
+    assert files == sorted(
+        p.name for p in ref_out.iterdir() if p.suffix in (".json", ".safetensors")
     )
-    loaded = SAE.load_from_disk(out)
-    assert loaded.cfg.d_sae == 64
-    reference = SAE.load_from_disk(tmp_path / "single" / "out")
-    for name, value in reference.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-5)
-    (ck,) = (tmp_path / "ls" / "ck" / "run").iterdir()
-    assert {f"trainer_state_rank{r}.pt" for r in range(WORLD)} <= {p.name for p in ck.iterdir()}
+    loaded, reference = SAE.load_from_disk(out), SAE.load_from_disk(ref_out)
+    _assert_same_sae(loaded.state_dict(), reference.state_dict(), "saved SAE")
+    ck = _checkpoint(tmp_path, "ls")
+    assert {"trainer_state_shard0.pt", "trainer_state_shard1.pt"} <= {p.name for p in ck.iterdir()}
     assert SAE.load_from_disk(ck).cfg.d_sae == 64
+    # resume: the same layout, and one process (latent_shards=1) from the sharded checkpoint
+    again = run_ranks(_worker, 2, tmp_path / "r2", str(tmp_path), "ls_again", "topk",
+                      {"latent_shards": 2, "resume_from_checkpoint": str(ck)})  # fmt: skip
+    single = _train(tmp_path, "ls_single", "topk", resume_from_checkpoint=str(ck))
+    for res in [*again, single]:
+        assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < STEPS
+        _assert_same_sae(res["state"], ref["state"], "resumed")
 
 
-def test_latent_shards_needs_topk():
+def test_mesh_2x2_equals_single_process_and_resumes_on_2_shards(single_runs, tmp_path):
+    _, ref = single_runs["jumprelu"]
+    results = run_ranks(_worker, 4, tmp_path / "r", str(tmp_path), "mesh", "jumprelu",
+                        {"latent_shards": 2}, timeout=400)  # fmt: skip
+    for res in results:
+        assert res["trainer"] == "LatentShardedSAETrainer" and res["steps"] == STEPS
+        assert res["local_W_enc"] == (16, 32)
+        _assert_same_sae(res["state"], ref["state"], "2 x 2 mesh")
+        # token means (the explained variance is the mean of the replicas' ratios)
+        for key in ("metrics/l0", "losses/overall_loss", "losses/l0_loss",
+                    "losses/pre_act_loss", "sparsity/dead_features"):  # fmt: skip
+            assert res["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-5)
+    ck = _checkpoint(tmp_path, "mesh")
+    resumed = run_ranks(_worker, 2, tmp_path / "r2", str(tmp_path), "mesh_resume", "jumprelu",
+                        {"latent_shards": 2, "resume_from_checkpoint": str(ck)})  # fmt: skip
+    for res in resumed:
+        assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < STEPS
+        _assert_same_sae(res["state"], ref["state"], "2 x 2 -> 2 shards")
+
+
+def test_single_process_checkpoint_resumes_on_4_shards(single_runs, tmp_path):
+    ref_tmp, ref = single_runs["standard"]
+    ck = _checkpoint(ref_tmp, "standard")
+    results = run_ranks(_worker, 4, tmp_path / "r", str(tmp_path), "four", "standard",
+                        {"latent_shards": 4, "resume_from_checkpoint": str(ck)},
+                        timeout=400)  # fmt: skip
+    for res in results:
+        assert res["local_W_enc"] == (16, 16)
+        assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < STEPS
+        _assert_same_sae(res["state"], ref["state"], "1 -> 4 shards")
+
+
+def test_latent_shards_needs_a_supported_architecture():
     from fastsae.training import (
-        JumpReLUTrainingSAEConfig,
+        GatedTrainingSAEConfig,
         LanguageModelSAERunnerConfig,
         SAETrainingRunner,
     )
 
     cfg = LanguageModelSAERunnerConfig(
-        sae=JumpReLUTrainingSAEConfig(d_in=16, d_sae=64), latent_shards=2, dataset_path="x"
+        sae=GatedTrainingSAEConfig(d_in=16, d_sae=64), latent_shards=2, dataset_path="x"
     )
-    with pytest.raises(NotImplementedError, match="topk"):
+    with pytest.raises(NotImplementedError, match="not 'gated'"):
         SAETrainingRunner(cfg)
 
 
-def test_latent_shards_must_equal_world_size(tmp_path):
+def test_latent_shards_must_divide_world_size(tmp_path):
     from fastsae.training import SAETrainingRunner
 
     model, dataset, cfg = _setup(tmp_path, "one", latent_shards=2)

@@ -1,0 +1,206 @@
+"""Latent-sharded TopK training on ``torch.distributed``: ``W_enc``, ``b_enc``, ``W_dec``
+(and so their Adam state) split over ranks along ``d_sae``; ``b_dec`` replicated.
+
+Rank ``r`` of ``W`` ranks holds latents ``[r * d_sae / W, (r + 1) * d_sae / W)``. One step:
+
+1. every rank encodes its shard: ``h_r = ((x - b_dec) @ W_enc_r + b_enc_r) * |W_dec_r|``
+   (the decoder-norm factor when ``rescale_acts_by_decoder_norm``, as TopK);
+2. local top-k candidates (raw pre-activations and **global** latent ids) are
+   all-gathered, ``[W, batch, k]``, and every rank takes the same global top-k of the
+   ``W * k`` candidates. A latent in the global top-k has fewer than k larger values
+   anywhere, so it is in its own shard's local top-k: the set equals the single-device
+   ``torch.topk`` set. Ties: when the k-th and (k+1)-th largest pre-activations of a
+   row are exactly equal, which of them is chosen is unspecified (as it is for
+   ``torch.topk`` on one device); with distinct values the sets are identical;
+3. each rank keeps the selected entries of its shard (a padded ``[batch, k]`` code,
+   ``value 0`` padding), decodes them with ``W_dec_r`` (sparse), and the partial
+   reconstructions are summed with ``all_reduce``; ``+ b_dec``; MSE as TopK's;
+4. AuxK: the dead mask is sharded the same way; the top ``min(d_in // 2, n_dead)`` dead
+   latents are chosen globally by the same candidate gather and their partial
+   reconstructions all-reduced. ``n_dead`` is the global count.
+
+Backward and optimizer: see :mod:`fastsae.training.latent_sharding.base` (identity
+backward of the reconstruction sum; ``b_dec``'s encoder gradient summed over ranks;
+one global clipping factor).
+
+Communication per step (fp32): candidates ``2 * W * batch * k`` values+ids gathered,
+the ``[batch, d_in]`` reconstruction all-reduced (twice with AuxK) and ``d_in`` for
+``b_dec``'s encoder gradient; nothing of size ``d_sae``.
+
+Saving: :meth:`ShardedTopKTrainingSAE.gather_full` all-gathers the shards into an
+ordinary :class:`TopKTrainingSAE` (on every rank), whose ``save_model`` /
+``save_inference_model`` write the normal single-file SAELens directory; a saved
+directory loads into a sharded run with ``from_full(TopKTrainingSAE.load_from_disk(p),
+rank, world)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.sparse_code import SparseCode
+from fastsae.torch_ops import encoder_preacts, gather_weighted_sum, scatter_rows
+from fastsae.training.latent_sharding.base import (
+    ShardedTrainingSAE,
+    _all_gather,
+    _all_reduce,
+    _group_world,
+    sum_over_shards,
+)
+from fastsae.training.losses import topk_aux_scale
+from fastsae.training.saes.base import TrainStepInput, TrainStepOutput, _total
+from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig
+
+
+class _SelectedEncode(torch.autograd.Function):
+    """The values of an already-selected code ``(values, indices)`` (ReLU'd
+    pre-activations, padding 0) with TopK's sparse encoder backward (no ``[B, n]``
+    gradient): ``d x``, ``d W_enc``, ``d b_enc``, ``d dec_norm``."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, dec_norm, values, indices, h_sel):  # type: ignore[override]
+        ctx.save_for_backward(x, W_enc, b_enc, dec_norm, values, indices, h_sel)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, d_values):  # type: ignore[override]
+        x, W_enc, b_enc, dec_norm, values, indices, h_sel = ctx.saved_tensors
+        need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
+        d_pre = d_values * (values > 0)
+        d_h = d_pre if dec_norm is None else d_pre * dec_norm[indices]
+        d_dn = None
+        if dec_norm is not None and need_dn:
+            d_dn = torch.zeros_like(dec_norm).index_add_(
+                0, indices.reshape(-1), (d_pre * h_sel).reshape(-1).to(dec_norm.dtype)
+            )
+        d_x = (
+            gather_weighted_sum(d_h, indices, W_enc.T.contiguous()).to(x.dtype) if need_x else None
+        )
+        d_w = scatter_rows(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype) if need_w else None
+        d_b = None
+        if need_b:
+            d_b = torch.zeros_like(b_enc).index_add_(
+                0, indices.reshape(-1), d_h.reshape(-1).to(b_enc.dtype)
+            )
+        return d_x, d_w, d_b, d_dn, None, None, None
+
+
+def global_topk(
+    h_local: Tensor, k: int, offset: int, group=None, what: str = "topk candidates"
+) -> tuple[Tensor, Tensor]:
+    """Exact global top-k of a row-sharded ``[B, n_local]`` score matrix (no grad).
+
+    Returns ``(local_positions [B, k'], selected [B, k'] bool, global_ids [B, k])`` where
+    ``k' = min(k, n_local)`` are this rank's candidate columns and ``selected`` marks those
+    in the global top-k. ``global_ids`` (sorted by value, descending) is the global
+    selection, the same on every rank. Every rank must call it (it all-gathers).
+    """
+    batch, n_local = h_local.shape
+    k_local = min(k, n_local)
+    vals, pos = torch.topk(h_local, k_local, dim=-1, sorted=False)
+    cand_vals = h_local.new_full((batch, k), float("-inf"))
+    cand_ids = torch.full((batch, k), -1, dtype=torch.int64, device=h_local.device)
+    cand_vals[:, :k_local] = vals
+    cand_ids[:, :k_local] = pos + offset
+    all_vals = torch.cat(_all_gather(cand_vals, group, what + " (values)"), dim=-1)
+    all_ids = torch.cat(_all_gather(cand_ids, group, what + " (ids)"), dim=-1)
+    top_vals, top_pos = torch.topk(all_vals, k, dim=-1, sorted=True)
+    global_ids = all_ids.gather(-1, top_pos)
+    rank = _group_world(group)[0]
+    mine = top_pos[:, :, None] == (rank * k + torch.arange(k_local, device=pos.device))
+    selected = mine.any(dim=1)  # [B, k_local]: candidate j of this rank was chosen
+    return pos, selected, global_ids
+
+
+# --------------------------------------------------------------------------- the module
+class ShardedTopKTrainingSAE(ShardedTrainingSAE):
+    """This rank's shard of a :class:`TopKTrainingSAE` (see
+    :class:`~fastsae.training.latent_sharding.base.ShardedTrainingSAE`);
+    ``apply_b_dec_to_input`` and ``rescale_acts_by_decoder_norm`` either way."""
+
+    full_class = TopKTrainingSAE
+    cfg: TopKTrainingSAEConfig
+
+    def __init__(self, cfg: TopKTrainingSAEConfig, rank: int, world_size: int, group=None) -> None:
+        super().__init__(cfg, rank, world_size, group)
+        self.last_global_indices: Tensor | None = None
+
+    # ------------------------------------------------------------------ the step
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """TopK's step (MSE + AuxK) on the shards; every rank must call it with the same
+        ``sae_in`` and dead mask. ``output.code`` holds this rank's latents (shard-local
+        ids, value-0 padding) and ``output.fired()`` is ``[d_sae_local]``; the global
+        selection is ``self.last_global_indices [batch, k]``."""
+        x = step_input.sae_in.to(self.W_enc.dtype)
+        g = self.group
+        sae_in = self._encoder_input(x)
+        dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        with torch.no_grad():
+            h = encoder_preacts(sae_in.detach(), self.W_enc.detach(), self.b_enc.detach())
+            if dec_norm is not None:
+                h = h * dec_norm.detach()
+            pos, selected, global_ids = global_topk(h, self.cfg.k, self.lo, g, "topk candidates")
+            raw = h.gather(-1, pos)
+            values0 = torch.where(selected, raw.relu(), torch.zeros_like(raw))
+            h_sel = raw / dec_norm.detach()[pos] if dec_norm is not None else None
+        self.last_global_indices = global_ids
+        values = _SelectedEncode.apply(
+            sae_in, self.W_enc, self.b_enc, dec_norm, values0, pos, h_sel
+        )
+        code = SparseCode(values, pos)
+        dec_values = (
+            values
+            if dec_norm is None
+            else values * (1 / dec_norm).index_select(0, pos.reshape(-1)).view(pos.shape)
+        )
+        partial = ops.sparse_decode(SparseCode(dec_values, pos), self.W_dec)
+        sae_out = sum_over_shards(partial, g, "reconstruction all_reduce") + self.b_dec
+        losses = {"mse_loss": (sae_out - x).pow(2).sum(dim=-1).mean()}
+        losses["auxiliary_reconstruction_loss"] = self._auxk_loss(
+            x, sae_in, sae_out, self._local_dead(step_input.dead_neuron_mask)
+        )
+        return TrainStepOutput(
+            sae_in=x,
+            sae_out=sae_out,
+            loss=_total(losses),
+            losses=losses,
+            code=code,
+            d_sae=self.d_sae_local,
+        )
+
+    def _auxk_loss(
+        self, x: Tensor, sae_in: Tensor, sae_out: Tensor, dead_local: Tensor | None
+    ) -> Tensor:
+        """TopK's AuxK with the dead latents chosen globally (collectives on every rank)."""
+        if dead_local is None:
+            return sae_out.new_tensor(0.0)
+        g = self.group
+        dead = dead_local.nonzero().squeeze(1)
+        counts = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
+        num_dead = int(_all_reduce(counts, g, "dead latent count all_reduce").item())
+        if num_dead == 0:
+            return sae_out.new_tensor(0.0)
+        residual = (x - sae_out).detach()
+        k_aux, scale = topk_aux_scale(num_dead, x.shape[-1])
+        W_dec_dead = self.W_dec.index_select(0, dead)
+        dec_norm = W_dec_dead.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        h_dead = sae_in @ self.W_enc.index_select(1, dead) + self.b_enc.index_select(0, dead)
+        if dec_norm is not None:
+            h_dead = h_dead * dec_norm
+        # the selection only needs each rank's candidate positions (the returned global
+        # ids are ``lo + column of the dead subset``, unused here)
+        with torch.no_grad():
+            pos, selected, _ = global_topk(h_dead.detach(), k_aux, self.lo, g, "AuxK candidates")
+        if pos.shape[-1] == 0:
+            recons = h_dead.new_zeros(x.shape)
+        else:
+            values = h_dead.gather(-1, pos) * selected
+            acts = torch.zeros_like(h_dead).scatter(-1, pos, values)
+            if dec_norm is not None:
+                acts = acts * (1 / dec_norm)
+            recons = acts @ W_dec_dead
+        recons = sum_over_shards(recons, g, "AuxK reconstruction all_reduce")
+        loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        return self.cfg.aux_loss_coefficient * scale * loss
