@@ -42,7 +42,10 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
     sae = {
         "topk": lambda: TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4),
         "jumprelu": lambda: JumpReLUTrainingSAEConfig(
-            d_in=16, d_sae=64, l0_coefficient=0.01, jumprelu_init_threshold=0.05,
+            d_in=16,
+            d_sae=64,
+            l0_coefficient=0.01,
+            jumprelu_init_threshold=0.05,
             pre_act_loss_coefficient=0.1,
         ),  # fmt: skip
         "standard": lambda: StandardTrainingSAEConfig(d_in=16, d_sae=64, l1_coefficient=0.05),
