@@ -1,4 +1,4 @@
-"""Data-parallel training on CPU with gloo and 2 spawned processes: a 2-rank run equals a
+"""Data-parallel training on CPU with gloo and 2 or 4 spawned processes: a run equals a
 single-process run on the concatenated batches (losses, AuxK, dead mask, every
 parameter after Adam), ranks that disagree on the config raise, and a 2-rank
 checkpoint resumes in a single process with the same losses."""
@@ -8,14 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import multiprocessing as mp
 import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from spawn_ranks import run_ranks
 
 from fastsae.training import LanguageModelSAERunnerConfig, SAETrainer, TopKTrainingSAEConfig
 from fastsae.training.distributed import (
@@ -26,7 +24,7 @@ from fastsae.training.distributed import (
 )
 from fastsae.training.saes import training_sae_class_for_architecture
 
-D_IN, D_SAE, GLOBAL_BATCH, N_STEPS, WORLD = 16, 64, 32, 6, 2
+D_IN, D_SAE, GLOBAL_BATCH, N_STEPS = 16, 64, 32, 6
 
 
 class Synthetic:
@@ -101,86 +99,51 @@ def _record(trainer: SAETrainer) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- workers
-def _worker(rank: int, port: int, tmp: str, scenario: str) -> None:
+def _worker(rank: int, world: int, tmp: str, scenario: str) -> dict:
     tmp_path = Path(tmp)
-    out = tmp_path / f"result_{scenario}_{rank}.pt"
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        info = init_distributed(backend="gloo", timeout_s=5 if scenario == "dead" else 60)
-        assert (info.rank, info.world_size) == (rank, WORLD)
-        if scenario == "dead":
-            if rank == 1:
-                torch.save({"error": None}, out)
-                os._exit(0)  # dies without taking part in any collective
-            cfg = _cfg(tmp_path)
-            try:
-                DistributedSAETrainer(cfg, _sae(cfg), iter(()), show_progress=False)
-            except RuntimeError as e:
-                torch.save({"error": str(e)}, out)
-                return
-            torch.save({"error": None}, out)
-            return
-        if scenario == "config":
-            cfg = _cfg(tmp_path, lr=3e-3 if rank == 0 else 1e-3)
-            try:
-                DistributedSAETrainer(cfg, _sae(cfg), iter(()), show_progress=False)
-            except ValueError as e:
-                torch.save({"error": str(e)}, out)
-                return
-            torch.save({"error": None}, out)
-            return
-        cfg = _cfg(tmp_path, logger={"wandb_log_frequency": 1})
-        data = RankShardedProvider(Synthetic(), rank, WORLD)
-        trainer = DistributedSAETrainer(
-            cfg, _sae(cfg, seed=rank), data, run_dir=tmp_path / f"run{rank}", show_progress=False
-        )
-        record = _record(trainer)
-        trainer.fit()
-        torch.save({"record": record, "last_metrics": trainer.last_metrics}, out)
-    except BaseException:  # noqa: BLE001 - report to the test
-        torch.save({"exception": traceback.format_exc()}, out)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    info = init_distributed(backend="gloo", timeout_s=5 if scenario == "dead" else 60)
+    assert (info.rank, info.world_size) == (rank, world)
+    if scenario == "dead":
+        if rank == 1:
+            torch.save({"result": {"error": None}}, tmp_path / "ranks" / f"rank{rank}.pt")
+            os._exit(0)  # dies without taking part in any collective
+        cfg = _cfg(tmp_path)
+        try:
+            DistributedSAETrainer(cfg, _sae(cfg), iter(()), show_progress=False)
+        except RuntimeError as e:
+            return {"error": str(e)}
+        return {"error": None}
+    if scenario == "config":
+        cfg = _cfg(tmp_path, lr=3e-3 if rank == 0 else 1e-3)
+        try:
+            DistributedSAETrainer(cfg, _sae(cfg), iter(()), show_progress=False)
+        except ValueError as e:
+            return {"error": str(e)}
+        return {"error": None}
+    cfg = _cfg(tmp_path, logger={"wandb_log_frequency": 1})
+    data = RankShardedProvider(Synthetic(), rank, world)
+    trainer = DistributedSAETrainer(
+        cfg, _sae(cfg, seed=rank), data, run_dir=tmp_path / f"run{rank}", show_progress=False
+    )
+    record = _record(trainer)
+    trainer.fit()
+    return {"record": record, "last_metrics": trainer.last_metrics}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(tmp: Path, scenario: str) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp), scenario)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=80)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail(f"worker for {scenario!r} hung")
-    results = [
-        torch.load(tmp / f"result_{scenario}_{r}.pt", weights_only=False) for r in range(WORLD)
-    ]
-    for r, res in enumerate(results):
-        assert "exception" not in res, f"rank {r}:\n{res['exception']}"
-    return results
+def _spawn(tmp: Path, scenario: str, world: int = 2) -> list[dict]:
+    return run_ranks(_worker, world, tmp / "ranks", str(tmp), scenario, init_group=False)
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
     return tmp, _spawn(tmp, "train")
+
+
+@pytest.fixture(scope="module")
+def four_rank_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dp4")
+    return tmp, _spawn(tmp, "train", world=4)
 
 
 def _single_process_run(tmp: Path):
@@ -196,22 +159,28 @@ def _close(a, b, what):
 
 
 # ---------------------------------------------------------------------------- tests
-def test_data_parallel_steps_equal_single_process_steps(two_rank_run, tmp_path):
-    tmp, results = two_rank_run
-    r0, r1 = (res["record"] for res in results)
+@pytest.mark.parametrize("run", ["two_rank_run", "four_rank_run"])
+def test_data_parallel_steps_equal_single_process_steps(run, request, tmp_path):
+    tmp, results = request.getfixturevalue(run)
+    records = [res["record"] for res in results]
     single = _single_process_run(tmp_path)
-    assert len(r0) == len(r1) == len(single) == N_STEPS
+    assert all(len(r) == N_STEPS for r in records) and len(single) == N_STEPS
     aux_seen = False
-    for step, (a, b, s) in enumerate(zip(r0, r1, single, strict=True)):
-        # each rank's losses are means over its half: their mean is the full batch's
+    for step, s in enumerate(single):
+        per_rank = [r[step] for r in records]
+        a = per_rank[0]
+        # each rank's losses are means over its share: their mean is the full batch's
         for key in ("loss", "mse_loss", "auxiliary_reconstruction_loss"):
-            _close(torch.tensor((a[key] + b[key]) / 2), torch.tensor(s[key]), f"step {step} {key}")
+            mean = sum(r[key] for r in per_rank) / len(per_rank)
+            _close(torch.tensor(mean), torch.tensor(s[key]), f"step {step} {key}")
         aux_seen |= s["auxiliary_reconstruction_loss"] > 0
         # the same dead mask on every rank, equal to the single process's
-        assert torch.equal(a["dead"], b["dead"]) and torch.equal(a["dead"], s["dead"]), step
+        for b in per_rank:
+            assert torch.equal(a["dead"], b["dead"]) and torch.equal(a["dead"], s["dead"]), step
         assert a["n_training_samples"] == s["n_training_samples"] == (step + 1) * GLOBAL_BATCH
         for name, value in s["params"].items():
-            assert torch.equal(a["params"][name], b["params"][name]), f"replicas {name}"
+            for b in per_rank[1:]:
+                assert torch.equal(a["params"][name], b["params"][name]), f"replicas {name}"
             _close(a["params"][name], value, f"step {step} param {name}")
     assert aux_seen, "the test must exercise AuxK (dead latents)"
 

@@ -3,14 +3,10 @@ data-parallel run saves once, and its SAE equals a single-process run's."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import traceback
 from pathlib import Path
 
-import pytest
 import torch
+from spawn_ranks import run_ranks
 
 WORLD = 2
 
@@ -42,43 +38,20 @@ def _setup(tmp: Path, tag: str):
     return model, dataset, cfg
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    out = Path(tmp) / f"runner_{rank}.pt"
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        from fastsae.training import SAETrainingRunner
+def _worker(rank: int, world: int, tmp: str) -> dict:
+    from fastsae.training import SAETrainingRunner
 
-        model, dataset, cfg = _setup(Path(tmp), "dp")
-        runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
-                                   show_progress=False)  # fmt: skip
-        sae = runner.run()
-        torch.save({"state": sae.state_dict(), "steps": runner.trainer.state.n_training_steps,
-                    "world": runner.dist.world_size}, out)  # fmt: skip
-    except BaseException:  # noqa: BLE001 - report to the test
-        torch.save({"exception": traceback.format_exc()}, out)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    model, dataset, cfg = _setup(Path(tmp), "dp")
+    runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
+                               show_progress=False)  # fmt: skip
+    sae = runner.run()
+    return {"state": sae.state_dict(), "steps": runner.trainer.state.n_training_steps,
+            "world": runner.dist.world_size}  # fmt: skip
 
 
 def test_runner_data_parallel_equals_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank hung")
-    results = [torch.load(tmp_path / f"runner_{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "exception" not in res, f"rank {r}:\n{res['exception']}"
+    results = run_ranks(_worker, WORLD, tmp_path / "ranks", str(tmp_path), init_group=False)
+    for res in results:
         assert res["world"] == WORLD and res["steps"] == 12
 
     from fastsae import SAE

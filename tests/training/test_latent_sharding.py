@@ -1,18 +1,15 @@
-"""Latent-sharded TopK on CPU with gloo and 2 spawned processes: the global top-k equals
+"""Latent-sharded TopK on CPU with gloo and 2 and 4 spawned processes: the global top-k equals
 the single-device selection exactly; losses, AuxK and every gradient equal the unsharded
 step's; one clipped Adam step equals the unsharded update; gather_full -> save -> load ->
 from_full round-trips; a world size that does not divide d_sae raises."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from spawn_ranks import run_ranks
 
 from fastsae.training import TopKTrainingSAEConfig
 from fastsae.training.latent_sharding import (
@@ -23,7 +20,7 @@ from fastsae.training.latent_sharding import (
 from fastsae.training.saes.base import TrainStepInput
 from fastsae.training.saes.topk import TopKTrainingSAE
 
-D_IN, D_SAE, K, BATCH, WORLD, LR, MAX_NORM = 12, 48, 5, 20, 2, 1e-2, 0.5
+D_IN, D_SAE, K, BATCH, LR, MAX_NORM = 12, 48, 5, 20, 1e-2, 0.5
 # (rescale_acts_by_decoder_norm, dead latents): many dead on both ranks (k_aux = 6 of
 # 20), then fewer dead than k_aux, all on rank 0's shard (rank 1 has none)
 CASES = [
@@ -73,70 +70,40 @@ def _optimize(params, clip) -> None:
 
 
 # ---------------------------------------------------------------------------- workers
-def _worker(rank: int, port: int, tmp: str) -> None:
-    out = Path(tmp) / f"result_{rank}.pt"
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-        results = []
-        for rescale, dead in CASES:
-            shard = ShardedTopKTrainingSAE.from_full(_full_sae(rescale), rank, WORLD)
-            output = shard.training_forward_pass(_step_input(dead))
-            output.loss.backward()
-            rec = {k: v.detach() for k, v in output.losses.items()}
-            rec["loss"] = output.loss.detach()
-            rec["global_indices"] = shard.last_global_indices
-            rec["fired"] = output.fired()
-            rec["grads"] = {n: p.grad.clone() for n, p in shard.named_parameters()}
-            _optimize(shard.parameters(), lambda s=shard: clip_grad_norm_sharded(s, MAX_NORM))
-            rec["params"] = {n: p.detach().clone() for n, p in shard.named_parameters()}
-            results.append(rec)
-        # gather -> save (rank 0) -> load on every rank -> from_full
-        full = shard.gather_full()
-        save_dir = Path(tmp) / "saved"
-        if rank == 0:
-            full.save_model(save_dir)
-        torch.distributed.barrier()
-        loaded = TopKTrainingSAE.load_from_disk(save_dir)
-        again = ShardedTopKTrainingSAE.from_full(loaded, rank, WORLD)
-        round_trip = {
-            "gathered": {n: p.detach().clone() for n, p in full.named_parameters()},
-            "loaded": {n: p.detach().clone() for n, p in loaded.named_parameters()},
-            "reshard": {n: p.detach().clone() for n, p in again.named_parameters()},
-        }
-        torch.save({"cases": results, "round_trip": round_trip}, out)
-    except BaseException:  # noqa: BLE001 - report to the test
-        torch.save({"exception": traceback.format_exc()}, out)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+def _worker(rank: int, world: int, tmp: str) -> dict:
+    results = []
+    for rescale, dead in CASES:
+        shard = ShardedTopKTrainingSAE.from_full(_full_sae(rescale), rank, world)
+        output = shard.training_forward_pass(_step_input(dead))
+        output.loss.backward()
+        rec = {k: v.detach() for k, v in output.losses.items()}
+        rec["loss"] = output.loss.detach()
+        rec["global_indices"] = shard.last_global_indices
+        rec["fired"] = output.fired()
+        rec["grads"] = {n: p.grad.clone() for n, p in shard.named_parameters()}
+        _optimize(shard.parameters(), lambda s=shard: clip_grad_norm_sharded(s, MAX_NORM))
+        rec["params"] = {n: p.detach().clone() for n, p in shard.named_parameters()}
+        results.append(rec)
+    # gather -> save (rank 0) -> load on every rank -> from_full
+    full = shard.gather_full()
+    save_dir = Path(tmp) / "saved"
+    if rank == 0:
+        full.save_model(save_dir)
+    torch.distributed.barrier()
+    loaded = TopKTrainingSAE.load_from_disk(save_dir)
+    again = ShardedTopKTrainingSAE.from_full(loaded, rank, world)
+    round_trip = {
+        "gathered": {n: p.detach().clone() for n, p in full.named_parameters()},
+        "loaded": {n: p.detach().clone() for n, p in loaded.named_parameters()},
+        "reshard": {n: p.detach().clone() for n, p in again.named_parameters()},
+    }
+    return {"cases": results, "round_trip": round_trip}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("latent_sharding")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=80)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("latent-sharding worker hung")
-    results = [torch.load(tmp / f"result_{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "exception" not in res, f"rank {r}:\n{res['exception']}"
-    return results
+@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+def ranks(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"latent_sharding{request.param}")
+    return run_ranks(_worker, request.param, tmp / "ranks", str(tmp))
 
 
 def _reference(rescale: bool, dead: list[int]) -> dict:
@@ -158,7 +125,8 @@ def _reference(rescale: bool, dead: list[int]) -> dict:
 
 def _gathered(shards: list[dict], name: str) -> torch.Tensor:
     if name == "b_dec":
-        assert torch.equal(shards[0][name], shards[1][name]), "b_dec replicas differ"
+        for other in shards[1:]:
+            assert torch.equal(other[name], shards[0][name]), "b_dec replicas differ"
         return shards[0][name]
     return torch.cat([s[name] for s in shards], dim=1 if name == "W_enc" else 0)
 
@@ -169,41 +137,44 @@ def _close(a, b, what):
 
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_global_topk_indices_equal_single_device(two_ranks, case):
+def test_global_topk_indices_equal_single_device(ranks, case):
     ref = _reference(*CASES[case])
-    a, b = (res["cases"][case] for res in two_ranks)
-    assert torch.equal(a["global_indices"], b["global_indices"])
-    got = a["global_indices"].sort(dim=-1).values
-    assert torch.equal(got, ref["indices"].long().sort(dim=-1).values)
+    got = [res["cases"][case] for res in ranks]
+    for other in got[1:]:
+        assert torch.equal(other["global_indices"], got[0]["global_indices"])
+    ids = got[0]["global_indices"].sort(dim=-1).values
+    assert torch.equal(ids, ref["indices"].long().sort(dim=-1).values)
     # firing counts: each rank's shard of the single-device counts
-    assert torch.equal(torch.cat([a["fired"], b["fired"]]), ref["fired"])
+    assert torch.equal(torch.cat([g["fired"] for g in got]), ref["fired"])
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_losses_and_every_gradient_equal_unsharded(two_ranks, case):
+def test_losses_and_every_gradient_equal_unsharded(ranks, case):
     ref = _reference(*CASES[case])
-    a, b = (res["cases"][case] for res in two_ranks)
+    got = [res["cases"][case] for res in ranks]
     assert ref["auxiliary_reconstruction_loss"] > 0, "the test must exercise AuxK"
     for key in ("loss", "mse_loss", "auxiliary_reconstruction_loss"):
-        assert torch.equal(a[key], b[key]), key
-        _close(a[key], ref[key], key)
+        for other in got[1:]:
+            assert torch.equal(other[key], got[0][key]), key
+        _close(got[0][key], ref[key], key)
     for name, grad in ref["grads"].items():
-        _close(_gathered([a["grads"], b["grads"]], name), grad, f"grad {name}")
+        _close(_gathered([g["grads"] for g in got], name), grad, f"grad {name}")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_clipped_adam_step_equals_unsharded_update(two_ranks, case):
+def test_clipped_adam_step_equals_unsharded_update(ranks, case):
     ref = _reference(*CASES[case])
-    a, b = (res["cases"][case] for res in two_ranks)
+    got = [res["cases"][case] for res in ranks]
     for name, value in ref["params"].items():
-        _close(_gathered([a["params"], b["params"]], name), value, f"param {name}")
+        _close(_gathered([g["params"] for g in got], name), value, f"param {name}")
 
 
-def test_gather_save_load_reshard_round_trip(two_ranks):
-    trips = [res["round_trip"] for res in two_ranks]
-    last = [res["cases"][-1]["params"] for res in two_ranks]
+def test_gather_save_load_reshard_round_trip(ranks):
+    trips = [res["round_trip"] for res in ranks]
+    last = [res["cases"][-1]["params"] for res in ranks]
     for name, value in trips[0]["gathered"].items():
-        assert torch.equal(trips[1]["gathered"][name], value), name
+        for other in trips[1:]:
+            assert torch.equal(other["gathered"][name], value), name
         assert torch.equal(_gathered(last, name), value), name
         assert torch.equal(trips[0]["loaded"][name], value), name
         assert torch.equal(_gathered([t["reshard"] for t in trips], name), value), name
