@@ -123,6 +123,12 @@ def topk_encode(
     return _unflat(code, tuple(x.shape[:-1]))
 
 
+def topk_encode_is_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int) -> bool:
+    """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) runs the fused
+    Triton kernel (no ``[batch, d_sae]`` pre-activations) on these tensors."""
+    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=k <= 1024)
+
+
 def jumprelu_encode(
     x: Tensor,
     W_enc: Tensor,

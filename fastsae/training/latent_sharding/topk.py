@@ -89,7 +89,7 @@ class _SelectedEncode(torch.autograd.Function):
 
 def global_topk(
     h_local: Tensor, k: int, offset: int, group=None, what: str = "topk candidates"
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact global top-k of a row-sharded ``[B, n_local]`` score matrix (no grad).
 
     Returns ``(local_positions [B, k'], selected [B, k'] bool, global_ids [B, k])`` where
@@ -97,21 +97,35 @@ def global_topk(
     in the global top-k. ``global_ids`` (sorted by value, descending) is the global
     selection, the same on every rank. Every rank must call it (it all-gathers).
     """
-    batch, n_local = h_local.shape
-    k_local = min(k, n_local)
+    k_local = min(k, h_local.shape[-1])
     vals, pos = torch.topk(h_local, k_local, dim=-1, sorted=False)
-    cand_vals = h_local.new_full((batch, k), float("-inf"))
-    cand_ids = torch.full((batch, k), -1, dtype=torch.int64, device=h_local.device)
+    selected, global_ids = merge_candidates(vals, pos, k, offset, group, what)
+    return pos, selected, global_ids
+
+
+def merge_candidates(
+    vals: Tensor, pos: Tensor, k: int, offset: int, group=None, what: str = "topk candidates"
+) -> tuple[Tensor, Tensor]:
+    """The global top-k of every rank's local candidates ``vals``/``pos [B, k']``
+    (``k' <= k``; ``pos`` local columns, ``offset`` this rank's first latent).
+
+    Returns ``(selected [B, k'] bool, global_ids [B, k])``: which of this rank's
+    candidates are chosen, and the chosen global ids (descending by value, the same on
+    every rank). Every rank must call it (it all-gathers ``[B, k]`` values and ids).
+    """
+    batch, k_local = vals.shape
+    cand_vals = vals.new_full((batch, k), float("-inf"))
+    cand_ids = torch.full((batch, k), -1, dtype=torch.int64, device=vals.device)
     cand_vals[:, :k_local] = vals
     cand_ids[:, :k_local] = pos + offset
     all_vals = torch.cat(_all_gather(cand_vals, group, what + " (values)"), dim=-1)
     all_ids = torch.cat(_all_gather(cand_ids, group, what + " (ids)"), dim=-1)
-    top_vals, top_pos = torch.topk(all_vals, k, dim=-1, sorted=True)
+    _, top_pos = torch.topk(all_vals, k, dim=-1, sorted=True)
     global_ids = all_ids.gather(-1, top_pos)
     rank = _group_world(group)[0]
-    mine = top_pos[:, :, None] == (rank * k + torch.arange(k_local, device=pos.device))
+    mine = top_pos[:, :, None] == (rank * k + torch.arange(k_local, device=vals.device))
     selected = mine.any(dim=1)  # [B, k_local]: candidate j of this rank was chosen
-    return pos, selected, global_ids
+    return selected, global_ids
 
 
 # --------------------------------------------------------------------------- the module
@@ -137,14 +151,26 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         g = self.group
         sae_in = self._encoder_input(x)
         dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        k, dn = self.cfg.k, (dec_norm.detach() if dec_norm is not None else None)
+        k_local = min(k, self.d_sae_local)
         with torch.no_grad():
-            h = encoder_preacts(sae_in.detach(), self.W_enc.detach(), self.b_enc.detach())
-            if dec_norm is not None:
-                h = h * dec_norm.detach()
-            pos, selected, global_ids = global_topk(h, self.cfg.k, self.lo, g, "topk candidates")
-            raw = h.gather(-1, pos)
+            w_enc, b_enc = self.W_enc.detach(), self.b_enc.detach()
+            if ops.topk_encode_is_fused(sae_in, w_enc, b_enc, k_local):
+                # the fused kernel: local candidates without a [batch, d_sae_local] tensor.
+                # Its values are ReLU'd: a row with fewer than k positive pre-activations
+                # may pick other zero-valued latents than torch.topk would, which changes
+                # neither the output, the gradients nor the firing counts (all value 0)
+                local = ops.topk_encode(sae_in.detach(), w_enc, b_enc, k_local, dec_norm=dn)
+                pos, raw = local.indices.long(), local.values
+                selected, global_ids = merge_candidates(raw, pos, k, self.lo, g)
+            else:
+                h = encoder_preacts(sae_in.detach(), w_enc, b_enc)
+                if dn is not None:
+                    h = h * dn
+                pos, selected, global_ids = global_topk(h, k, self.lo, g, "topk candidates")
+                raw = h.gather(-1, pos)
             values0 = torch.where(selected, raw.relu(), torch.zeros_like(raw))
-            h_sel = raw / dec_norm.detach()[pos] if dec_norm is not None else None
+            h_sel = raw / dn[pos] if dn is not None else None
         self.last_global_indices = global_ids
         values = _SelectedEncode.apply(
             sae_in, self.W_enc, self.b_enc, dec_norm, values0, pos, h_sel
