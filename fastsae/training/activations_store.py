@@ -314,6 +314,9 @@ class ActivationsStore:
         self._check_width()
 
         self._generator = torch.Generator().manual_seed(seed)
+        # data parallelism: this store keeps token rows i with i % count == index
+        self.row_shard: tuple[int, int] = (0, 1)
+        self._n_rows_seen = 0
         self._storage = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
         self._ready = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
 
@@ -437,6 +440,7 @@ class ActivationsStore:
         """
         n = batch_size or self.store_batch_size_prompts
         rows: list[Tensor] = []
+        index, count = self.row_shard
         while len(rows) < n:
             row = self._rows.next_row()
             if row is None:
@@ -451,8 +455,29 @@ class ActivationsStore:
                         "samples, beginning the next epoch."
                     )
                 continue
+            self._n_rows_seen += 1
+            if count > 1 and (self._n_rows_seen - 1) % count != index:
+                continue  # another data-parallel rank's row: no model forward for it
             rows.append(row)
         return torch.stack(rows).to(self._reader.input_device)
+
+    def shard_for_data_parallel(self, rank: int, world_size: int) -> None:
+        """Make this store rank ``rank``'s share of a data-parallel run of ``world_size``:
+        it keeps token rows ``rank, rank + world_size, ...`` of the stream (the model runs
+        on those only) and yields ``train_batch_size_tokens / world_size`` rows per batch,
+        so the ranks' batches together are one global batch of disjoint tokens. Call it
+        before the first batch."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if self.train_batch_size_tokens % world_size:
+            raise ValueError(
+                f"train_batch_size_tokens={self.train_batch_size_tokens} does not split over "
+                f"{world_size} data-parallel ranks"
+            )
+        if self._n_rows_seen or self._ready.shape[0] or self._storage.shape[0]:
+            raise RuntimeError("shard_for_data_parallel must be called before the first batch")
+        self.row_shard = (rank, world_size)
+        self.train_batch_size_tokens //= world_size
 
     def _attention_mask(self, tokens: Tensor) -> Tensor | None:
         if self._pad_token_id is None:
@@ -558,6 +583,8 @@ class ActivationsStore:
             "generator_state": self._generator.get_state(),
             "d_in": torch.tensor(self.d_in),
             "context_size": torch.tensor(self.context_size),
+            "n_rows_seen": torch.tensor(self._n_rows_seen),
+            "row_shard": torch.tensor(self.row_shard),
             **self._rows.state_dict(),
         }
 
@@ -576,8 +603,16 @@ class ActivationsStore:
                 raise ValueError(f"state has {key}={int(state[key])}, this store has {mine}")
         self._storage = state["storage"].to(device=self.device, dtype=self.dtype)
         self._ready = state["ready"].to(device=self.device, dtype=self.dtype)
+        saved_shard = tuple(int(v) for v in state.get("row_shard", torch.tensor([0, 1])))
+        if saved_shard != self.row_shard:
+            raise ValueError(
+                f"state is data-parallel rank {saved_shard[0]} of {saved_shard[1]}'s data, "
+                f"this store is rank {self.row_shard[0]} of {self.row_shard[1]} (see "
+                "furthest_position to continue under another world size)"
+            )
         self._generator.set_state(state["generator_state"].cpu())
         self._rows.load_state_dict(state)
+        self._n_rows_seen = int(state.get("n_rows_seen", 0))
 
     def save(self, file_path: str | os.PathLike) -> None:
         """Write ``state_dict()`` to a safetensors file."""
@@ -706,3 +741,34 @@ class ActivationsStore:
             dataset_trust_remote_code=bool(get("dataset_trust_remote_code", False)),
             tokenizer=tokenizer,
         )
+
+
+def furthest_position(
+    states: list[dict[str, Tensor]], row_shard: tuple[int, int]
+) -> tuple[dict[str, Tensor], int]:
+    """Continue a data-parallel run under another number of ranks: the store state of
+    data-parallel rank ``row_shard = (rank, world_size)`` that starts at the furthest
+    token-stream position any saved rank reached, with empty buffers.
+
+    Returns ``(state, n_dropped)``: ``n_dropped`` activations were in the saved ranks'
+    shuffling buffers and are not trained on (rows are not replayed, so no token is
+    seen twice). ``states`` are the saved ranks' ``state_dict()`` s.
+    """
+    if not states:
+        raise ValueError("furthest_position needs at least one saved store state")
+
+    def position(st: dict[str, Tensor]) -> tuple[int, int, int]:
+        return int(st["epoch"]), int(st["doc_index"]), int(st["doc_offset"])
+
+    furthest = max(states, key=position)
+    d_in = int(furthest["d_in"])
+    dtype = furthest["storage"].dtype
+    dropped = sum(int(st["storage"].shape[0]) + int(st["ready"].shape[0]) for st in states)
+    state = {
+        **furthest,
+        "storage": torch.empty(0, d_in, dtype=dtype),
+        "ready": torch.empty(0, d_in, dtype=dtype),
+        "n_rows_seen": torch.tensor(0),
+        "row_shard": torch.tensor(row_shard),
+    }
+    return state, dropped

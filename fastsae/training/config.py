@@ -112,13 +112,22 @@ class LanguageModelSAERunnerConfig:
     Devices: ``device`` (SAE), ``llm_device``, ``act_store_device``, ``dtype``,
     ``autocast_lm``, ``seed``.
 
-    Multi-GPU: under ``torchrun`` the run is data parallel by default. ``latent_shards``
-    (fastsae addition, default 1): when > 1, the SAE's latents (``W_enc``, ``b_enc``,
-    ``W_dec`` and their Adam state) are split over that many ranks instead, each rank
-    training on the same full batch (:mod:`fastsae.training.sharded_trainer`); it must
-    equal the world size (no data parallelism on top yet), needs a ``topk`` SAE with
-    ``normalize_activations="none"`` and ``d_sae`` divisible by it; such a run's
-    checkpoints resume under the same world size only.
+    Multi-GPU (fastsae additions): under ``torchrun`` the run is data parallel by
+    default. ``latent_shards`` (default 1): when > 1, the SAE's per-latent parameters
+    (``W_enc``, ``b_enc``, ``W_dec``, JumpReLU's ``threshold``, and their Adam state) are
+    split over that many ranks (:mod:`fastsae.training.sharded_trainer`); it must divide
+    the world size (the ranks form a ``WORLD_SIZE / latent_shards`` data-parallel x
+    ``latent_shards`` mesh) and ``d_sae``, and needs a ``topk``, ``standard`` or
+    ``jumprelu`` SAE with ``normalize_activations="none"``. ``data_parallel_mode``: how
+    the data-parallel replicas get their rows of each global batch: ``"shard"`` (the
+    default for a live model) each replica runs the model on its own token rows (every
+    replica-th row of the stream), so the model's work is divided too; ``"split"`` (the
+    default, and the only mode, for cached activations) every replica computes the whole
+    global batch and keeps its rows: the batches are then those of a single-process run
+    and a checkpoint resumes exactly under any world size. A ``"shard"`` checkpoint
+    resumes exactly under the same number of replicas; under another it continues from
+    the furthest saved stream position (the saved shuffling buffers are skipped, with a
+    warning).
     """
 
     sae: TrainingSAEConfig
@@ -183,6 +192,7 @@ class LanguageModelSAERunnerConfig:
     n_batches_for_norm_estimate: int = 1000
     run_id: str | None = None
     latent_shards: int = 1
+    data_parallel_mode: str | None = None
 
     def __init__(self, sae: TrainingSAEConfig | dict[str, Any] | None = None, **kwargs: Any):
         names = {f.name: f for f in fields(self)}
@@ -252,6 +262,16 @@ class LanguageModelSAERunnerConfig:
             "latent_shards",
         ):
             _positive_int(self, name)
+        if self.data_parallel_mode not in (None, "shard", "split"):
+            raise ValueError(
+                "data_parallel_mode must be None, 'shard' or 'split', got "
+                f"{self.data_parallel_mode!r}"
+            )
+        if self.data_parallel_mode == "shard" and self.use_cached_activations:
+            raise ValueError(
+                "data_parallel_mode='shard' runs the model on each rank's own token rows; "
+                "with use_cached_activations use 'split' (or None)"
+            )
         if self.sae.d_sae % self.latent_shards:
             raise ValueError(
                 f"latent_shards={self.latent_shards} must divide sae.d_sae={self.sae.d_sae} "

@@ -30,6 +30,8 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,7 @@ from torch import Tensor
 from fastsae.training.metrics import step_metrics
 from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
 from fastsae.training.sharded_data import RankShardedProvider
-from fastsae.training.trainer import SAETrainer
+from fastsae.training.trainer import SAETrainer, _move_into_place
 
 DEFAULT_TIMEOUT_S = 600.0
 # per-rank fields: excluded from the "all ranks run the same config" check
@@ -339,21 +341,45 @@ class DistributedSAETrainer(SAETrainer):
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
         """Rank 0 writes the (replicated) state; every rank waits for it and gets the path.
+        When each rank draws its own token rows, every rank adds its data position
+        (``data_state_replica{rank}.pt``) before the folder appears.
 
         A batch drawn but not trained on (an interrupted step) is not saved: it is only
         this rank's share, so the resumed run skips that global batch.
         """
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
-        path = base / name
+        final = base / name
+        if self._data_replica()[1] == 1:
+            path = final
+            if self.rank == 0:
+                pending, self._pending_batch = self._pending_batch, None
+                try:
+                    path = super().save_checkpoint(name, base_path)
+                finally:
+                    self._pending_batch = pending
+            if self.distributed:
+                _collective("barrier(save_checkpoint)", dist.barrier)
+            return path
+        tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
+        _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
+        tmp = base / tmp_name[0]
+        if self.rank == 0:
+            tmp.mkdir(parents=True, exist_ok=True)
+        _collective("barrier(save_checkpoint: folder)", dist.barrier)
+        self._write_data_replica_state(tmp)
+        _collective("barrier(save_checkpoint: data positions)", dist.barrier)
         if self.rank == 0:
             pending, self._pending_batch = self._pending_batch, None
             try:
-                path = super().save_checkpoint(name, base_path)
+                self.sae.save_model(tmp, sparsity=self.log_feature_sparsity)
+                self._write_trainer_files(tmp)
+                _move_into_place(tmp, final)
             finally:
                 self._pending_batch = pending
-        if self.distributed:
-            _collective("barrier(save_checkpoint)", dist.barrier)
-        return path
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        _collective("barrier(save_checkpoint: commit)", dist.barrier)
+        return final
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Every rank loads the same checkpoint (saved under any world size)."""

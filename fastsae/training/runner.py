@@ -212,16 +212,13 @@ class SAETrainingRunner:
             _broadcast_parameters(self.sae, self.dist.device)
             sae = shard_sae(self.sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
             self.sae = sae  # the full SAE is not kept during training
-            if mesh.dp_size > 1:
-                data = RankShardedProvider(data, mesh.dp_rank, mesh.dp_size, mode="split")
+            data = self._data_parallel_data(data, mesh.dp_rank, mesh.dp_size)
             trainer_cls = LatentShardedSAETrainer
             trainer_kwargs["mesh"] = mesh
         elif self.dist.world_size > 1:
             from fastsae.training.distributed import DistributedSAETrainer
 
-            # every rank draws the same global batch and keeps its rows: the data
-            # position is then the same on every rank and resumes at any world size
-            data = RankShardedProvider(data, self.dist.rank, self.dist.world_size, mode="split")
+            data = self._data_parallel_data(data, self.dist.rank, self.dist.world_size)
             trainer_cls = DistributedSAETrainer
         self.trainer = trainer_cls(
             checkpoint_cfg,
@@ -249,6 +246,21 @@ class SAETrainingRunner:
         if run_dir is not None and main:
             self.save_final_sae(run_dir, sparsity=sparsity)
         return sae
+
+    def _data_parallel_data(self, store: Any, replica: int, n_replicas: int) -> Any:
+        """This data-parallel replica's batches (see ``data_parallel_mode``)."""
+        if n_replicas == 1:
+            return store
+        mode = self.cfg.data_parallel_mode
+        if mode is None:
+            mode = "split" if self.cfg.use_cached_activations else "shard"
+        if mode == "shard":
+            # the model runs on this replica's own token rows only
+            store.shard_for_data_parallel(replica, n_replicas)
+            return store
+        # every replica draws the same global batch and keeps its rows: the data
+        # position is then the same everywhere and resumes at any world size
+        return RankShardedProvider(store, replica, n_replicas, mode="split")
 
     def save_final_sae(self, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:
         """The trained SAE in the inference SAELens format, with its log sparsity (default:

@@ -289,6 +289,8 @@ class LatentShardedSAETrainer(SAETrainer):
         if writer:
             file = tmp / SHARD_STATE_FILENAME.format(shard=self.mesh.shard_rank)
             torch.save(self._shard_state_dict(), file)
+        if self.mesh.shard_rank == 0:  # one rank per data replica writes its position
+            self._write_data_replica_state(tmp)
         self._barrier("save_checkpoint: shard states")
         if self.rank == 0:
             # with data parallelism an interrupted step's batch is rank 0's rows only: not
@@ -321,6 +323,7 @@ class LatentShardedSAETrainer(SAETrainer):
             },
             "latent_shards": self.mesh.shard_size,
             "data_parallel": self.mesh.dp_size,
+            "data_replicas": self._data_replica()[1],
         }
 
     def _shard_state_dict(self) -> dict[str, Any]:

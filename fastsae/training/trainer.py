@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from fastsae.training.sharded_data import (
 TRAINER_STATE_FILENAME = "trainer_state.pt"
 DATA_STATE_FILENAME = "data_state.pt"
 PENDING_BATCH_FILENAME = "pending_batch.safetensors"
+DATA_REPLICA_FILENAME = "data_state_replica{replica}.pt"
 RUNNER_CFG_FILENAME = "runner_cfg.json"
 
 Evaluator = Callable[[TrainingSAE], dict[str, Any]]
@@ -270,6 +272,7 @@ class SAETrainer:
                     if batch is None:
                         batch = next(self.data_provider)
                     self._pending_batch = batch
+                    samples_before = self.state.n_training_samples
                     output = self.step(batch)
                     self._pending_batch = None
                     self.state.n_training_steps += 1
@@ -277,7 +280,7 @@ class SAETrainer:
                         self._log(output, pbar)
                     self._maybe_evaluate()
                     self._checkpoint_if_needed()
-                    pbar.update(batch.shape[0])
+                    pbar.update(self.state.n_training_samples - samples_before)
                     if interrupted():
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
@@ -408,6 +411,7 @@ class SAETrainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
             "sae_buffers": {k: v for k, v in self.sae.named_buffers()},
+            "data_replicas": self._data_replica()[1],
         }
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -469,9 +473,36 @@ class SAETrainer:
         self.scaler.load(path)
         pending = path / PENDING_BATCH_FILENAME
         self._pending_batch = load_file(str(pending))["batch"] if pending.is_file() else None
-        data_file = path / DATA_STATE_FILENAME
+        self._load_data_state(path, state)
+        self.metrics.truncate_after(self.state.n_training_steps)
+
+    def _data_replica(self) -> tuple[int, int]:
+        """``(index, count)``: which of the run's data replicas this rank's provider
+        draws (``count > 1`` when each data-parallel rank runs the model on its own
+        token rows, see ``ActivationsStore.shard_for_data_parallel``)."""
+        shard = getattr(self.data_provider, "row_shard", (0, 1))
+        return int(shard[0]), int(shard[1])
+
+    def _write_data_replica_state(self, folder: Path) -> None:
+        """This replica's data position (when the replicas draw their own rows)."""
+        index, count = self._data_replica()
+        if count > 1:
+            torch.save(
+                self.data_provider.state_dict(),  # type: ignore[attr-defined]
+                folder / DATA_REPLICA_FILENAME.format(replica=index),
+            )
+
+    def _load_data_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Restore the data position: the replica's own file when the checkpoint has
+        the same number of data replicas, else the furthest saved position (warning
+        with the number of buffered activations skipped)."""
         load = getattr(self.data_provider, "load_state_dict", None)
-        if callable(load):
+        if not callable(load):
+            return
+        saved = int(state.get("data_replicas", 1))
+        index, count = self._data_replica()
+        if saved == 1 and count == 1:
+            data_file = path / DATA_STATE_FILENAME
             if not data_file.is_file():
                 raise FileNotFoundError(
                     f"{data_file} is missing: the checkpoint has no data position to resume from"
@@ -482,7 +513,31 @@ class SAETrainer:
             ):  # written by a data-parallel run, resumed without one
                 data_state = bare_provider_state(data_state)
             load(data_state)
-        self.metrics.truncate_after(self.state.n_training_steps)
+            return
+        if saved > 1:
+            files = [path / DATA_REPLICA_FILENAME.format(replica=i) for i in range(saved)]
+        else:
+            files = [path / DATA_STATE_FILENAME]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"the checkpoint's data positions are missing: {missing}")
+        if saved == count:
+            load(torch.load(files[index], map_location="cpu", weights_only=False))
+            return
+        from fastsae.training.activations_store import furthest_position
+
+        states = []
+        for f in files:
+            st = torch.load(f, map_location="cpu", weights_only=False)
+            states.append(bare_provider_state(st) if is_rank_sharded_state(st) else st)
+        merged, dropped = furthest_position(states, (index, count))
+        warnings.warn(
+            f"{path} was written with {saved} data replicas, this run has {count}: the "
+            f"data continues from the furthest saved position; {dropped} activations "
+            "that were in the saved shuffling buffers are not trained on",
+            stacklevel=2,
+        )
+        load(merged)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

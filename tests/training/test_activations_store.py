@@ -453,3 +453,68 @@ def test_local_text_dataset_is_deterministic_and_real_text():
     assert list(prefix["text"]) == list(a["text"])[:10]
     with pytest.raises(ValueError, match="not installed"):
         local_text_dataset(n_docs=1, packages=["no_such_package_xyz"])
+
+
+# ----------------------------------------------------------------------------------------
+# data parallelism: each rank's own token rows
+# ----------------------------------------------------------------------------------------
+def test_shard_for_data_parallel_interleaves_rows_and_runs_the_model_on_own_rows(
+    tl_model, token_rows
+):
+    whole = tl_store(tl_model, token_rows)
+    all_rows = torch.cat([whole.get_batch_tokens(6) for _ in range(2)])  # 12 rows
+    for rank in range(3):
+        store = tl_store(tl_model, token_rows, train_batch_size_tokens=48)
+        store.shard_for_data_parallel(rank, 3)
+        assert store.train_batch_size_tokens == 16
+        mine = store.get_batch_tokens(4)
+        assert torch.equal(mine, all_rows[rank::3])
+    store = tl_store(tl_model, token_rows, train_batch_size_tokens=30)
+    seen = []
+
+    def counting_read(tokens, *args, _read=store._reader.read):
+        seen.append(tokens.shape[0])
+        return _read(tokens, *args)
+
+    store._reader.read = counting_read
+    store.shard_for_data_parallel(1, 2)
+    assert store.train_batch_size_tokens == 15 and store.row_shard == (1, 2)
+    batch = store.next_batch()
+    assert batch.shape == (15, 16)
+    # the model ran on this rank's rows only: the buffer (4 x 4 rows) needs 16 own rows
+    assert sum(seen) == store.buffer_size_tokens // CTX
+    assert store._n_rows_seen == 2 * sum(seen)
+
+
+def test_data_parallel_store_state_and_furthest_position(tl_model, token_rows):
+    from fastsae.training.activations_store import furthest_position
+
+    stores = []
+    for rank in range(2):
+        store = tl_store(tl_model, token_rows)
+        store.shard_for_data_parallel(rank, 2)
+        store.next_batch()
+        stores.append(store)
+    state = stores[1].state_dict()
+    expected = [stores[1].next_batch() for _ in range(3)]
+    again = tl_store(tl_model, token_rows)
+    again.shard_for_data_parallel(1, 2)
+    again.load_state_dict(state)
+    assert all(torch.equal(again.next_batch(), e) for e in expected)
+    # another rank's state, or an unsharded store, is refused by name
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        tl_store(tl_model, token_rows).load_state_dict(state)
+    # continuing under 1 replica: furthest position, empty buffers, the dropped count
+    states = [s.state_dict() for s in stores]
+    merged, dropped = furthest_position(states, (0, 1))
+    assert dropped == sum(s._ready.shape[0] + s._storage.shape[0] for s in stores) > 0
+    assert merged["ready"].shape == (0, 16) and merged["storage"].shape == (0, 16)
+    single = tl_store(tl_model, token_rows)
+    single.load_state_dict(merged)
+    pos = max((int(s["epoch"]), int(s["doc_index"]), int(s["doc_offset"])) for s in states)
+    st = single.state_dict()
+    assert (int(st["epoch"]), int(st["doc_index"]), int(st["doc_offset"])) == pos
+    with pytest.raises(ValueError, match="does not split"):
+        tl_store(tl_model, token_rows).shard_for_data_parallel(0, 3)
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        stores[0].shard_for_data_parallel(0, 2)

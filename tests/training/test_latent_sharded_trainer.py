@@ -165,7 +165,8 @@ def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
 def test_mesh_2x2_equals_single_process_and_resumes_on_2_shards(single_runs, tmp_path):
     _, ref = single_runs["jumprelu"]
     results = run_ranks(_worker, 4, tmp_path / "r", str(tmp_path), "mesh", "jumprelu",
-                        {"latent_shards": 2}, timeout=400)  # fmt: skip
+                        {"latent_shards": 2, "data_parallel_mode": "split"},
+                        timeout=400)  # fmt: skip
     for res in results:
         assert res["trainer"] == "LatentShardedSAETrainer" and res["steps"] == STEPS
         assert res["local_W_enc"] == (16, 32)
