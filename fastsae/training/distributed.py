@@ -41,10 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastsae.training.checkpoints import _move_into_place
 from fastsae.training.metrics import step_metrics
 from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
 from fastsae.training.sharded_data import RankShardedProvider
-from fastsae.training.trainer import SAETrainer, _move_into_place
+from fastsae.training.trainer import SAETrainer
 
 DEFAULT_TIMEOUT_S = 600.0
 # per-rank fields: excluded from the "all ranks run the same config" check

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastsae.training.checkpoints import TRAINER_STATE_FILENAME, TrainerState, _move_into_place
 from fastsae.training.distributed import _collective, _world, average_gradients, check_same_config
 from fastsae.training.latent_sharding import ShardedTrainingSAE, clip_grad_norm_sharded
 from fastsae.training.latent_sharding.checkpoint import (
@@ -57,12 +58,7 @@ from fastsae.training.latent_sharding.checkpoint import (
 from fastsae.training.latent_sharding.mesh import LatentMesh
 from fastsae.training.metrics import step_metrics
 from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
-from fastsae.training.trainer import (
-    TRAINER_STATE_FILENAME,
-    SAETrainer,
-    TrainerState,
-    _move_into_place,
-)
+from fastsae.training.trainer import SAETrainer
 
 
 class LatentShardedSAETrainer(SAETrainer):

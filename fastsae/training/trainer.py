@@ -15,26 +15,29 @@ without touching the others:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
-import shutil
 import signal
 import threading
 import time
-import uuid
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from fastsae.training.activation_scaler import ActivationScaler
+from fastsae.training.checkpoints import (  # noqa: F401 - re-exported names
+    DATA_REPLICA_FILENAME,
+    DATA_STATE_FILENAME,
+    PENDING_BATCH_FILENAME,
+    RUNNER_CFG_FILENAME,
+    TRAINER_STATE_FILENAME,
+    CheckpointingMixin,
+    TrainerState,
+    _move_into_place,
+)
 from fastsae.training.metrics import MetricsLogger, step_metrics
 from fastsae.training.optim import CoefficientScheduler, get_lr_scheduler
 from fastsae.training.saes.base import (
@@ -43,31 +46,11 @@ from fastsae.training.saes.base import (
     TrainStepInput,
     TrainStepOutput,
 )
-from fastsae.training.sharded_data import (
-    RankShardedProvider,
-    bare_provider_state,
-    is_rank_sharded_state,
-)
-
-TRAINER_STATE_FILENAME = "trainer_state.pt"
-DATA_STATE_FILENAME = "data_state.pt"
-PENDING_BATCH_FILENAME = "pending_batch.safetensors"
-DATA_REPLICA_FILENAME = "data_state_replica{replica}.pt"
-RUNNER_CFG_FILENAME = "runner_cfg.json"
 
 Evaluator = Callable[[TrainingSAE], dict[str, Any]]
 
 
-@dataclass
-class TrainerState:
-    """Counters of a run (the tensors of dead-latent tracking live beside it)."""
-
-    n_training_steps: int = 0
-    n_training_samples: int = 0
-    n_frac_active_samples: int = 0
-
-
-class SAETrainer:
+class SAETrainer(CheckpointingMixin):
     """Train ``sae`` on batches from ``data_provider`` as ``cfg`` says.
 
     ``cfg`` is a :class:`~fastsae.training.config.LanguageModelSAERunnerConfig` (or any
@@ -361,190 +344,6 @@ class SAETrainer:
         ):
             self.save_checkpoint(str(self.state.n_training_samples))
             self.checkpoint_thresholds.pop(0)
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
-        """Write ``<checkpoint_path>/<name>/`` atomically: the SAE (SAELens format,
-        training config), the trainer state, the data position and the run config."""
-        base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
-        final = base / name
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            self.sae.save_model(tmp, sparsity=self.log_feature_sparsity)
-            self._write_trainer_files(tmp)
-            _move_into_place(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return final
-
-    def _write_trainer_files(self, folder: Path) -> None:
-        """Everything of a checkpoint but the SAE: trainer state, data position,
-        normalisation, an interrupted step's pending batch, the run config."""
-        torch.save(self._state_dict(), folder / TRAINER_STATE_FILENAME)
-        data_state = getattr(self.data_provider, "state_dict", None)
-        if callable(data_state):
-            torch.save(data_state(), folder / DATA_STATE_FILENAME)
-        self.scaler.save(folder)
-        if self._pending_batch is not None:
-            save_file({"batch": self._pending_batch.detach().cpu().contiguous()},
-                      str(folder / PENDING_BATCH_FILENAME))  # fmt: skip
-        to_dict = getattr(self.cfg, "to_dict", None)
-        if callable(to_dict):
-            (folder / RUNNER_CFG_FILENAME).write_text(json.dumps(to_dict(), indent=2))
-
-    def _state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "coefficient_schedulers": {
-                k: s.state_dict() for k, s in self.coefficient_schedulers.items()
-            },
-            "state": asdict(self.state),
-            "act_freq_scores": self.act_freq_scores,
-            "n_forward_passes_since_fired": self.n_forward_passes_since_fired,
-            "checkpoint_thresholds": list(self.checkpoint_thresholds),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            "sae_buffers": {k: v for k, v in self.sae.named_buffers()},
-            "data_replicas": self._data_replica()[1],
-        }
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore SAE weights, optimizer, schedules, counters and data position from a
-        checkpoint directory written by :meth:`save_checkpoint`."""
-        path = Path(path)
-        state_file = path / TRAINER_STATE_FILENAME
-        if not state_file.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a fastsae training checkpoint: {TRAINER_STATE_FILENAME} is missing"
-            )
-        self.sae.load_weights_from_checkpoint(path)
-        try:
-            state = torch.load(state_file, map_location=self.sae.device, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
-            raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
-        if state.get("latent_shards"):
-            # written by a latent-sharded run: its shards' optimizer states, concatenated
-            from fastsae.training.latent_sharding.checkpoint import (
-                load_optimizer_state_by_name,
-                read_latent_range,
-            )
-
-            named = list(self.sae.named_parameters())
-            d_sae = self.sae.cfg.d_sae
-            whole = read_latent_range(path, state, [n for n, _ in named], d_sae, 0, d_sae)
-            load_optimizer_state_by_name(
-                self.optimizer, named, whole["optimizer"], whole["param_groups"]
-            )
-            state = {
-                **state,
-                **{k: whole[k] for k in ("act_freq_scores", "n_forward_passes_since_fired")},
-            }
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for name, s in state["coefficient_schedulers"].items():
-            self.coefficient_schedulers[name].load_state_dict(s)
-        self.state = TrainerState(**state["state"])
-        self.act_freq_scores = state["act_freq_scores"].to(self.act_freq_scores.device)
-        self.n_forward_passes_since_fired = state["n_forward_passes_since_fired"].to(
-            self.n_forward_passes_since_fired.device
-        )
-        self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
-        for name, value in state.get("sae_buffers", {}).items():
-            owner, _, attr = name.rpartition(".")
-            module = self.sae.get_submodule(owner) if owner else self.sae
-            setattr(module, attr, value.to(self.sae.device))
-        self._load_run_files(path, state)
-
-    def _load_run_files(self, path: Path, state: dict[str, Any]) -> None:
-        """The part of a resume every trainer shares: RNG states, normalisation, an
-        interrupted step's pending batch, the data position, the metrics file."""
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.scaler.load(path)
-        pending = path / PENDING_BATCH_FILENAME
-        self._pending_batch = load_file(str(pending))["batch"] if pending.is_file() else None
-        self._load_data_state(path, state)
-        self.metrics.truncate_after(self.state.n_training_steps)
-
-    def _data_replica(self) -> tuple[int, int]:
-        """``(index, count)``: which of the run's data replicas this rank's provider
-        draws (``count > 1`` when each data-parallel rank runs the model on its own
-        token rows, see ``ActivationsStore.shard_for_data_parallel``)."""
-        shard = getattr(self.data_provider, "row_shard", (0, 1))
-        return int(shard[0]), int(shard[1])
-
-    def _write_data_replica_state(self, folder: Path) -> None:
-        """This replica's data position (when the replicas draw their own rows)."""
-        index, count = self._data_replica()
-        if count > 1:
-            torch.save(
-                self.data_provider.state_dict(),  # type: ignore[attr-defined]
-                folder / DATA_REPLICA_FILENAME.format(replica=index),
-            )
-
-    def _load_data_state(self, path: Path, state: dict[str, Any]) -> None:
-        """Restore the data position: the replica's own file when the checkpoint has
-        the same number of data replicas, else the furthest saved position (warning
-        with the number of buffered activations skipped)."""
-        load = getattr(self.data_provider, "load_state_dict", None)
-        if not callable(load):
-            return
-        saved = int(state.get("data_replicas", 1))
-        index, count = self._data_replica()
-        if saved == 1 and count == 1:
-            data_file = path / DATA_STATE_FILENAME
-            if not data_file.is_file():
-                raise FileNotFoundError(
-                    f"{data_file} is missing: the checkpoint has no data position to resume from"
-                )
-            data_state = torch.load(data_file, map_location="cpu", weights_only=False)
-            if is_rank_sharded_state(data_state) and not isinstance(
-                self.data_provider, RankShardedProvider
-            ):  # written by a data-parallel run, resumed without one
-                data_state = bare_provider_state(data_state)
-            load(data_state)
-            return
-        if saved > 1:
-            files = [path / DATA_REPLICA_FILENAME.format(replica=i) for i in range(saved)]
-        else:
-            files = [path / DATA_STATE_FILENAME]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"the checkpoint's data positions are missing: {missing}")
-        if saved == count:
-            load(torch.load(files[index], map_location="cpu", weights_only=False))
-            return
-        from fastsae.training.activations_store import furthest_position
-
-        states = []
-        for f in files:
-            st = torch.load(f, map_location="cpu", weights_only=False)
-            states.append(bare_provider_state(st) if is_rank_sharded_state(st) else st)
-        merged, dropped = furthest_position(states, (index, count))
-        warnings.warn(
-            f"{path} was written with {saved} data replicas, this run has {count}: the "
-            f"data continues from the furthest saved position; {dropped} activations "
-            "that were in the saved shuffling buffers are not trained on",
-            stacklevel=2,
-        )
-        load(merged)
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the fully written folder ``tmp`` (a rename: never half there)."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def _adam_kwargs(sae: TrainingSAE) -> dict[str, Any]:

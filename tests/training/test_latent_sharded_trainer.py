@@ -83,12 +83,13 @@ def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
 
 def _run_spying(runner, loaded_at: list[int]):
     """runner.run(), recording the step a resumed trainer continues from."""
+    from fastsae.training.checkpoints import CheckpointingMixin
     from fastsae.training.distributed import DistributedSAETrainer
     from fastsae.training.sharded_trainer import LatentShardedSAETrainer
     from fastsae.training.trainer import SAETrainer
 
     patched = {}
-    for cls in (SAETrainer, DistributedSAETrainer, LatentShardedSAETrainer):
+    for cls in (CheckpointingMixin, SAETrainer, DistributedSAETrainer, LatentShardedSAETrainer):
         if "load_checkpoint" in cls.__dict__:
             original = cls.__dict__["load_checkpoint"]
 
