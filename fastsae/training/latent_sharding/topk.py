@@ -88,7 +88,12 @@ class _SelectedEncode(torch.autograd.Function):
 
 
 def global_topk(
-    h_local: Tensor, k: int, offset: int, group=None, what: str = "topk candidates"
+    h_local: Tensor,
+    k: int,
+    offset: int,
+    group=None,
+    what: str = "topk candidates",
+    d_sae: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact global top-k of a row-sharded ``[B, n_local]`` score matrix (no grad).
 
@@ -99,27 +104,36 @@ def global_topk(
     """
     k_local = min(k, h_local.shape[-1])
     vals, pos = torch.topk(h_local, k_local, dim=-1, sorted=False)
-    selected, global_ids = merge_candidates(vals, pos, k, offset, group, what)
+    selected, global_ids = merge_candidates(vals, pos, k, offset, group, what, d_sae)
     return pos, selected, global_ids
 
 
 def merge_candidates(
-    vals: Tensor, pos: Tensor, k: int, offset: int, group=None, what: str = "topk candidates"
+    vals: Tensor,
+    pos: Tensor,
+    k: int,
+    offset: int,
+    group=None,
+    what: str = "topk candidates",
+    d_sae: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The global top-k of every rank's local candidates ``vals``/``pos [B, k']``
     (``k' <= k``; ``pos`` local columns, ``offset`` this rank's first latent).
 
     Returns ``(selected [B, k'] bool, global_ids [B, k])``: which of this rank's
     candidates are chosen, and the chosen global ids (descending by value, the same on
-    every rank). Every rank must call it (it all-gathers ``[B, k]`` values and ids).
+    every rank). Every rank must call it (it all-gathers ``[B, k]`` values and ids; the
+    ids as int32 when the global width ``d_sae`` is given and below 2^31).
     """
     batch, k_local = vals.shape
+    # int32 ids halve the id traffic; int64 only past 2^31 latents (the same on every rank)
+    id_dtype = torch.int32 if d_sae is not None and d_sae < 2**31 else torch.int64
     cand_vals = vals.new_full((batch, k), float("-inf"))
-    cand_ids = torch.full((batch, k), -1, dtype=torch.int64, device=vals.device)
+    cand_ids = torch.full((batch, k), -1, dtype=id_dtype, device=vals.device)
     cand_vals[:, :k_local] = vals
     cand_ids[:, :k_local] = pos + offset
     all_vals = torch.cat(_all_gather(cand_vals, group, what + " (values)"), dim=-1)
-    all_ids = torch.cat(_all_gather(cand_ids, group, what + " (ids)"), dim=-1)
+    all_ids = torch.cat(_all_gather(cand_ids, group, what + " (ids)"), dim=-1).long()
     _, top_pos = torch.topk(all_vals, k, dim=-1, sorted=True)
     global_ids = all_ids.gather(-1, top_pos)
     rank = _group_world(group)[0]
@@ -162,12 +176,16 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
                 # neither the output, the gradients nor the firing counts (all value 0)
                 local = ops.topk_encode(sae_in.detach(), w_enc, b_enc, k_local, dec_norm=dn)
                 pos, raw = local.indices.long(), local.values
-                selected, global_ids = merge_candidates(raw, pos, k, self.lo, g)
+                selected, global_ids = merge_candidates(
+                    raw, pos, k, self.lo, g, "topk candidates", self.cfg.d_sae
+                )
             else:
                 h = encoder_preacts(sae_in.detach(), w_enc, b_enc)
                 if dn is not None:
                     h = h * dn
-                pos, selected, global_ids = global_topk(h, k, self.lo, g, "topk candidates")
+                pos, selected, global_ids = global_topk(
+                    h, k, self.lo, g, "topk candidates", self.cfg.d_sae
+                )
                 raw = h.gather(-1, pos)
             values0 = torch.where(selected, raw.relu(), torch.zeros_like(raw))
             h_sel = raw / dn[pos] if dn is not None else None
@@ -218,7 +236,9 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         # the selection only needs each rank's candidate positions (the returned global
         # ids are ``lo + column of the dead subset``, unused here)
         with torch.no_grad():
-            pos, selected, _ = global_topk(h_dead.detach(), k_aux, self.lo, g, "AuxK candidates")
+            pos, selected, _ = global_topk(
+                h_dead.detach(), k_aux, self.lo, g, "AuxK candidates", self.cfg.d_sae
+            )
         if pos.shape[-1] == 0:
             recons = h_dead.new_zeros(x.shape)
         else:
