@@ -3,7 +3,8 @@ gives it), for TopK, JumpReLU and standard SAEs:
 
 * pure latent sharding (2 ranks, 2 shards) and a 2 x 2 data-parallel x latent-sharded
   mesh (4 ranks) each equal a single-process run (weights and logged metrics);
-* rank 0 saves one ordinary SAELens directory; checkpoints hold per-shard state;
+* rank 0 saves one ordinary SAELens directory, which loads into a sharded run
+  (``from_pretrained_path``); checkpoints hold per-shard state;
 * a checkpoint resumes under the same layout, under another one (4 ranks -> 2 shards,
   2 shards -> 4 shards) and in a single process, and a single-process checkpoint
   resumes in a sharded run: every resumed run ends with the uninterrupted run's SAE.
@@ -161,6 +162,16 @@ def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
     for res in [*again, single]:
         assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < STEPS
         _assert_same_sae(res["state"], ref["state"], "resumed")
+    # a saved SAELens directory as the starting point of a sharded run
+    start = {"from_pretrained_path": str(out), "training_tokens": 128, "n_checkpoints": 0}
+    fine = run_ranks(_worker, 2, tmp_path / "r3", str(tmp_path), "fp", "topk",
+                     {"latent_shards": 2, **start})  # fmt: skip
+    fine_single = _train(tmp_path, "fp_single", "topk", **start)
+    assert fine_single["steps"] == 2
+    fresh = _train(tmp_path, "fresh", "topk", training_tokens=128, n_checkpoints=0)
+    assert not torch.allclose(fresh["state"]["W_dec"], fine_single["state"]["W_dec"])
+    for res in fine:
+        _assert_same_sae(res["state"], fine_single["state"], "from_pretrained_path")
 
 
 def test_mesh_2x2_equals_single_process_and_resumes_on_2_shards(single_runs, tmp_path):
