@@ -1,0 +1,58 @@
+"""What one latent-sharded training step sends, worked out from the shapes: the input
+payload of each collective a rank makes (the formula the README's estimates use; a
+test counts the real collectives against it).
+
+Wire traffic per rank follows from the payloads: a ring ``all_reduce`` of ``P`` bytes
+over ``W`` ranks sends and receives ``2 (W - 1) / W * P``; an ``all_gather`` of ``P``
+bytes per rank receives ``(W - 1) * P``.
+"""
+
+from __future__ import annotations
+
+
+def step_payload_bytes(
+    architecture: str,
+    batch: int,
+    d_in: int,
+    *,
+    k: int = 0,
+    n_dead: int = 0,
+    dtype_bytes: int = 4,
+    apply_b_dec_to_input: bool = True,
+    pre_act_loss: bool = False,
+    clip: bool = True,
+) -> dict[str, int]:
+    """Payload bytes per collective of one step on one rank of a shard group.
+
+    ``architecture``: ``"topk"``, ``"standard"`` or ``"jumprelu"``; ``batch``: tokens
+    every shard sees; ``k``: TopK's k; ``n_dead``: dead latents over all shards (TopK's
+    AuxK: ``k_aux = min(d_in // 2, n_dead)``); ``dtype_bytes``: the SAE's parameter
+    dtype; ``pre_act_loss``: JumpReLU's pre-activation loss is on (a dead mask given).
+    Returns ``{collective: bytes}`` (the data-parallel gradient average, when the mesh
+    has replicas, is separate: the shard's gradients, ``2 * d_sae / W * d_in + ...``).
+    """
+    out: dict[str, int] = {}
+    if architecture == "topk":
+        out["topk candidates (values)"] = batch * k * dtype_bytes
+        out["topk candidates (ids)"] = batch * k * 4  # int32 ids
+        out["reconstruction all_reduce"] = batch * d_in * dtype_bytes
+        out["dead latent count all_reduce"] = 8
+        k_aux = min(d_in // 2, n_dead)
+        if n_dead > 0:
+            out["AuxK candidates (values)"] = batch * k_aux * dtype_bytes
+            out["AuxK candidates (ids)"] = batch * k_aux * 4
+            out["AuxK reconstruction all_reduce"] = batch * d_in * dtype_bytes
+    elif architecture in ("standard", "jumprelu"):
+        out["reconstruction all_reduce"] = batch * d_in * dtype_bytes
+        out["penalty all_reduce"] = batch * dtype_bytes
+        if architecture == "jumprelu" and pre_act_loss:
+            out["pre-activation loss all_reduce"] = batch * dtype_bytes
+    else:
+        raise ValueError(
+            f"architecture must be 'topk', 'standard' or 'jumprelu', got {architecture!r}"
+        )
+    if apply_b_dec_to_input:
+        out["b_dec encoder-gradient all_reduce"] = d_in * dtype_bytes
+    if clip:
+        out["grad norm all_reduce"] = 4  # one fp32 scalar
+    return out
