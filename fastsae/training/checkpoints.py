@@ -236,12 +236,13 @@ class CheckpointingMixin:
             st = torch.load(f, map_location="cpu", weights_only=False)
             states.append(bare_provider_state(st) if is_rank_sharded_state(st) else st)
         merged, dropped = furthest_position(states, (index, count))
-        warnings.warn(
-            f"{path} was written with {saved} data replicas, this run has {count}: the "
-            f"data continues from the furthest saved position; {dropped} activations "
-            "that were in the saved shuffling buffers are not trained on",
-            stacklevel=2,
-        )
+        if getattr(self, "rank", 0) == 0:  # once per run, not once per rank
+            warnings.warn(
+                f"{path} was written with {saved} data replicas, this run has {count}: "
+                f"the data continues from the furthest saved position; {dropped} "
+                "activations that were in the saved shuffling buffers are not trained on",
+                stacklevel=2,
+            )
         load(merged)
 
 
