@@ -1,6 +1,8 @@
 """The latent-sharded TopK step with each rank's candidates from the fused Triton
-``topk_encode`` (interpreter on CPU, or CUDA), 2 gloo ranks: losses and every gradient
-equal the unsharded step's on the torch path."""
+``topk_encode``: losses and every gradient equal the unsharded step's on the torch path.
+Under the interpreter: 2 gloo ranks on CPU. On CUDA: one rank (one GPU here; gloo
+moves no CUDA tensors between processes sharing a GPU), which still runs the fused
+candidate path and the merge."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from fastsae.training.latent_sharding import ShardedTopKTrainingSAE
 from fastsae.training.saes import TopKTrainingSAE, TopKTrainingSAEConfig, TrainStepInput
 
 D_IN, D_SAE, K, BATCH = 24, 200, 7, 17
+WORLD = 1 if torch.cuda.is_available() else 2
 
 
 def _full(rescale: bool) -> TopKTrainingSAE:
@@ -68,7 +71,7 @@ def _worker(rank: int, world: int) -> dict:
 
 @pytest.mark.parametrize("rescale", [True, False])
 def test_sharded_step_on_fused_encode_equals_unsharded(tmp_path, rescale):
-    results = run_ranks(_worker, 2, tmp_path)
+    results = run_ranks(_worker, WORLD, tmp_path)
     assert "topk_encode" in results[0]["calls"], "the fused kernel must produce the candidates"
     ref = _run(_full(rescale))  # unsharded, torch path
     assert ref["auxiliary_reconstruction_loss"] > 0
@@ -77,5 +80,6 @@ def test_sharded_step_on_fused_encode_equals_unsharded(tmp_path, rescale):
             assert_close(res[rescale][key].cpu(), ref[key], 1e-5, key)
     for name, grad in ref["grads"].items():
         parts = [res[rescale]["grads"][name].cpu() for res in results]
+        assert len(parts) == WORLD
         got = parts[0] if name == "b_dec" else torch.cat(parts, dim=1 if name == "W_enc" else 0)
         assert_close(got, grad, 1e-4, f"d {name}")
