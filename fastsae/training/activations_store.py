@@ -18,16 +18,20 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastsae.saes.config import str_to_dtype
+from fastsae.training.activations_store_builders import StoreBuildersMixin
+from fastsae.training.activations_store_state import (  # noqa: F401 - re-exported
+    ACTIVATIONS_STORE_STATE_FILENAME,
+    StoreStateMixin,
+    furthest_position,
+)
 from fastsae.training.model_hooks import _ModuleReader, _TransformerLensReader
 from fastsae.training.text_data import (
     HfDataset,
@@ -38,7 +42,6 @@ from fastsae.training.text_data import (
 
 __all__ = ["ActivationsStore", "load_text_dataset"]
 
-ACTIVATIONS_STORE_STATE_FILENAME = "activations_store_state.safetensors"  # as SAELens
 _TOKEN_COLUMNS = ("tokens", "input_ids", "text")
 _SEPARATORS = ("bos", "eos", "sep")
 
@@ -105,7 +108,7 @@ def _column_kind(value: Any) -> str | None:
     return None
 
 
-class ActivationsStore:
+class ActivationsStore(StoreBuildersMixin, StoreStateMixin):
     """Streams ``[train_batch_size_tokens, d_in]`` activation batches from a model.
 
     Args:
@@ -569,206 +572,3 @@ class ActivationsStore:
 
     def __iter__(self) -> Iterator[Tensor]:
         return self
-
-    # ------------------------------------------------------------------------------------
-    # exact resume
-    # ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        """Everything needed to continue exactly: buffer contents, the shuffling
-        generator's state and the dataset position. All values are tensors, so the dict
-        can be saved with safetensors (``save``)."""
-        return {
-            "storage": self._storage.contiguous().clone(),
-            "ready": self._ready.contiguous().clone(),
-            "generator_state": self._generator.get_state(),
-            "d_in": torch.tensor(self.d_in),
-            "context_size": torch.tensor(self.context_size),
-            "n_rows_seen": torch.tensor(self._n_rows_seen),
-            "row_shard": torch.tensor(self.row_shard),
-            **self._rows.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Continue from ``state_dict()``: no model forward and no tokenization of the
-        documents before the saved position."""
-        required = (
-            "storage", "ready", "generator_state", "d_in", "context_size", "epoch",
-            "doc_index", "doc_offset", "n_dataset_processed",
-        )  # fmt: skip
-        missing = [k for k in required if k not in state]
-        if missing:
-            raise ValueError(f"activations store state is missing {missing}")
-        for key, mine in (("d_in", self.d_in), ("context_size", self.context_size)):
-            if int(state[key]) != mine:
-                raise ValueError(f"state has {key}={int(state[key])}, this store has {mine}")
-        self._storage = state["storage"].to(device=self.device, dtype=self.dtype)
-        self._ready = state["ready"].to(device=self.device, dtype=self.dtype)
-        saved_shard = tuple(int(v) for v in state.get("row_shard", torch.tensor([0, 1])))
-        if saved_shard != self.row_shard:
-            raise ValueError(
-                f"state is data-parallel rank {saved_shard[0]} of {saved_shard[1]}'s data, "
-                f"this store is rank {self.row_shard[0]} of {self.row_shard[1]} (see "
-                "furthest_position to continue under another world size)"
-            )
-        self._generator.set_state(state["generator_state"].cpu())
-        self._rows.load_state_dict(state)
-        self._n_rows_seen = int(state.get("n_rows_seen", 0))
-
-    def save(self, file_path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` to a safetensors file."""
-        save_file(self.state_dict(), os.fspath(file_path))
-
-    def load(self, file_path: str | os.PathLike) -> None:
-        """Read a file written by ``save`` and ``load_state_dict`` it."""
-        self.load_state_dict(load_file(os.fspath(file_path)))
-
-    def save_to_checkpoint(self, checkpoint_path: str | os.PathLike) -> None:
-        self.save(Path(checkpoint_path) / ACTIVATIONS_STORE_STATE_FILENAME)
-
-    def load_from_checkpoint(self, checkpoint_path: str | os.PathLike) -> None:
-        self.load(Path(checkpoint_path) / ACTIVATIONS_STORE_STATE_FILENAME)
-
-    def reset_input_dataset(self) -> None:
-        """Restart the token stream at the dataset's first document (same epoch count)."""
-        self._rows.load_state_dict({**self._rows.state_dict(), "doc_index": 0, "doc_offset": 0})
-
-    # ------------------------------------------------------------------------------------
-    # constructors from an SAE or a config
-    # ------------------------------------------------------------------------------------
-    @classmethod
-    def from_sae(
-        cls,
-        model: nn.Module,
-        sae: Any,
-        dataset: HfDataset | DatasetDict | str | None = None,
-        *,
-        context_size: int | None = None,
-        streaming: bool = True,
-        store_batch_size_prompts: int = 8,
-        train_batch_size_tokens: int = 4096,
-        n_batches_in_buffer: int = 8,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> ActivationsStore:
-        """A store that feeds ``sae`` (fastsae or SAELens): hook_name, hook_head_index,
-        prepend_bos, context_size, seqpos_slice and dataset_path come from
-        ``sae.cfg.metadata``, d_in and dtype from ``sae.cfg``. ``kwargs`` go to the
-        constructor (tokenizer, exclude_special_tokens, seed, ...)."""
-        metadata = getattr(sae.cfg, "metadata", None)
-
-        def meta(name: str) -> Any:
-            value = getattr(metadata, name, None) if metadata is not None else None
-            return value if value is not None else getattr(sae.cfg, name, None)
-
-        hook_name = meta("hook_name")
-        if not hook_name:
-            raise ValueError("sae.cfg.metadata.hook_name is not set; the store needs it")
-        context_size = context_size if context_size is not None else meta("context_size")
-        if context_size is None:
-            raise ValueError("context_size is not in sae.cfg.metadata; pass context_size=")
-        if dataset is None:
-            dataset = meta("dataset_path")
-            if not dataset:
-                raise ValueError("sae.cfg.metadata.dataset_path is not set; pass dataset=")
-        prepend_bos = meta("prepend_bos")
-        kwargs.setdefault("prepend_bos", True if prepend_bos is None else bool(prepend_bos))
-        kwargs.setdefault("seqpos_slice", tuple(meta("seqpos_slice") or (None,)))
-        return cls(
-            model,
-            dataset,
-            hook_name=hook_name,
-            hook_head_index=meta("hook_head_index"),
-            d_in=sae.cfg.d_in,
-            context_size=context_size,
-            streaming=streaming,
-            store_batch_size_prompts=store_batch_size_prompts,
-            train_batch_size_tokens=train_batch_size_tokens,
-            n_batches_in_buffer=n_batches_in_buffer,
-            device=device,
-            dtype=dtype if dtype is not None else sae.cfg.dtype,
-            **kwargs,
-        )
-
-    @classmethod
-    def from_config(
-        cls,
-        model: nn.Module,
-        cfg: Any,
-        override_dataset: HfDataset | DatasetDict | str | None = None,
-        *,
-        tokenizer: Any = None,
-    ) -> ActivationsStore:
-        """A store built from a runner config's fields, read by name (SAELens defaults for
-        missing ones). ``d_in`` is ``cfg.sae.d_in`` when the config nests an SAE config."""
-
-        def get(name: str, default: Any = None) -> Any:
-            value = getattr(cfg, name, default)
-            return default if value is None else value
-
-        dataset = override_dataset if override_dataset is not None else get("dataset_path", "")
-        if isinstance(dataset, str) and not dataset:
-            raise ValueError("the config has no dataset_path and no override_dataset was given")
-        d_in = cfg.sae.d_in if getattr(cfg, "sae", None) is not None else get("d_in")
-        device = get("act_store_device") or get("device", "cpu")
-        if device == "with_model":
-            device = get("llm_device") or get("device", "cpu")
-        exclude = get("exclude_special_tokens", False)
-        return cls(
-            model,
-            dataset,
-            hook_name=get("hook_name"),
-            hook_head_index=getattr(cfg, "hook_head_index", None),
-            d_in=d_in,
-            context_size=get("context_size", 128),
-            train_batch_size_tokens=get("train_batch_size_tokens", 4096),
-            store_batch_size_prompts=get("store_batch_size_prompts", 32),
-            n_batches_in_buffer=get("n_batches_in_buffer", 20),
-            prepend_bos=get("prepend_bos", True),
-            # SAELens configs default is_dataset_tokenized=True and its store ignores the
-            # field; the column decides here too.
-            is_dataset_tokenized=None,
-            exclude_special_tokens=list(exclude) if isinstance(exclude, tuple) else exclude,
-            seqpos_slice=tuple(get("seqpos_slice", (None,))),
-            disable_concat_sequences=get("disable_concat_sequences", False),
-            sequence_separator_token=getattr(cfg, "sequence_separator_token", "bos"),
-            device=device,
-            dtype=get("dtype", "float32"),
-            seed=get("seed", 42),
-            model_kwargs=get("model_kwargs", None),
-            autocast_lm=get("autocast_lm", False),
-            streaming=get("streaming", True),
-            dataset_trust_remote_code=bool(get("dataset_trust_remote_code", False)),
-            tokenizer=tokenizer,
-        )
-
-
-def furthest_position(
-    states: list[dict[str, Tensor]], row_shard: tuple[int, int]
-) -> tuple[dict[str, Tensor], int]:
-    """Continue a data-parallel run under another number of ranks: the store state of
-    data-parallel rank ``row_shard = (rank, world_size)`` that starts at the furthest
-    token-stream position any saved rank reached, with empty buffers.
-
-    Returns ``(state, n_dropped)``: ``n_dropped`` activations were in the saved ranks'
-    shuffling buffers and are not trained on (rows are not replayed, so no token is
-    seen twice). ``states`` are the saved ranks' ``state_dict()`` s.
-    """
-    if not states:
-        raise ValueError("furthest_position needs at least one saved store state")
-
-    def position(st: dict[str, Tensor]) -> tuple[int, int, int]:
-        return int(st["epoch"]), int(st["doc_index"]), int(st["doc_offset"])
-
-    furthest = max(states, key=position)
-    d_in = int(furthest["d_in"])
-    dtype = furthest["storage"].dtype
-    dropped = sum(int(st["storage"].shape[0]) + int(st["ready"].shape[0]) for st in states)
-    state = {
-        **furthest,
-        "storage": torch.empty(0, d_in, dtype=dtype),
-        "ready": torch.empty(0, d_in, dtype=dtype),
-        "n_rows_seen": torch.tensor(0),
-        "row_shard": torch.tensor(row_shard),
-    }
-    return state, dropped
