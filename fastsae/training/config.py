@@ -16,7 +16,6 @@ round-trip the nested form.
 
 from __future__ import annotations
 
-import difflib
 import json
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -26,7 +25,12 @@ from typing import Any
 import yaml
 
 from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
-from fastsae.training.saes.base import TrainingSAEConfig, training_config_class_for_architecture
+from fastsae.training.config_flat import (
+    LEGACY_IGNORED,
+    sae_config_from_flat,
+    suggest,
+)
+from fastsae.training.saes.base import TrainingSAEConfig
 
 
 @dataclass
@@ -53,29 +57,7 @@ class LoggingConfig:
             _positive_int(self, name)
 
 
-# Flat-form keys of SAELens < 6 that 6.x dropped. Accepted with a warning when set to
-# the behaviour fastsae has anyway; anything else is an error.
-_LEGACY_IGNORED = {
-    "hook_layer": None,
-    "hook_eval": None,
-    "b_dec_init_method": None,
-    "normalize_sae_decoder": None,
-    "decoder_heuristic_init": None,
-    "init_encoder_as_decoder_transpose": None,
-    "scale_sparsity_penalty_by_decoder_norm": None,
-    "decoder_orthogonal_init": None,
-    "mse_loss_normalization": None,
-    "noise_scale": None,
-    "finetuning_method": None,
-    "finetuning_tokens": None,
-    "sae_lens_version": None,
-    "sae_lens_training_version": None,
-    "model_class_name_eval": None,
-    "resume": None,
-}
 _LOGGER_KEYS = {f.name for f in fields(LoggingConfig)}
-# flat keys that only describe the SAE
-_SAE_FLAT_KEYS = {"architecture", "expansion_factor", "activation_fn", "activation_fn_kwargs"}
 
 
 @dataclass(init=False)
@@ -204,7 +186,7 @@ class LanguageModelSAERunnerConfig:
                 runner_kwargs[key] = value
             elif key in _LOGGER_KEYS:
                 logger_kwargs[key] = value
-            elif key in _LEGACY_IGNORED:
+            elif key in LEGACY_IGNORED:
                 warnings.warn(
                     f"LanguageModelSAERunnerConfig: {key!r} is a SAELens < 6 option that "
                     "SAELens 6 (and fastsae) no longer use; it is ignored",
@@ -231,13 +213,15 @@ class LanguageModelSAERunnerConfig:
         if isinstance(sae, dict):
             sae = TrainingSAEConfig.from_dict({"dtype": self.dtype, "device": self.device, **sae})
         if sae is None:
-            sae = _sae_config_from_flat(flat_sae, dtype=self.dtype, device=self.device)
+            sae = sae_config_from_flat(
+                flat_sae, dtype=self.dtype, device=self.device, runner_fields=list(names)
+            )
         elif flat_sae:
             sae_fields = dict.fromkeys(f.name for f in fields(sae)) if is_dataclass(sae) else {}
             raise ValueError(
                 "LanguageModelSAERunnerConfig: unknown fields "
                 f"{sorted(flat_sae)} (with sae= given, SAE fields belong in the SAE config)"
-                + _suggest(flat_sae, {**names, **sae_fields})
+                + suggest(flat_sae, {**names, **sae_fields})
             )
         if not isinstance(sae, TrainingSAEConfig):
             raise TypeError(
@@ -438,67 +422,6 @@ class LanguageModelSAERunnerConfig:
         if path.suffix == ".json":
             return cls.from_json(path)
         raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
-
-
-def _sae_config_from_flat(flat: dict[str, Any], *, dtype: str, device: str) -> TrainingSAEConfig:
-    """The older flat spelling -> a nested training SAE config."""
-    flat = dict(flat)
-    activation_fn = flat.pop("activation_fn", None)
-    kwargs = dict(flat.pop("activation_fn_kwargs", None) or {})
-    arch = flat.pop("architecture", None)
-    if arch is None:
-        arch = "topk" if activation_fn == "topk" else "standard"
-    if activation_fn not in (None, "relu", "topk"):
-        raise ValueError(f"activation_fn must be 'relu' or 'topk', got {activation_fn!r}")
-    if activation_fn == "topk" and arch not in ("topk", "batchtopk", "matryoshka_batchtopk"):
-        raise ValueError(f"activation_fn='topk' does not go with architecture={arch!r}")
-    cfg_cls = training_config_class_for_architecture(arch)
-    if "d_in" not in flat:
-        raise ValueError("the flat config form needs d_in (or pass sae=...Config(d_in=...))")
-    expansion = flat.pop("expansion_factor", None)
-    if "d_sae" not in flat or flat["d_sae"] is None:
-        factor = 4 if expansion is None else expansion
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
-            raise ValueError(f"expansion_factor must be a positive int, got {factor!r}")
-        flat["d_sae"] = flat["d_in"] * factor
-    elif expansion is not None and flat["d_sae"] != flat["d_in"] * expansion:
-        raise ValueError(
-            f"d_sae={flat['d_sae']} and expansion_factor={expansion} disagree for d_in={flat['d_in']}"
-        )
-    if isinstance(flat.get("normalize_activations"), bool):
-        flat["normalize_activations"] = (
-            "expected_average_only_in" if flat["normalize_activations"] else "none"
-        )
-    if flat.get("use_ghost_grads") and arch != "standard":
-        raise ValueError(f"use_ghost_grads is only for architecture='standard', not {arch!r}")
-    if flat.get("use_ghost_grads") is False and arch != "standard":
-        flat.pop("use_ghost_grads")
-    kwargs.update(flat)
-    valid = {f.name for f in fields(cfg_cls)}
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise ValueError(
-            f"LanguageModelSAERunnerConfig: unknown fields {unknown} for architecture {arch!r}"
-            + _suggest(
-                dict.fromkeys(unknown),
-                {
-                    **{f.name: None for f in fields(LanguageModelSAERunnerConfig)},
-                    **dict.fromkeys(valid),
-                },
-            )
-        )
-    kwargs.setdefault("dtype", dtype)
-    kwargs.setdefault("device", device)
-    return cfg_cls(**kwargs)
-
-
-def _suggest(unknown: dict[str, Any], known: dict[str, Any]) -> str:
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, list(known), n=1)
-        if close:
-            hints.append(f"{key!r} -> did you mean {close[0]!r}?")
-    return ("; " + "; ".join(hints)) if hints else ""
 
 
 def _positive_int(obj: Any, name: str) -> None:
