@@ -99,8 +99,8 @@ class LanguageModelSAERunnerConfig:
     (``W_enc``, ``b_enc``, ``W_dec``, JumpReLU's ``threshold``, and their Adam state) are
     split over that many ranks (:mod:`fastsae.training.sharded_trainer`); it must divide
     the world size (the ranks form a ``WORLD_SIZE / latent_shards`` data-parallel x
-    ``latent_shards`` mesh) and ``d_sae``, and needs a ``topk``, ``standard`` or
-    ``jumprelu`` SAE with ``normalize_activations="none"``. ``data_parallel_mode``: how
+    ``latent_shards`` mesh) and ``d_sae``, and needs a ``topk``, ``batchtopk``,
+    ``standard`` or ``jumprelu`` SAE with ``normalize_activations="none"``. ``data_parallel_mode``: how
     the data-parallel replicas get their rows of each global batch: ``"shard"`` (the
     default for a live model) each replica runs the model on its own token rows (every
     replica-th row of the stream), so the model's work is divided too; ``"split"`` (the

@@ -2,8 +2,8 @@
 alone or combined with data parallelism on a 2-D mesh.
 
 :class:`LatentShardedSAETrainer` is :class:`~fastsae.training.trainer.SAETrainer` on a
-:class:`~fastsae.training.latent_sharding.ShardedTrainingSAE` (TopK, standard or
-JumpReLU). The ranks form a ``data_parallel x latent_shards`` mesh
+:class:`~fastsae.training.latent_sharding.ShardedTrainingSAE` (TopK, BatchTopK,
+standard or JumpReLU). The ranks form a ``data_parallel x latent_shards`` mesh
 (:mod:`fastsae.training.latent_sharding.mesh`): the ``latent_shards`` ranks of a shard
 group hold ``d_sae / latent_shards`` latents each (and their Adam state) and train on
 the same rows; the ``data_parallel`` shard groups train on disjoint rows of each global
@@ -159,6 +159,19 @@ class LatentShardedSAETrainer(SAETrainer):
 
     def _clip_gradients(self, max_norm: float) -> None:
         clip_grad_norm_sharded(self.sae, max_norm)  # type: ignore[arg-type]
+
+    def _after_optimizer_step(self) -> None:
+        """Keep float buffers (BatchTopK's threshold EMA, equal within a shard group)
+        equal across the data-parallel replicas: their mean."""
+        if self.mesh.dp_size == 1:
+            return
+        with torch.no_grad():
+            for name, b in self.sae.named_buffers():
+                if b.is_floating_point() and b.numel() > 0:
+                    buf = b.detach().to(self._comm_device).clone()
+                    _collective(f"all_reduce(buffer {name})", dist.all_reduce, buf,
+                                op=dist.ReduceOp.SUM, group=self.mesh.dp_group)  # fmt: skip
+                    b.copy_(buf / self.mesh.dp_size)
 
     # ------------------------------------------------------------ metrics
     def _log(self, output: TrainStepOutput, pbar) -> None:
@@ -356,6 +369,8 @@ class LatentShardedSAETrainer(SAETrainer):
         with torch.no_grad():
             for name, p in sae.named_parameters():
                 p.copy_(getattr(shard, name))
+            for name, b in sae.named_buffers():
+                b.copy_(getattr(shard, name))
         del full, shard
         local = read_latent_range(path, state, names, sae.cfg.d_sae, sae.lo, sae.hi)
         load_optimizer_state_by_name(

@@ -26,6 +26,7 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from fastsae.training import (
+        BatchTopKTrainingSAEConfig,
         JumpReLUTrainingSAEConfig,
         LanguageModelSAERunnerConfig,
         StandardTrainingSAEConfig,
@@ -50,6 +51,7 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
             pre_act_loss_coefficient=0.1,
         ),  # fmt: skip
         "standard": lambda: StandardTrainingSAEConfig(d_in=16, d_sae=64, l1_coefficient=0.05),
+        "batchtopk": lambda: BatchTopKTrainingSAEConfig(d_in=16, d_sae=64, k=4.0),
     }[arch]()
     kwargs = dict(
         sae=sae, model_name="tiny", hook_name="blocks.1.hook_resid_pre", dataset_path="unused",
@@ -128,7 +130,8 @@ def _assert_same_sae(got: dict, want: dict, what: str) -> None:
 def single_runs(tmp_path_factory):
     """Uninterrupted single-process runs (the references), one per architecture."""
     tmp = tmp_path_factory.mktemp("single")
-    return {arch: (tmp, _train(tmp, arch, arch)) for arch in ("topk", "jumprelu", "standard")}
+    archs = ("topk", "jumprelu", "standard", "batchtopk")
+    return {arch: (tmp, _train(tmp, arch, arch)) for arch in archs}
 
 
 def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
@@ -205,6 +208,25 @@ def test_single_process_checkpoint_resumes_on_4_shards(single_runs, tmp_path):
         assert res["local_W_enc"] == (16, 16)
         assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < STEPS
         _assert_same_sae(res["state"], ref["state"], "1 -> 4 shards")
+
+
+def test_batchtopk_two_shards_equal_single_process(single_runs, tmp_path):
+    from fastsae import SAE
+
+    ref_tmp, ref = single_runs["batchtopk"]
+    results = run_ranks(_worker, 2, tmp_path / "r", str(tmp_path), "btk", "batchtopk",
+                        {"latent_shards": 2})  # fmt: skip
+    for res in results:
+        assert res["steps"] == STEPS
+        _assert_same_sae(res["state"], ref["state"], "BatchTopK 2 shards")
+        assert res["state"]["topk_threshold"] > 0
+    # saved as JumpReLU with the EMA threshold, like the single-process run
+    saved, reference = (
+        SAE.load_from_disk(tmp_path / "btk" / "out"),
+        SAE.load_from_disk(ref_tmp / "batchtopk" / "out"),
+    )
+    assert saved.cfg.architecture() == "jumprelu"
+    _assert_same_sae(saved.state_dict(), reference.state_dict(), "saved BatchTopK")
 
 
 def test_latent_shards_needs_a_supported_architecture():

@@ -802,3 +802,26 @@ def test_sparse_step_gradients_are_bitwise_deterministic(arch):
         sae.zero_grad()
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_forward_on_token_sequences_matches_sae_lens(arch):
+    """A training BatchTopK SAE spliced into a model sees ``[batch, pos, d_in]`` (the
+    runner's CE-loss evals do this): the batch is every token, as in SAELens."""
+    from fastsae.training.saes import training_sae_class_for_architecture
+
+    kw = dict(d_in=16, d_sae=64, k=4.0)
+    if arch == "matryoshka_batchtopk":
+        kw["matryoshka_widths"] = [16, 64]
+    torch.manual_seed(0)
+    ours = training_sae_class_for_architecture(arch)(
+        fastsae.training.saes.base.TrainingSAEConfig.from_dict({"architecture": arch, **kw})
+    )
+    theirs_cls, theirs_cfg_cls = get_sae_training_class(arch)
+    theirs = theirs_cls(theirs_cfg_cls(**kw))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), 1e-6, "forward")
+        assert_close(ours.encode(x), theirs.encode(x), 1e-6, "encode")
+    assert ours.encode(x).shape == (3, 5, 64)

@@ -5,6 +5,7 @@ Adam state split over the ranks of a shard group along ``d_sae``; ``b_dec`` repl
 * :mod:`.base`: layout, collectives and their autograd rules, ``from_full`` /
   ``gather_full``, :func:`clip_grad_norm_sharded`;
 * :mod:`.topk`: TopK with an exact distributed top-k (:func:`global_topk`) and AuxK;
+* :mod:`.batchtopk`: BatchTopK (the batch-wide top ``k * batch``, threshold EMA);
 * :mod:`.dense`: standard (ReLU + Lp) and JumpReLU, which need no selection step.
 
 :func:`shard_sae` picks the class for a full training SAE.
@@ -19,6 +20,7 @@ from fastsae.training.latent_sharding.base import (
     shard_range,
     shard_tensor,
 )
+from fastsae.training.latent_sharding.batchtopk import ShardedBatchTopKTrainingSAE
 from fastsae.training.latent_sharding.dense import (
     ShardedJumpReLUTrainingSAE,
     ShardedStandardTrainingSAE,
@@ -28,13 +30,15 @@ from fastsae.training.saes.base import TrainingSAE
 
 SHARDED_CLASSES: dict[str, type[ShardedTrainingSAE]] = {
     "topk": ShardedTopKTrainingSAE,
+    "batchtopk": ShardedBatchTopKTrainingSAE,
     "standard": ShardedStandardTrainingSAE,
     "jumprelu": ShardedJumpReLUTrainingSAE,
 }
 
 
 def sharded_class_for_architecture(architecture: str) -> type[ShardedTrainingSAE]:
-    """The sharded class of a training architecture (``topk``, ``standard``, ``jumprelu``)."""
+    """The sharded class of a training architecture (``topk``, ``batchtopk``,
+    ``standard``, ``jumprelu``)."""
     try:
         return SHARDED_CLASSES[architecture]
     except KeyError:
@@ -53,6 +57,7 @@ def shard_sae(full_sae: TrainingSAE, rank: int, world_size: int, group=None) -> 
 __all__ = [
     "SHARDED_CLASSES",
     "SHARD_DIMS",
+    "ShardedBatchTopKTrainingSAE",
     "ShardedJumpReLUTrainingSAE",
     "ShardedStandardTrainingSAE",
     "ShardedTopKTrainingSAE",

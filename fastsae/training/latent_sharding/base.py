@@ -67,9 +67,11 @@ def _group_world(group) -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce(t: Tensor, group, what: str) -> Tensor:
+def _all_reduce(t: Tensor, group, what: str, op=None) -> Tensor:
+    """``t`` reduced in place over ``group`` (``op``: default SUM)."""
     if _group_world(group)[1] > 1:
-        _collective(what, dist.all_reduce, t, op=dist.ReduceOp.SUM, group=group)
+        op = dist.ReduceOp.SUM if op is None else op
+        _collective(what, dist.all_reduce, t, op=op, group=group)
     return t
 
 
@@ -185,10 +187,14 @@ class ShardedTrainingSAE(nn.Module):
                 f"{type(full_sae).__name__}"
             )
         shard = cls(copy.deepcopy(full_sae.cfg), rank, world_size, group)
-        shard.to(device=full_sae.W_enc.device, dtype=full_sae.W_enc.dtype)
+        # every tensor takes the full SAE's device and dtype (fp32 JumpReLU threshold,
+        # float64 BatchTopK threshold, the weights' dtype), not one dtype for all
         full_params = dict(full_sae.named_parameters())
         for name, p in shard.named_parameters():
-            p.copy_(shard_tensor(name, full_params[name], shard.lo, shard.hi))
+            p.data = shard_tensor(name, full_params[name].detach(), shard.lo, shard.hi).clone()
+        full_buffers = dict(full_sae.named_buffers())
+        for name, b in shard.named_buffers():  # replicated (BatchTopK's threshold)
+            b.data = full_buffers[name].detach().clone()
         return shard
 
     @torch.no_grad()
@@ -196,7 +202,9 @@ class ShardedTrainingSAE(nn.Module):
         """All ranks' shards gathered into the ordinary training SAE (returned on every
         rank; every rank must call it). Needs the full SAE's memory on each rank."""
         full = self.full_class(copy.deepcopy(self.cfg))
-        full.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+        full.to(device=self.W_enc.device)
+        for name, p in full.named_parameters():  # the shards' dtypes
+            p.data = p.data.to(getattr(self, name).dtype)
         full_params = dict(full.named_parameters())
         for name, p in self.named_parameters():
             dim = SHARD_DIMS.get(name)
@@ -204,6 +212,9 @@ class ShardedTrainingSAE(nn.Module):
             if dim is not None:
                 value = torch.cat(_all_gather(value, self.group, f"gather {name}"), dim=dim)
             full_params[name].copy_(value)
+        full_buffers = dict(full.named_buffers())
+        for name, b in self.named_buffers():
+            full_buffers[name].copy_(b)
         return full
 
     # ------------------------------------------------------------------ helpers

@@ -156,6 +156,34 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         self.last_global_indices: Tensor | None = None
 
     # ------------------------------------------------------------------ the step
+    def _select(self, sae_in: Tensor, dn: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's candidates and which the global selection keeps (no grad):
+        ``(pos [B, K'] local columns, raw [B, K'] pre-activations (times the decoder
+        norm), selected [B, K'] bool)``; sets ``last_global_indices``."""
+        k, g = self.cfg.k, self.group
+        k_local = min(k, self.d_sae_local)
+        w_enc, b_enc = self.W_enc.detach(), self.b_enc.detach()
+        if ops.topk_encode_is_fused(sae_in, w_enc, b_enc, k_local):
+            # the fused kernel: local candidates without a [batch, d_sae_local] tensor.
+            # Its values are ReLU'd: a row with fewer than k positive pre-activations
+            # may pick other zero-valued latents than torch.topk would, which changes
+            # neither the output, the gradients nor the firing counts (all value 0)
+            local = ops.topk_encode(sae_in, w_enc, b_enc, k_local, dec_norm=dn)
+            pos, raw = local.indices.long(), local.values
+            selected, global_ids = merge_candidates(
+                raw, pos, k, self.lo, g, "topk candidates", self.cfg.d_sae
+            )
+        else:
+            h = encoder_preacts(sae_in, w_enc, b_enc)
+            if dn is not None:
+                h = h * dn
+            pos, selected, global_ids = global_topk(
+                h, k, self.lo, g, "topk candidates", self.cfg.d_sae
+            )
+            raw = h.gather(-1, pos)
+        self.last_global_indices = global_ids
+        return pos, raw, selected
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """TopK's step (MSE + AuxK) on the shards; every rank must call it with the same
         ``sae_in`` and dead mask. ``output.code`` holds this rank's latents (shard-local
@@ -165,31 +193,11 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         g = self.group
         sae_in = self._encoder_input(x)
         dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        k, dn = self.cfg.k, (dec_norm.detach() if dec_norm is not None else None)
-        k_local = min(k, self.d_sae_local)
+        dn = dec_norm.detach() if dec_norm is not None else None
         with torch.no_grad():
-            w_enc, b_enc = self.W_enc.detach(), self.b_enc.detach()
-            if ops.topk_encode_is_fused(sae_in, w_enc, b_enc, k_local):
-                # the fused kernel: local candidates without a [batch, d_sae_local] tensor.
-                # Its values are ReLU'd: a row with fewer than k positive pre-activations
-                # may pick other zero-valued latents than torch.topk would, which changes
-                # neither the output, the gradients nor the firing counts (all value 0)
-                local = ops.topk_encode(sae_in.detach(), w_enc, b_enc, k_local, dec_norm=dn)
-                pos, raw = local.indices.long(), local.values
-                selected, global_ids = merge_candidates(
-                    raw, pos, k, self.lo, g, "topk candidates", self.cfg.d_sae
-                )
-            else:
-                h = encoder_preacts(sae_in.detach(), w_enc, b_enc)
-                if dn is not None:
-                    h = h * dn
-                pos, selected, global_ids = global_topk(
-                    h, k, self.lo, g, "topk candidates", self.cfg.d_sae
-                )
-                raw = h.gather(-1, pos)
+            pos, raw, selected = self._select(sae_in.detach(), dn)
             values0 = torch.where(selected, raw.relu(), torch.zeros_like(raw))
             h_sel = raw / dn[pos] if dn is not None else None
-        self.last_global_indices = global_ids
         values = _SelectedEncode.apply(
             sae_in, self.W_enc, self.b_enc, dec_norm, values0, pos, h_sel
         )

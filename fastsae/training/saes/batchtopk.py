@@ -90,7 +90,10 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         return SparseCode(values, indices)
 
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
-        return self._train_code(sae_in, self._dec_norm())
+        # the batch is every token of ``[..., d_in]`` (as SAELens's BatchTopK flattens)
+        lead = sae_in.shape[:-1]
+        code = self._train_code(sae_in.reshape(-1, sae_in.shape[-1]), self._dec_norm())
+        return SparseCode(code.values.reshape(*lead, -1), code.indices.reshape(*lead, -1))
 
     def _encode_dense(self, sae_in: Tensor) -> Tensor:
         hidden_pre = self._hidden_pre(sae_in, self._dec_norm())

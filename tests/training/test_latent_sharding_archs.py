@@ -1,6 +1,7 @@
-"""Latent-sharded standard and JumpReLU SAEs on CPU (gloo, 2 and 4 spawned processes):
-every loss, every gradient and one clipped Adam step equal the unsharded SAE's, for each
-sparsity penalty (L1, Lp, JumpReLU step / tanh / quadratic, pre-activation loss)."""
+"""Latent-sharded standard, JumpReLU and BatchTopK SAEs on CPU (gloo, 2 and 4 spawned
+processes): every loss, every gradient, one clipped Adam step and BatchTopK's threshold
+EMA equal the unsharded SAE's, for each sparsity penalty (L1, Lp, JumpReLU step / tanh /
+quadratic, pre-activation loss) and BatchTopK's batch-wide selection with AuxK."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from spawn_ranks import run_ranks
 
 from fastsae.training import (
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
     StandardTrainingSAE,
@@ -33,6 +36,11 @@ CASES = {
     ),
     "jumprelu-step-preact": ("jumprelu", dict(l0_coefficient=0.2, pre_act_loss_coefficient=0.5)),
     "jumprelu-tanh": ("jumprelu", dict(jumprelu_sparsity_loss_mode="tanh", l0_coefficient=0.2)),
+    "batchtopk-rescale": ("batchtopk", dict(k=3.0, aux_loss_coefficient=0.5)),
+    "batchtopk-plain": (
+        "batchtopk",
+        dict(k=2.5, rescale_acts_by_decoder_norm=False, topk_threshold_lr=0.3),
+    ),
     "jumprelu-quadratic-ste": (
         "jumprelu",
         dict(
@@ -50,6 +58,8 @@ def _full_sae(case: str):
     torch.manual_seed(0)
     if arch == "standard":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, **kwargs))
+    elif arch == "batchtopk":
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, **kwargs))
     else:
         cfg = JumpReLUTrainingSAEConfig(
             d_in=D_IN, d_sae=D_SAE, jumprelu_init_threshold=0.2, jumprelu_bandwidth=0.5, **kwargs
@@ -85,6 +95,7 @@ def _run(sae, clip) -> dict:
     clip()
     torch.optim.Adam(sae.parameters(), lr=LR).step()
     rec["params"] = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    rec["buffers"] = {n: b.clone() for n, b in sae.named_buffers()}
     return rec
 
 
@@ -126,12 +137,12 @@ def test_sharded_step_equals_unsharded(ranks, case):
     got = [r[case] for r in ranks]
     assert set(got[0]) == set(ref), "the same loss terms"
     for key in ref:
-        if key in ("grads", "params", "fired"):
+        if key in ("grads", "params", "fired", "buffers"):
             continue
         for other in got[1:]:
             assert torch.equal(other[key], got[0][key]), f"{key} differs between ranks"
         _close(got[0][key], ref[key], key)
-    assert ref["loss"] > ref["mse_loss"], "the sparsity penalty must be exercised"
+    assert ref["loss"] > ref["mse_loss"], "the sparsity penalty (or AuxK) must be exercised"
     if "pre_act_loss" in ref:
         assert ref["pre_act_loss"] > 0, "the pre-activation loss must be exercised"
     assert torch.equal(torch.cat([r["fired"] for r in got]), ref["fired"])
@@ -140,6 +151,10 @@ def test_sharded_step_equals_unsharded(ranks, case):
         _close(_gathered([r["grads"] for r in got], name), grad, f"grad {name}")
     for name, value in ref["params"].items():
         _close(_gathered([r["params"] for r in got], name), value, f"param {name}")
+    for name, value in ref["buffers"].items():
+        assert value != 0, f"buffer {name} must be exercised"
+        for r in got:
+            _close(r["buffers"][name], value, f"buffer {name}")
 
 
 def test_round_trip_and_errors():
