@@ -9,6 +9,8 @@ import torch
 from spawn_ranks import run_ranks
 
 from fastsae.training import (
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
     StandardTrainingSAE,
@@ -25,6 +27,9 @@ N_DEAD = 9  # k_aux = min(d_in // 2, 9) = 6
 CASES = {
     "topk": lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K)),
     "topk-no-dead": lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K)),
+    "batchtopk": lambda: BatchTopKTrainingSAE(
+        BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=2.5)
+    ),
     "standard": lambda: StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE)),
     "jumprelu": lambda: JumpReLUTrainingSAE(
         JumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, pre_act_loss_coefficient=0.1)
@@ -70,7 +75,8 @@ def counted(tmp_path_factory):
 def test_step_collectives_are_the_formula(counted, case):
     arch = case.removesuffix("-no-dead")
     expected = step_payload_bytes(
-        arch, BATCH, D_IN, k=K, n_dead=0 if case == "topk-no-dead" else N_DEAD,
+        arch, BATCH, D_IN, k=2.5 if arch == "batchtopk" else K,
+        n_dead=0 if case == "topk-no-dead" else N_DEAD,
         pre_act_loss=True,
     )  # fmt: skip
     for per_rank in counted:

@@ -15,7 +15,7 @@ def step_payload_bytes(
     batch: int,
     d_in: int,
     *,
-    k: int = 0,
+    k: float = 0,
     n_dead: int = 0,
     dtype_bytes: int = 4,
     apply_b_dec_to_input: bool = True,
@@ -24,17 +24,19 @@ def step_payload_bytes(
 ) -> dict[str, int]:
     """Payload bytes per collective of one step on one rank of a shard group.
 
-    ``architecture``: ``"topk"``, ``"standard"`` or ``"jumprelu"``; ``batch``: tokens
-    every shard sees; ``k``: TopK's k; ``n_dead``: dead latents over all shards (TopK's
+    ``architecture``: ``"topk"``, ``"batchtopk"``, ``"standard"`` or ``"jumprelu"``;
+    ``batch``: tokens every shard sees; ``k``: TopK's k (BatchTopK's mean k); ``n_dead``: dead latents over all shards (TopK's
     AuxK: ``k_aux = min(d_in // 2, n_dead)``); ``dtype_bytes``: the SAE's parameter
     dtype; ``pre_act_loss``: JumpReLU's pre-activation loss is on (a dead mask given).
     Returns ``{collective: bytes}`` (the data-parallel gradient average, when the mesh
     has replicas, is separate: the shard's gradients, ``2 * d_sae / W * d_in + ...``).
     """
     out: dict[str, int] = {}
-    if architecture == "topk":
-        out["topk candidates (values)"] = batch * k * dtype_bytes
-        out["topk candidates (ids)"] = batch * k * 4  # int32 ids
+    if architecture in ("topk", "batchtopk"):
+        # TopK: k candidates per token; BatchTopK: int(k * batch) for the whole batch
+        n_candidates = batch * k if architecture == "topk" else int(k * batch)
+        out["topk candidates (values)"] = n_candidates * dtype_bytes
+        out["topk candidates (ids)"] = n_candidates * 4  # int32 ids
         out["reconstruction all_reduce"] = batch * d_in * dtype_bytes
         out["dead latent count all_reduce"] = 8
         k_aux = min(d_in // 2, n_dead)
@@ -42,6 +44,8 @@ def step_payload_bytes(
             out["AuxK candidates (values)"] = batch * k_aux * dtype_bytes
             out["AuxK candidates (ids)"] = batch * k_aux * 4
             out["AuxK reconstruction all_reduce"] = batch * d_in * dtype_bytes
+        if architecture == "batchtopk":
+            out["batch topk threshold all_reduce(min)"] = 8  # one float64
     elif architecture in ("standard", "jumprelu"):
         out["reconstruction all_reduce"] = batch * d_in * dtype_bytes
         out["penalty all_reduce"] = batch * dtype_bytes
@@ -49,7 +53,8 @@ def step_payload_bytes(
             out["pre-activation loss all_reduce"] = batch * dtype_bytes
     else:
         raise ValueError(
-            f"architecture must be 'topk', 'standard' or 'jumprelu', got {architecture!r}"
+            "architecture must be 'topk', 'batchtopk', 'standard' or 'jumprelu', got "
+            f"{architecture!r}"
         )
     if apply_b_dec_to_input:
         out["b_dec encoder-gradient all_reduce"] = d_in * dtype_bytes
