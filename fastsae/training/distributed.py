@@ -42,7 +42,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastsae.training.checkpoints import _move_into_place
-from fastsae.training.metrics import step_metrics
 from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
 from fastsae.training.sharded_data import RankShardedProvider
 from fastsae.training.trainer import SAETrainer
@@ -308,31 +307,9 @@ class DistributedSAETrainer(SAETrainer):
         vals /= self.world_size
         return {**row, **{k: float(v) for k, v in zip(keys, vals.tolist(), strict=True)}}
 
-    def _log(self, output: TrainStepOutput, pbar) -> None:
+    def _log_row(self, output: TrainStepOutput) -> dict[str, Any]:
         """The base's log row, with every numeric value averaged over ranks."""
-        row = step_metrics(output)
-        dead = int(self.dead_neurons.sum())
-        row.update(
-            {
-                "sparsity/dead_features": dead,
-                "sparsity/mean_passes_since_fired": float(self.n_forward_passes_since_fired.mean()),
-                "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
-                "details/n_training_samples": self.state.n_training_samples,
-                **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
-            }
-        )
-        row = self._reduce_row(row)
-        self.last_metrics = row
-        self.metrics.log(row, self.state.n_training_steps)  # a no-op logger off rank 0
-        pbar.set_postfix(
-            {
-                "L0": f"{row['metrics/l0']:.1f}",
-                "MSE": f"{row['metrics/mse']:.3g}",
-                "EV": f"{row['metrics/explained_variance']:.3f}",
-                "dead": f"{100 * dead / self.sae.cfg.d_sae:.1f}%",
-            },
-            refresh=False,
-        )
+        return self._reduce_row(super()._log_row(output))
 
     def _maybe_evaluate(self) -> None:
         # every rank evaluates (an evaluator may draw from the data, whose position must

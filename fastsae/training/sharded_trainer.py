@@ -174,7 +174,9 @@ class LatentShardedSAETrainer(SAETrainer):
                     b.copy_(buf / self.mesh.dp_size)
 
     # ------------------------------------------------------------ metrics
-    def _log(self, output: TrainStepOutput, pbar) -> None:
+    def _log_row(self, output: TrainStepOutput) -> dict[str, Any]:
+        """Token means averaged over the data-parallel replicas; per-shard quantities
+        (L0, dead latents, passes since fired) summed over the shards."""
         row = step_metrics(output)
         row.update(
             {
@@ -185,32 +187,20 @@ class LatentShardedSAETrainer(SAETrainer):
         keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)))
         values = self._reduce_([float(row[k]) for k in keys], "dp", "all_reduce(log metrics)", True)
         row.update(zip(keys, values, strict=True))
-        # per-shard quantities: summed over the shards
         summed = ("metrics/l0", "sparsity/dead_features", "sparsity/mean_passes_since_fired")
         totals = self._reduce_([row[k] for k in summed], "shard", "all_reduce(shard metrics)")
         row.update(zip(summed, totals, strict=True))
-        d_sae = self.sae.cfg.d_sae
-        dead = int(round(row["sparsity/dead_features"]))
         row.update(
             {
-                "sparsity/dead_features": dead,
-                "sparsity/mean_passes_since_fired": row["sparsity/mean_passes_since_fired"] / d_sae,
+                "sparsity/dead_features": int(round(row["sparsity/dead_features"])),
+                "sparsity/mean_passes_since_fired": row["sparsity/mean_passes_since_fired"]
+                / self.sae.cfg.d_sae,
                 "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
                 "details/n_training_samples": self.state.n_training_samples,
                 **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
             }
         )
-        self.last_metrics = row
-        self.metrics.log(row, self.state.n_training_steps)  # a no-op logger off rank 0
-        pbar.set_postfix(
-            {
-                "L0": f"{row['metrics/l0']:.1f}",
-                "MSE": f"{row['metrics/mse']:.3g}",
-                "EV": f"{row['metrics/explained_variance']:.3f}",
-                "dead": f"{100 * dead / d_sae:.1f}%",
-            },
-            refresh=False,
-        )
+        return row
 
     def _maybe_reset_sparsity(self) -> None:
         steps = self.state.n_training_steps

@@ -289,19 +289,12 @@ class SAETrainer(CheckpointingMixin):
         self.metrics.plot()
 
     def _log(self, output: TrainStepOutput, pbar: tqdm) -> None:
-        row = step_metrics(output)
-        dead = int(self.dead_neurons.sum())
-        row.update(
-            {
-                "sparsity/dead_features": dead,
-                "sparsity/mean_passes_since_fired": float(self.n_forward_passes_since_fired.mean()),
-                "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
-                "details/n_training_samples": self.state.n_training_samples,
-                **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
-            }
-        )
+        """Log this step's metrics row (metrics file, W&B) and show it on the bar."""
+        row = self._log_row(output)
+        dead = int(round(row["sparsity/dead_features"]))
+        row["sparsity/dead_features"] = dead
         self.last_metrics = row
-        self.metrics.log(row, self.state.n_training_steps)
+        self.metrics.log(row, self.state.n_training_steps)  # a no-op logger off rank 0
         pbar.set_postfix(
             {
                 "L0": f"{row['metrics/l0']:.1f}",
@@ -311,6 +304,20 @@ class SAETrainer(CheckpointingMixin):
             },
             refresh=False,
         )
+
+    def _log_row(self, output: TrainStepOutput) -> dict[str, Any]:
+        """The metrics row of a logging step (data-parallel trainers reduce it)."""
+        row = step_metrics(output)
+        row.update(
+            {
+                "sparsity/dead_features": int(self.dead_neurons.sum()),
+                "sparsity/mean_passes_since_fired": float(self.n_forward_passes_since_fired.mean()),
+                "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
+                "details/n_training_samples": self.state.n_training_samples,
+                **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
+            }
+        )
+        return row
 
     def _maybe_evaluate(self) -> None:
         every = self.cfg.logger.wandb_log_frequency * self.cfg.logger.eval_every_n_wandb_logs
