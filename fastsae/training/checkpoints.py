@@ -14,11 +14,13 @@ override parts of it (:mod:`fastsae.training.distributed`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,18 @@ class CheckpointingMixin:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    @contextlib.contextmanager
+    def _pending_batch_dropped(self, drop: bool) -> Iterator[None]:
+        """While active (when ``drop``), the pending batch is not part of what is saved:
+        under data parallelism it is only this rank's rows."""
+        pending = self._pending_batch
+        if drop:
+            self._pending_batch = None
+        try:
+            yield
+        finally:
+            self._pending_batch = pending
+
     def _write_trainer_files(self, folder: Path) -> None:
         """Everything of a checkpoint but the SAE: trainer state, data position,
         normalisation, an interrupted step's pending batch, the run config."""
@@ -136,6 +150,7 @@ class CheckpointingMixin:
         if state.get("latent_shards"):
             # written by a latent-sharded run: its shards' optimizer states, concatenated
             from fastsae.training.latent_sharding.checkpoint import (
+                FIRING_KEYS,
                 load_optimizer_state_by_name,
                 read_latent_range,
             )
@@ -146,12 +161,19 @@ class CheckpointingMixin:
             load_optimizer_state_by_name(
                 self.optimizer, named, whole["optimizer"], whole["param_groups"]
             )
-            state = {
-                **state,
-                **{k: whole[k] for k in ("act_freq_scores", "n_forward_passes_since_fired")},
-            }
+            state = {**state, **{k: whole[k] for k in FIRING_KEYS}}
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+        self._load_progress(state)
+        for name, value in state.get("sae_buffers", {}).items():
+            owner, _, attr = name.rpartition(".")
+            module = self.sae.get_submodule(owner) if owner else self.sae
+            setattr(module, attr, value.to(self.sae.device))
+        self._load_run_files(path, state)
+
+    def _load_progress(self, state: dict[str, Any]) -> None:
+        """Schedules, counters, checkpoint thresholds and the firing statistics
+        (``[d_sae]``, or this shard's) of a loaded trainer state."""
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         for name, s in state["coefficient_schedulers"].items():
             self.coefficient_schedulers[name].load_state_dict(s)
@@ -161,11 +183,6 @@ class CheckpointingMixin:
             self.n_forward_passes_since_fired.device
         )
         self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
-        for name, value in state.get("sae_buffers", {}).items():
-            owner, _, attr = name.rpartition(".")
-            module = self.sae.get_submodule(owner) if owner else self.sae
-            setattr(module, attr, value.to(self.sae.device))
-        self._load_run_files(path, state)
 
     def _load_run_files(self, path: Path, state: dict[str, Any]) -> None:
         """The part of a resume every trainer shares: RNG states, normalisation, an

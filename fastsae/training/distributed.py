@@ -30,8 +30,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.training.checkpoints import _move_into_place
+from fastsae.training.collectives import (
+    _collective,
+    _world,
+    all_reduce_sum_,
+    average_buffers_,
+    average_gradients,
+    broadcast_from_rank0,
+    comm_device,
+    main_rank_outputs,
+    save_checkpoint_together,
+    sum_fired_counts,
+)
 from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
 from fastsae.training.sharded_data import RankShardedProvider
 from fastsae.training.trainer import SAETrainer
@@ -108,24 +117,6 @@ def _device_for(backend: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _collective(what: str, fn, *args, **kwargs):
-    """Run a collective; on failure (timeout, dead peer) re-raise naming it and the rank."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - add context whatever the backend raised
-        rank, world = _world()
-        raise RuntimeError(
-            f"rank {rank}/{world}: collective {what!r} failed ({type(e).__name__}: {e}); "
-            "another rank may have died or be stuck (the process group's timeout bounds this)"
-        ) from e
-
-
 # --------------------------------------------------------------------------- data
 def config_hash(cfg: Any) -> int:
     """A 63-bit hash of ``cfg.to_dict()`` without its per-rank device fields."""
@@ -165,32 +156,6 @@ def check_same_config(cfg: Any, device: torch.device | str = "cpu") -> None:
         )
 
 
-# --------------------------------------------------------------------------- gradients
-def average_gradients(params, group, world_size: int, comm_device: torch.device) -> None:
-    """Average the gradients of ``params`` over ``group`` (``world_size`` ranks): one flat
-    all_reduce per dtype through ``comm_device`` (a missing gradient counts as zero)."""
-    if world_size == 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
-        if p.requires_grad:
-            by_dtype.setdefault(p.dtype, []).append(p)
-    for dtype, ps in by_dtype.items():
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
-        ).to(comm_device)
-        _collective(
-            f"all_reduce(gradients, {dtype})", dist.all_reduce, flat, op=dist.ReduceOp.SUM,
-            group=group,
-        )  # fmt: skip
-        flat /= world_size
-        offset = 0
-        for p in ps:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
-            offset += n
-
-
 # --------------------------------------------------------------------------- trainer
 class DistributedSAETrainer(SAETrainer):
     """:class:`SAETrainer` whose step is data-parallel over the default process group.
@@ -205,17 +170,11 @@ class DistributedSAETrainer(SAETrainer):
         self, cfg: Any, sae: TrainingSAE, data_provider: Iterator[Tensor], *args, **kwargs
     ):
         self.rank, self.world_size = _world()
-        if self.rank != 0:
-            kwargs["run_dir"] = None
-            kwargs["wandb_run"] = None
-            kwargs["show_progress"] = False
-        super().__init__(cfg, sae, data_provider, *args, **kwargs)
-        self._comm_device = torch.device(cfg.device)
-        if dist.is_initialized() and dist.get_backend() == "gloo":
-            self._comm_device = torch.device("cpu")
+        super().__init__(cfg, sae, data_provider, *args, **main_rank_outputs(kwargs, self.rank))
+        self._comm_device = comm_device(cfg.device)
         check_same_config(cfg, self._comm_device)
-        if self.world_size > 1:
-            self._broadcast_parameters()
+        # start from rank 0's weights and buffers (replicas stay equal thereafter)
+        broadcast_from_rank0(self.sae, self._comm_device)
 
     @property
     def distributed(self) -> bool:
@@ -224,19 +183,7 @@ class DistributedSAETrainer(SAETrainer):
     # ------------------------------------------------------------ collectives
     def _all_reduce_(self, tensor: Tensor, what: str) -> Tensor:
         """Sum ``tensor`` over ranks in place (through the comm device)."""
-        buf = tensor if tensor.device == self._comm_device else tensor.to(self._comm_device)
-        _collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM)
-        if buf is not tensor:
-            tensor.copy_(buf)
-        return tensor
-
-    def _broadcast_parameters(self) -> None:
-        """Start from rank 0's weights and buffers (replicas stay equal thereafter)."""
-        with torch.no_grad():
-            for name, t in [*self.sae.named_parameters(), *self.sae.named_buffers()]:
-                buf = t.detach().to(self._comm_device).clone()
-                _collective(f"broadcast({name})", dist.broadcast, buf, src=0)
-                t.copy_(buf)
+        return all_reduce_sum_(tensor, self._comm_device, what)
 
     def _reduce_gradients(self) -> None:
         """Average every parameter's gradient over ranks: one flat all_reduce per dtype."""
@@ -252,22 +199,11 @@ class DistributedSAETrainer(SAETrainer):
         rank has the same dead mask and counts the global batch."""
         if not self.distributed:
             return fired, n_tokens
-        counts = fired.float()
-        buf = torch.cat([counts, counts.new_tensor([float(n_tokens)])])
-        self._all_reduce_(buf, "all_reduce(fired counts)")
-        return buf[:-1].to(fired.device), int(buf[-1].item())
+        return sum_fired_counts(fired, n_tokens, self._comm_device)
 
     def _after_optimizer_step(self) -> None:
         if self.distributed:
-            self._average_buffers()
-
-    def _average_buffers(self) -> None:
-        """Keep float buffers (e.g. BatchTopK's threshold EMA) equal on every rank."""
-        with torch.no_grad():
-            for name, b in self.sae.named_buffers():
-                if b.is_floating_point() and b.numel() > 0:
-                    self._all_reduce_(b, f"all_reduce(buffer {name})")
-                    b /= self.world_size
+            average_buffers_(self.sae, self.world_size, self._comm_device)
 
     # ------------------------------------------------------------ normalisation
     def _estimate_normalisation(self) -> None:
@@ -326,38 +262,25 @@ class DistributedSAETrainer(SAETrainer):
         this rank's share, so the resumed run skips that global batch.
         """
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
-        final = base / name
         if self._data_replica()[1] == 1:
-            path = final
+            path = base / name
             if self.rank == 0:
-                pending, self._pending_batch = self._pending_batch, None
-                try:
+                with self._pending_batch_dropped(True):
                     path = super().save_checkpoint(name, base_path)
-                finally:
-                    self._pending_batch = pending
             if self.distributed:
                 _collective("barrier(save_checkpoint)", dist.barrier)
             return path
-        tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
-        _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
-        tmp = base / tmp_name[0]
-        if self.rank == 0:
-            tmp.mkdir(parents=True, exist_ok=True)
-        _collective("barrier(save_checkpoint: folder)", dist.barrier)
-        self._write_data_replica_state(tmp)
-        _collective("barrier(save_checkpoint: data positions)", dist.barrier)
-        if self.rank == 0:
-            pending, self._pending_batch = self._pending_batch, None
-            try:
+
+        def prepare(tmp: Path) -> None:
+            if self.rank == 0:
+                tmp.mkdir(parents=True, exist_ok=True)
+
+        def commit(tmp: Path) -> None:
+            with self._pending_batch_dropped(True):
                 self.sae.save_model(tmp, sparsity=self.log_feature_sparsity)
                 self._write_trainer_files(tmp)
-                _move_into_place(tmp, final)
-            finally:
-                self._pending_batch = pending
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-        _collective("barrier(save_checkpoint: commit)", dist.barrier)
-        return final
+
+        return save_checkpoint_together(base, name, prepare, self._write_data_replica_state, commit)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Every rank loads the same checkpoint (saved under any world size)."""

@@ -209,7 +209,9 @@ class SAETrainingRunner:
             # every rank starts from rank 0's initial SAE and holds d_sae / latent_shards
             # of its latents; the ranks of a shard group draw the same rows
             mesh = init_latent_mesh(cfg.latent_shards)
-            _broadcast_parameters(self.sae, self.dist.device)
+            from fastsae.training.collectives import broadcast_from_rank0, comm_device
+
+            broadcast_from_rank0(self.sae, comm_device(self.dist.device), buffers=False)
             sae = shard_sae(self.sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
             self.sae = sae  # the full SAE is not kept during training
             data = self._data_parallel_data(data, mesh.dp_rank, mesh.dp_size)
@@ -289,22 +291,6 @@ def _shared_run_id(run_id: str | None, world_size: int) -> str:
 
         dist.broadcast_object_list(ids, src=0)
     return ids[0]
-
-
-def _broadcast_parameters(sae: TrainingSAE, device: torch.device) -> None:
-    """Rank 0's weights on every rank (a no-op on one process)."""
-    import torch.distributed as dist
-
-    from fastsae.training.distributed import _collective
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    comm = torch.device("cpu") if dist.get_backend() == "gloo" else device
-    with torch.no_grad():
-        for name, t in sae.named_parameters():
-            buf = t.detach().to(comm).clone()
-            _collective(f"broadcast({name})", dist.broadcast, buf, src=0)
-            t.copy_(buf)
 
 
 class _WithCheckpointPath:

@@ -34,11 +34,7 @@ batch (the caller gives each rank its replica's rows, e.g. a
 
 from __future__ import annotations
 
-import random
-import shutil
-import uuid
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +42,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.training.checkpoints import TRAINER_STATE_FILENAME, TrainerState, _move_into_place
-from fastsae.training.distributed import _collective, _world, average_gradients, check_same_config
+from fastsae.training.checkpoints import TRAINER_STATE_FILENAME
+from fastsae.training.collectives import (
+    _collective,
+    _world,
+    average_buffers_,
+    average_gradients,
+    comm_device,
+    main_rank_outputs,
+    save_checkpoint_together,
+    sum_fired_counts,
+)
+from fastsae.training.distributed import check_same_config
 from fastsae.training.latent_sharding import ShardedTrainingSAE, clip_grad_norm_sharded
 from fastsae.training.latent_sharding.checkpoint import (
+    FIRING_KEYS,
     SHARD_STATE_FILENAME,
     load_optimizer_state_by_name,
     optimizer_state_by_name,
@@ -99,18 +106,12 @@ class LatentShardedSAETrainer(SAETrainer):
                 f"cover the {self.world_size} processes"
             )
         self.mesh = mesh
-        if self.rank != 0:
-            kwargs["run_dir"] = None
-            kwargs["wandb_run"] = None
-            kwargs["show_progress"] = False
-        super().__init__(cfg, sae, data_provider, *args, **kwargs)
+        super().__init__(cfg, sae, data_provider, *args, **main_rank_outputs(kwargs, self.rank))
         # firing statistics are per shard
         n_local, device = sae.d_sae_local, torch.device(cfg.device)
         self.act_freq_scores = torch.zeros(n_local, device=device)
         self.n_forward_passes_since_fired = torch.zeros(n_local, device=device)
-        self._comm_device = torch.device(cfg.device)
-        if dist.is_initialized() and dist.get_backend() == "gloo":
-            self._comm_device = torch.device("cpu")
+        self._comm_device = comm_device(cfg.device)
         check_same_config(cfg, self._comm_device)
 
     @property
@@ -151,11 +152,7 @@ class LatentShardedSAETrainer(SAETrainer):
         """Firing counts and token count summed over the data-parallel replicas."""
         if self.mesh.dp_size == 1:
             return fired, n_tokens
-        buf = torch.cat([fired.float(), fired.new_tensor([float(n_tokens)], dtype=torch.float32)])
-        buf = buf.to(self._comm_device)
-        _collective("all_reduce(fired counts)", dist.all_reduce, buf, op=dist.ReduceOp.SUM,
-                    group=self.mesh.dp_group)  # fmt: skip
-        return buf[:-1].to(fired.device), int(buf[-1].item())
+        return sum_fired_counts(fired, n_tokens, self._comm_device, self.mesh.dp_group)
 
     def _clip_gradients(self, max_norm: float) -> None:
         clip_grad_norm_sharded(self.sae, max_norm)  # type: ignore[arg-type]
@@ -163,15 +160,8 @@ class LatentShardedSAETrainer(SAETrainer):
     def _after_optimizer_step(self) -> None:
         """Keep float buffers (BatchTopK's threshold EMA, equal within a shard group)
         equal across the data-parallel replicas: their mean."""
-        if self.mesh.dp_size == 1:
-            return
-        with torch.no_grad():
-            for name, b in self.sae.named_buffers():
-                if b.is_floating_point() and b.numel() > 0:
-                    buf = b.detach().to(self._comm_device).clone()
-                    _collective(f"all_reduce(buffer {name})", dist.all_reduce, buf,
-                                op=dist.ReduceOp.SUM, group=self.mesh.dp_group)  # fmt: skip
-                    b.copy_(buf / self.mesh.dp_size)
+        if self.mesh.dp_size > 1:
+            average_buffers_(self.sae, self.mesh.dp_size, self._comm_device, self.mesh.dp_group)
 
     # ------------------------------------------------------------ metrics
     def _log_row(self, output: TrainStepOutput) -> dict[str, Any]:
@@ -195,9 +185,7 @@ class LatentShardedSAETrainer(SAETrainer):
                 "sparsity/dead_features": int(round(row["sparsity/dead_features"])),
                 "sparsity/mean_passes_since_fired": row["sparsity/mean_passes_since_fired"]
                 / self.sae.cfg.d_sae,
-                "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
-                "details/n_training_samples": self.state.n_training_samples,
-                **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
+                **self._details_metrics(),
             }
         )
         return row
@@ -261,69 +249,44 @@ class LatentShardedSAETrainer(SAETrainer):
         return self._gather_local(self.log_feature_sparsity, "all_gather(feature sparsity)")
 
     # ------------------------------------------------------------ checkpoints
-    def _barrier(self, what: str) -> None:
-        if self.distributed:
-            _collective(f"barrier({what})", dist.barrier)
-
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
         """Every rank calls it: rank 0 writes the gathered SAE and the replicated state,
         the first replica's ranks their shard's state; the folder appears atomically."""
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
-        final = base / name
-        tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
-        if self.distributed:
-            _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
-        tmp = base / tmp_name[0]
         writer = self.mesh.dp_rank == 0  # the first replica's shard group writes
-        if writer:
-            full = self.gather_full()
-            sparsity = self.gathered_log_feature_sparsity()
-            # a rank that fails here raises; the others then fail at the next collective
-            # (after the process group's timeout) naming it
-            if self.rank == 0:
-                base.mkdir(parents=True, exist_ok=True)
-                full.save_model(tmp, sparsity=sparsity)
-            del full
-        self._barrier("save_checkpoint: folder")
-        if writer:
-            file = tmp / SHARD_STATE_FILENAME.format(shard=self.mesh.shard_rank)
-            torch.save(self._shard_state_dict(), file)
-        if self.mesh.shard_rank == 0:  # one rank per data replica writes its position
-            self._write_data_replica_state(tmp)
-        self._barrier("save_checkpoint: shard states")
-        if self.rank == 0:
+
+        def prepare(tmp: Path) -> None:
+            if writer:
+                full = self.gather_full()
+                sparsity = self.gathered_log_feature_sparsity()
+                if self.rank == 0:
+                    base.mkdir(parents=True, exist_ok=True)
+                    full.save_model(tmp, sparsity=sparsity)
+
+        def write_parts(tmp: Path) -> None:
+            if writer:
+                file = tmp / SHARD_STATE_FILENAME.format(shard=self.mesh.shard_rank)
+                torch.save(self._shard_state_dict(), file)
+            if self.mesh.shard_rank == 0:  # one rank per data replica writes its position
+                self._write_data_replica_state(tmp)
+
+        def commit(tmp: Path) -> None:
             # with data parallelism an interrupted step's batch is rank 0's rows only: not
             # saved (the resumed run skips that global batch)
-            pending = self._pending_batch
-            if self.mesh.dp_size > 1:
-                self._pending_batch = None
-            try:
+            with self._pending_batch_dropped(self.mesh.dp_size > 1):
                 self._write_trainer_files(tmp)
-                _move_into_place(tmp, final)
-            finally:
-                self._pending_batch = pending
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-        self._barrier("save_checkpoint: commit")
-        return final
+
+        return save_checkpoint_together(base, name, prepare, write_parts, commit)
 
     def _state_dict(self) -> dict[str, Any]:
-        return {
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "coefficient_schedulers": {
-                k: s.state_dict() for k, s in self.coefficient_schedulers.items()
-            },
-            "state": asdict(self.state),
-            "checkpoint_thresholds": list(self.checkpoint_thresholds),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            "latent_shards": self.mesh.shard_size,
-            "data_parallel": self.mesh.dp_size,
-            "data_replicas": self._data_replica()[1],
-        }
+        """The replicated part of the trainer state: the base's without what is per
+        shard (optimizer, firing statistics; in the shard files) or in the gathered SAE
+        (buffers), with the layout."""
+        state = super()._state_dict()
+        for key in ("optimizer", "act_freq_scores", "n_forward_passes_since_fired", "sae_buffers"):
+            del state[key]
+        state.update(latent_shards=self.mesh.shard_size, data_parallel=self.mesh.dp_size)
+        return state
 
     def _shard_state_dict(self) -> dict[str, Any]:
         optimizer, groups = optimizer_state_by_name(
@@ -366,15 +329,7 @@ class LatentShardedSAETrainer(SAETrainer):
         load_optimizer_state_by_name(
             self.optimizer, list(sae.named_parameters()), local["optimizer"], local["param_groups"]
         )
-        self.act_freq_scores = local["act_freq_scores"].to(self.act_freq_scores.device)
-        self.n_forward_passes_since_fired = local["n_forward_passes_since_fired"].to(
-            self.n_forward_passes_since_fired.device
-        )
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for name, s in state["coefficient_schedulers"].items():
-            self.coefficient_schedulers[name].load_state_dict(s)
-        self.state = TrainerState(**state["state"])
-        self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
+        self._load_progress({**state, **{k: local[k] for k in FIRING_KEYS}})
         self._load_run_files(path, state)
         if self._pending_batch is not None and self.mesh.dp_size > 1:
             # a whole global batch (saved without data parallelism): this replica's rows

@@ -312,12 +312,19 @@ class SAETrainer(CheckpointingMixin):
             {
                 "sparsity/dead_features": int(self.dead_neurons.sum()),
                 "sparsity/mean_passes_since_fired": float(self.n_forward_passes_since_fired.mean()),
-                "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
-                "details/n_training_samples": self.state.n_training_samples,
-                **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
+                **self._details_metrics(),
             }
         )
         return row
+
+    def _details_metrics(self) -> dict[str, Any]:
+        """Learning rate, samples seen and the scheduled coefficients (the same on
+        every rank)."""
+        return {
+            "details/current_learning_rate": self.optimizer.param_groups[0]["lr"],
+            "details/n_training_samples": self.state.n_training_samples,
+            **{f"details/{k}_coefficient": v for k, v in self.get_coefficients().items()},
+        }
 
     def _maybe_evaluate(self) -> None:
         every = self.cfg.logger.wandb_log_frequency * self.cfg.logger.eval_every_n_wandb_logs

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastsae.training.distributed import _collective
+from fastsae.training.collectives import _collective
 from fastsae.training.saes.base import TrainingSAE, TrainingSAEConfig
 
 # per-latent parameters and the dimension along which d_sae runs

@@ -22,7 +22,11 @@ from fastsae.torch_ops import encoder_preacts
 from fastsae.training.latent_sharding.base import _all_reduce
 from fastsae.training.latent_sharding.topk import ShardedTopKTrainingSAE, merge_candidates
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
-from fastsae.training.saes.batchtopk import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from fastsae.training.saes.batchtopk import (
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    padded_layout,
+)
 
 
 class ShardedBatchTopKTrainingSAE(ShardedTopKTrainingSAE):
@@ -55,12 +59,7 @@ class ShardedBatchTopKTrainingSAE(ShardedTopKTrainingSAE):
             d_sae=flat.numel(),
         )  # fmt: skip
         picked = flat_pos[chosen[0]].sort().values
-        rows = picked // n_local
-        counts = torch.bincount(rows, minlength=n_tokens)
-        width = max(int(counts.max()) if picked.numel() else 0, 1)
-        slot = (
-            torch.arange(picked.numel(), device=h.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        )
+        rows, slot, width = padded_layout(picked, n_tokens, n_local)
         pos = torch.zeros(n_tokens, width, dtype=torch.long, device=h.device)
         raw = h.new_zeros(n_tokens, width)
         selected = torch.zeros(n_tokens, width, dtype=torch.bool, device=h.device)

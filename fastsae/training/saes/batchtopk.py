@@ -21,6 +21,20 @@ from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
 from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, _take
 
 
+def padded_layout(picked: Tensor, n_tokens: int, n_cols: int) -> tuple[Tensor, Tensor, int]:
+    """Where the picked entries of a flattened ``[n_tokens, n_cols]`` matrix go in a
+    padded per-token code: ``(rows, slots, width)`` with ``width`` the most entries any
+    token got (at least 1). ``picked``: sorted flat positions."""
+    rows = picked // n_cols
+    counts = torch.bincount(rows, minlength=n_tokens)
+    width = max(int(counts.max()) if picked.numel() else 0, 1)
+    slot = (
+        torch.arange(picked.numel(), device=picked.device)
+        - (torch.cumsum(counts, 0) - counts)[rows]
+    )
+    return rows, slot, width
+
+
 @dataclass
 class BatchTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     """Training config of a BatchTopK SAE (SAELens fields).
@@ -77,11 +91,7 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
             empty = torch.zeros(n_tokens, 1, dtype=acts.dtype, device=acts.device)
             return SparseCode(empty * flat[:1], torch.zeros_like(empty, dtype=torch.long))
         picked = torch.topk(flat, n_sel, dim=-1, sorted=False).indices.sort().values
-        rows = picked // d_sae
-        counts = torch.bincount(rows, minlength=n_tokens)
-        width = max(int(counts.max()), 1)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(n_sel, device=acts.device) - starts[rows]
+        rows, slot, width = padded_layout(picked, n_tokens, d_sae)
         values = flat.new_zeros(n_tokens, width).index_put(
             (rows, slot), flat.index_select(0, picked)
         )

@@ -1,0 +1,156 @@
+"""The collectives the distributed trainers share, on ``torch.distributed``: each one
+through :func:`_collective` (a failure names the operation and the rank), over a
+process group (``None``: the default one), with buffers on :func:`comm_device`."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastsae.training.checkpoints import _move_into_place
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    """Run a collective; on failure (timeout, dead peer) re-raise naming it and the rank."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - add context whatever the backend raised
+        rank, world = _world()
+        raise RuntimeError(
+            f"rank {rank}/{world}: collective {what!r} failed ({type(e).__name__}: {e}); "
+            "another rank may have died or be stuck (the process group's timeout bounds this)"
+        ) from e
+
+
+def average_gradients(params, group, world_size: int, comm_device: torch.device) -> None:
+    """Average the gradients of ``params`` over ``group`` (``world_size`` ranks): one flat
+    all_reduce per dtype through ``comm_device`` (a missing gradient counts as zero)."""
+    if world_size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            by_dtype.setdefault(p.dtype, []).append(p)
+    for dtype, ps in by_dtype.items():
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
+        ).to(comm_device)
+        _collective(
+            f"all_reduce(gradients, {dtype})", dist.all_reduce, flat, op=dist.ReduceOp.SUM,
+            group=group,
+        )  # fmt: skip
+        flat /= world_size
+        offset = 0
+        for p in ps:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
+            offset += n
+
+
+def comm_device(device: str | torch.device) -> torch.device:
+    """Where collectives' buffers live: the CPU under gloo, else the training device."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def main_rank_outputs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A trainer's keyword arguments with the metrics folder, W&B run and progress bar
+    kept on rank 0 only."""
+    if rank != 0:
+        kwargs.update(run_dir=None, wandb_run=None, show_progress=False)
+    return kwargs
+
+
+def all_reduce_sum_(tensor: Tensor, device: torch.device, what: str, group=None) -> Tensor:
+    """Sum ``tensor`` over ``group`` in place, through a buffer on ``device``."""
+    buf = tensor if tensor.device == device else tensor.to(device)
+    _collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=group)
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor
+
+
+def sum_fired_counts(
+    fired: Tensor, n_tokens: int, device: torch.device, group=None
+) -> tuple[Tensor, int]:
+    """Per-latent firing counts and the token count summed over ``group`` (one
+    all_reduce), so every replica has the same dead mask and counts the global batch."""
+    buf = torch.cat([fired.float(), fired.new_tensor([float(n_tokens)], dtype=torch.float32)])
+    all_reduce_sum_(buf, device, "all_reduce(fired counts)", group)
+    return buf[:-1].to(fired.device), int(buf[-1].item())
+
+
+@torch.no_grad()
+def average_buffers_(module: torch.nn.Module, size: int, device: torch.device, group=None) -> None:
+    """Float buffers (e.g. BatchTopK's threshold EMA) replaced by their mean over the
+    ``size`` ranks of ``group``, so replicas stay equal."""
+    for name, b in module.named_buffers():
+        if b.is_floating_point() and b.numel() > 0:
+            all_reduce_sum_(b, device, f"all_reduce(buffer {name})", group)
+            b /= size
+
+
+@torch.no_grad()
+def broadcast_from_rank0(module: torch.nn.Module, device: torch.device, buffers: bool = True):
+    """Rank 0's parameters (and buffers) on every rank; a no-op on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    tensors = [*module.named_parameters(), *(module.named_buffers() if buffers else [])]
+    for name, t in tensors:
+        buf = t.detach().to(device).clone()
+        _collective(f"broadcast({name})", dist.broadcast, buf, src=0)
+        t.copy_(buf)
+
+
+def save_checkpoint_together(
+    base: Path,
+    name: str,
+    prepare: Callable[[Path], None],
+    write_parts: Callable[[Path], None],
+    commit: Callable[[Path], None],
+) -> Path:
+    """``base/name``, a checkpoint folder written by several ranks that appears at once.
+
+    Every rank calls it: ``prepare(tmp)`` on every rank (rank 0 must create ``tmp``),
+    a barrier, ``write_parts(tmp)`` on every rank (per-rank files), a barrier, then rank
+    0 runs ``commit(tmp)`` and renames ``tmp`` into place (removing it on failure), and
+    a last barrier. A rank that fails raises; the others then fail at the next
+    collective (after the process group's timeout) naming it.
+    """
+    rank, world = _world()
+    tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
+    if world > 1:
+        _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
+    tmp, final = base / tmp_name[0], base / name
+
+    def barrier(what: str) -> None:
+        if world > 1:
+            _collective(f"barrier(save_checkpoint: {what})", dist.barrier)
+
+    prepare(tmp)
+    barrier("folder")
+    write_parts(tmp)
+    barrier("per-rank files")
+    if rank == 0:
+        try:
+            commit(tmp)
+            _move_into_place(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    barrier("commit")
+    return final
