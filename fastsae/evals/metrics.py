@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +34,10 @@ def _recons_loss(
     splice: _Splice,
     ignore_tokens: list[int] | None,
     model_kwargs: Mapping[str, Any],
+    predict: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
+    """``predict``: the SAE's output for an input (default: its inference forward)."""
+    predict = predict if predict is not None else (lambda x: _predict(sae, x))
     clean_logits, clean_ce = model(tokens, return_type="both", loss_per_token=True, **model_kwargs)
     device = sae.W_dec.device
     mask = _token_mask(tokens, ignore_tokens).to(device)
@@ -47,7 +50,7 @@ def _recons_loss(
         x = captured.pop("x") if splice.transcoder else act
         x = _read(x, splice.in_head, splice.in_hook).to(device)
         target = _read(act, splice.out_head, splice.out_hook)
-        new = _predict(sae, scaler.scale(x)).to(target.dtype)
+        new = predict(scaler.scale(x)).to(target.dtype)
         new = scaler.unscale(new)
         new = torch.where(mask[..., None], new, target.to(device))
         return _write(act, new.to(act.device), splice.out_head)

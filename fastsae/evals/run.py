@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -171,27 +171,48 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor]) -> dict[st
     (``||x - x_hat||^2 / d_in``, as the trainer's own ``metrics/mse``). The SAE runs its
     inference forward (no error term); sums are in at least fp32.
     """
-    stats = None
+    stats, d_out = _reconstruction_stats(
+        lambda x: _encode_decode(sae, x), sae.cfg.d_sae, sae.W_dec.device, batches
+    )
+    return _reconstruction_summary(
+        stats, d_out, stats.mean("l0"), int((stats.feature_acts == 0).sum())
+    )
+
+
+def _reconstruction_stats(
+    encode_decode: Callable[[Tensor], tuple[Tensor, Tensor | SparseCode]],
+    d_sae: int,
+    device: torch.device,
+    batches: Iterable[Tensor],
+) -> tuple[_ActivationStats, int]:
+    """The running statistics of ``encode_decode(x) -> (x_hat, activations)`` over the
+    batches (``d_sae``: the activations' width), and the output width."""
+    stats = _ActivationStats(d_sae, device)
+    d_out = 0
     for x in batches:
-        x = x.to(sae.W_dec.device)
-        if stats is None:
-            stats = _ActivationStats(sae.cfg.d_sae, x.device)
-        x_hat, acts = _encode_decode(sae, x)
+        x = x.to(device)
+        x_hat, acts = encode_decode(x)
         if isinstance(acts, SparseCode):
             acts = SparseCode(acts.values[:, None], acts.indices[:, None])
         else:
             acts = acts[:, None]
         stats.add(x[:, None], x_hat[:, None], acts, torch.ones(x.shape[0], 1, dtype=torch.bool))
-    if stats is None or not stats.n_tokens:
+        d_out = x_hat.shape[-1]
+    if not stats.n_tokens:
         raise ValueError("reconstruction_metrics: no batches given")
-    d_out = x_hat.shape[-1]
+    return stats, d_out
+
+
+def _reconstruction_summary(
+    stats: _ActivationStats, d_out: int, l0: float, dead: int
+) -> dict[str, float]:
     return {
-        "metrics/l0": stats.mean("l0"),
+        "metrics/l0": l0,
         "metrics/explained_variance": stats.explained_variance(),
         "metrics/mse": stats.mean("mse") / d_out,
         "metrics/cossim": stats.mean("cossim"),
         "metrics/l2_ratio": stats.mean("l2_ratio"),
-        "sparsity/dead_features_in_eval": int((stats.feature_acts == 0).sum()),
+        "sparsity/dead_features_in_eval": dead,
     }
 
 
@@ -203,17 +224,21 @@ def language_model_metrics(
     hook_name: str,
     *,
     hook_head_index: int | None = None,
+    predict: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """CE loss (clean, SAE spliced in, zero-ablated), CE loss score, KL and KL score of a
     TransformerLens model on ``tokens [batch, seq]`` with the SAE at ``hook_name``
     (``hook_head_index``: one head of a ``[b, pos, n_heads, d_head]`` hook). Every
-    token counts; the values are those of :func:`run_evals` on these tokens."""
+    token counts; the values are those of :func:`run_evals` on these tokens.
+
+    ``predict``: ``[b, pos, d_in] -> [b, pos, d_out]``, the output spliced in instead of
+    the SAE's own (e.g. a latent-sharded SAE's reconstruction)."""
     splice = _splice(sae, hook_name, hook_head_index)
     reshaping = getattr(sae, "hook_z_reshaping_mode", None) if "hook_z" in hook_name else None
     if reshaping:
         sae.turn_off_forward_pass_hook_z_reshaping()
     try:
-        res = _recons_loss(sae, model, _Scaler(None), tokens, splice, None, {})
+        res = _recons_loss(sae, model, _Scaler(None), tokens, splice, None, {}, predict)
     finally:
         if reshaping:
             sae.turn_on_forward_pass_hook_z_reshaping()

@@ -116,6 +116,40 @@ def broadcast_from_rank0(module: torch.nn.Module, device: torch.device, buffers:
         t.copy_(buf)
 
 
+@torch.no_grad()
+def check_same_tensors(module: torch.nn.Module, device: torch.device, what: str) -> None:
+    """Raise unless every rank's parameters and buffers equal rank 0's (a no-op on one
+    process). Compared by fingerprint: integer sums (plain and position-weighted, exact
+    in any order) of the bit patterns of up to 2^20 evenly spaced elements of each
+    tensor, so the check costs the same at any width and sends two numbers per tensor."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    names, prints = [], []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 2**20)]
+        if sample.is_floating_point():
+            sample = sample.view(
+                {2: torch.int16, 4: torch.int32, 8: torch.int64}[sample.element_size()]
+            )
+        bits = sample.long()
+        position = torch.arange(1, bits.numel() + 1, device=bits.device)
+        names.append(name)
+        prints.append(torch.stack([bits.sum(), (bits * position).sum()]))
+    mine = torch.stack(prints).to(device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    _collective(f"all_gather({what} fingerprints)", dist.all_gather, every, mine)
+    for rank, theirs in enumerate(every[1:], start=1):
+        differ = (theirs != every[0]).any(dim=1)
+        if differ.any():
+            name = names[int(differ.nonzero()[0])]
+            raise ValueError(
+                f"rank {rank}'s {what} differs from rank 0's ({name!r}): every rank must "
+                "start from the same SAE (the same seed, and a from_pretrained_path that "
+                "holds the same file on every node)"
+            )
+
+
 def save_checkpoint_together(
     base: Path,
     name: str,

@@ -9,6 +9,7 @@ and saves the result (inference format) to ``output_path``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import uuid
@@ -146,23 +147,36 @@ class SAETrainingRunner:
         md.exclude_special_tokens = cfg.exclude_special_tokens
         md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
         sae_cls = training_sae_class_for_architecture(cfg.sae.architecture())
+        # a latent-sharded run builds the full SAE in host memory and moves only each
+        # rank's shard to the device (the full SAE may not fit one)
+        device = "cpu" if cfg.latent_shards > 1 else cfg.device
         if cfg.from_pretrained_path is not None:
             from fastsae.loading.disk import read_json
 
             sae_cfg_dict = read_json(Path(cfg.from_pretrained_path) / "cfg.json")
             sae = TrainingSAE.from_dict(
-                {**cfg.sae.to_dict(), **sae_cfg_dict, "architecture": cfg.sae.architecture()}
-            )
+                {**cfg.sae.to_dict(), **sae_cfg_dict, "architecture": cfg.sae.architecture(),
+                 "device": device}
+            )  # fmt: skip
             sae.load_weights_from_checkpoint(cfg.from_pretrained_path)
-            return sae.to(cfg.device)
+            return sae.to(device)
+        if device != cfg.device:
+            return sae_cls(dataclasses.replace(cfg.sae, device=device))
         return sae_cls(cfg.sae).to(cfg.device)
 
     def _evaluator(self):
         store, model, cfg = self.activations_store, self.model, self.cfg
 
-        def evaluate(sae: TrainingSAE) -> dict[str, Any]:
+        def evaluate(sae: Any) -> dict[str, Any]:
             from fastsae.evals import language_model_metrics, reconstruction_metrics
 
+            if cfg.latent_shards > 1:  # on the shards, nothing gathered
+                from fastsae.training.latent_sharding.evaluation import (
+                    sharded_language_model_metrics as language_model_metrics,
+                )
+                from fastsae.training.latent_sharding.evaluation import (
+                    sharded_reconstruction_metrics as reconstruction_metrics,
+                )
             batches = [next(store) for _ in range(cfg.n_eval_batches)]
             res: dict[str, Any] = {
                 f"eval/{k}": v for k, v in reconstruction_metrics(sae, batches).items()
@@ -179,7 +193,11 @@ class SAETrainingRunner:
         return evaluate
 
     def run(self) -> TrainingSAE:
-        """Train; save the inference SAE to ``output_path``; return the training SAE."""
+        """Train; save the inference SAE to ``output_path``; return the training SAE.
+
+        With ``latent_shards > 1``, rank 0 returns the full training SAE in host memory
+        (``cpu``: it may not fit one device) and every other rank its own shard
+        (a :class:`~fastsae.training.latent_sharding.ShardedTrainingSAE`)."""
         cfg = self.cfg
         run_dir = Path(cfg.output_path) if cfg.output_path is not None else None
         main = self.dist.rank == 0
@@ -206,12 +224,13 @@ class SAETrainingRunner:
             from fastsae.training.latent_sharding.mesh import init_latent_mesh
             from fastsae.training.sharded_trainer import LatentShardedSAETrainer
 
-            # every rank starts from rank 0's initial SAE and holds d_sae / latent_shards
-            # of its latents; the ranks of a shard group draw the same rows
+            # every rank built the same initial SAE (checked) in host memory and keeps
+            # d_sae / latent_shards of its latents; the ranks of a shard group draw the
+            # same rows
             mesh = init_latent_mesh(cfg.latent_shards)
-            from fastsae.training.collectives import broadcast_from_rank0, comm_device
+            from fastsae.training.collectives import check_same_tensors, comm_device
 
-            broadcast_from_rank0(self.sae, comm_device(self.dist.device), buffers=False)
+            check_same_tensors(self.sae, comm_device(self.dist.device), "initial SAE")
             sae = shard_sae(self.sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
             self.sae = sae  # the full SAE is not kept during training
             data = self._data_parallel_data(data, mesh.dp_rank, mesh.dp_size)
@@ -241,10 +260,13 @@ class SAETrainingRunner:
                 wandb_run.finish()
         sparsity = None
         if cfg.latent_shards > 1:
-            # the shards gathered into the full training SAE, on every rank
-            sae = self.trainer.gather_full()
+            # rank 0 gathers the full training SAE in host memory (saved, returned); the
+            # other ranks return their shard
+            full = None
+            if self.trainer.mesh.dp_rank == 0:
+                full = self.trainer.sae.gather_full(device="cpu", dst=0)
             sparsity = self.trainer.gathered_log_feature_sparsity()
-            self.sae = sae
+            sae = self.sae = full if main else self.trainer.sae
         if run_dir is not None and main:
             self.save_final_sae(run_dir, sparsity=sparsity)
         return sae

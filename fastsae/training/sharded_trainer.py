@@ -20,8 +20,12 @@ batch (the caller gives each rank its replica's rows, e.g. a
   the data-parallel group; the SAE's losses take that local mask. Log rows: losses, MSE
   and explained variance averaged over the data-parallel group; L0 and the dead count
   summed over the shards.
-* Evaluation (``evaluator``) runs on the gathered full SAE on every rank (this needs the
-  full SAE's memory on each rank while it runs).
+* Evaluation (``evaluator``) gets this rank's shard (every rank of a shard group calls
+  it with the same batches): the runner's evaluator computes its metrics on the shards
+  (:mod:`fastsae.training.latent_sharding.evaluation`), nothing is gathered.
+* Memory: no rank holds the full SAE on its device. A checkpoint gathers it into rank
+  0's host memory, shard by shard; resuming reads it into each rank's host memory
+  before keeping the rank's latents.
 * Checkpoints: ``<checkpoint>/`` holds the gathered SAE in the ordinary SAELens format
   (written by rank 0), the replicated trainer state (``trainer_state.pt``) and per
   shard ``trainer_state_shard{s}.pt`` (that shard's optimizer state by parameter name
@@ -55,6 +59,7 @@ from fastsae.training.collectives import (
 )
 from fastsae.training.distributed import check_same_config
 from fastsae.training.latent_sharding import ShardedTrainingSAE, clip_grad_norm_sharded
+from fastsae.training.latent_sharding.base import _allocated_full
 from fastsae.training.latent_sharding.checkpoint import (
     FIRING_KEYS,
     SHARD_STATE_FILENAME,
@@ -218,10 +223,8 @@ class LatentShardedSAETrainer(SAETrainer):
         every = self.cfg.logger.wandb_log_frequency * self.cfg.logger.eval_every_n_wandb_logs
         if self.evaluator is None or self.state.n_training_steps % every != 0:
             return
-        full = self.gather_full()
-        full.eval()
         with torch.no_grad():
-            results = self.evaluator(full)
+            results = self.evaluator(self.sae)
         self.metrics.log(results, self.state.n_training_steps)
 
     def _finish(self) -> None:
@@ -239,9 +242,12 @@ class LatentShardedSAETrainer(SAETrainer):
         self.metrics.plot()
 
     # ------------------------------------------------------------ the full SAE
-    def gather_full(self) -> TrainingSAE:
-        """The full training SAE (every rank of the shard group must call it)."""
-        return self.sae.gather_full()  # type: ignore[operator]
+    def gather_full(
+        self, device: str | torch.device | None = None, dst: int | None = None
+    ) -> TrainingSAE | None:
+        """The full training SAE (every rank of the shard group must call it; see
+        :meth:`ShardedTrainingSAE.gather_full` for ``device`` and ``dst``)."""
+        return self.sae.gather_full(device, dst)  # type: ignore[operator]
 
     def gathered_log_feature_sparsity(self) -> Tensor:
         """``[d_sae]`` log10 firing frequency over all shards (every rank of the shard
@@ -257,11 +263,13 @@ class LatentShardedSAETrainer(SAETrainer):
 
         def prepare(tmp: Path) -> None:
             if writer:
-                full = self.gather_full()
+                # into rank 0's host memory, one shard at a time
+                full = self.gather_full(device="cpu", dst=0)
                 sparsity = self.gathered_log_feature_sparsity()
-                if self.rank == 0:
+                if full is not None:
                     base.mkdir(parents=True, exist_ok=True)
-                    full.save_model(tmp, sparsity=sparsity)
+                    full.save_model(tmp, sparsity=sparsity.cpu())
+                del full
 
         def write_parts(tmp: Path) -> None:
             if writer:
@@ -315,7 +323,7 @@ class LatentShardedSAETrainer(SAETrainer):
             state = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
             raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
-        full = sae.full_class(sae.cfg)
+        full = _allocated_full(sae.full_class, sae.cfg, "cpu")  # host memory, no init
         full.load_weights_from_checkpoint(path)
         names = [n for n, _ in full.named_parameters()]
         shard = type(sae).from_full(full, sae.rank, sae.world_size)

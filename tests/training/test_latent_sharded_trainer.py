@@ -68,30 +68,46 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
 
 def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
     from fastsae.training import SAETrainingRunner
+    from fastsae.training.latent_sharding import ShardedTrainingSAE
 
     model, dataset, cfg = _setup(tmp, tag, arch, **overrides)
     runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
                                show_progress=False)  # fmt: skip
     loaded_at: list[int] = []
-    sae = _run_spying(runner, loaded_at)
+    gathers: list[tuple] = []
+    sae = _run_spying(runner, loaded_at, gathers)
+    state = dict(sae.state_dict())
+    if isinstance(sae, ShardedTrainingSAE):  # ranks other than 0 return their shard
+        state["latents"] = (sae.lo, sae.hi)
     return {
-        "state": sae.state_dict(),
+        "state": state,
         "steps": runner.trainer.state.n_training_steps,
         "metrics": runner.trainer.last_metrics,
         "trainer": type(runner.trainer).__name__,
         "local_W_enc": tuple(runner.trainer.sae.W_enc.shape),
         "resumed_at": loaded_at,
+        "gathers": gathers,
     }
 
 
-def _run_spying(runner, loaded_at: list[int]):
-    """runner.run(), recording the step a resumed trainer continues from."""
+def _run_spying(runner, loaded_at: list[int], gathers: list[tuple]):
+    """runner.run(), recording the step a resumed trainer continues from and every
+    gather of a sharded SAE: ``(device, dst, whether this rank got the full SAE)``."""
     from fastsae.training.checkpoints import CheckpointingMixin
     from fastsae.training.distributed import DistributedSAETrainer
+    from fastsae.training.latent_sharding import ShardedTrainingSAE
     from fastsae.training.sharded_trainer import LatentShardedSAETrainer
     from fastsae.training.trainer import SAETrainer
 
-    patched = {}
+    original_gather = ShardedTrainingSAE.gather_full
+
+    def gather_spy(self, device=None, dst=None):
+        full = original_gather(self, device, dst)
+        gathers.append((str(device), dst, full is not None))
+        return full
+
+    patched = {ShardedTrainingSAE: ("gather_full", original_gather)}
+    ShardedTrainingSAE.gather_full = gather_spy
     for cls in (CheckpointingMixin, SAETrainer, DistributedSAETrainer, LatentShardedSAETrainer):
         if "load_checkpoint" in cls.__dict__:
             original = cls.__dict__["load_checkpoint"]
@@ -100,13 +116,13 @@ def _run_spying(runner, loaded_at: list[int]):
                 _original(self, path)
                 loaded_at.append(self.state.n_training_steps)
 
-            patched[cls] = original
+            patched[cls] = ("load_checkpoint", original)
             cls.load_checkpoint = spy
     try:
         return runner.run()
     finally:
-        for cls, original in patched.items():
-            cls.load_checkpoint = original
+        for cls, (name, original) in patched.items():
+            setattr(cls, name, original)
 
 
 def _worker(rank: int, world: int, tmp: str, tag: str, arch: str, overrides: dict) -> dict:
@@ -119,11 +135,27 @@ def _checkpoint(tmp: Path, tag: str) -> Path:
 
 
 def _assert_same_sae(got: dict, want: dict, what: str) -> None:
+    """``got``: a full SAE's state, or a shard's (with ``latents = (lo, hi)``), against
+    the full ``want``."""
+    from fastsae.training.latent_sharding import shard_tensor
+
+    got = dict(got)
+    lo_hi = got.pop("latents", None)
     assert set(got) == set(want), what
     for name, value in want.items():
+        if lo_hi is not None:
+            value = shard_tensor(name, value, *lo_hi)
         torch.testing.assert_close(
             got[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{what} {n}: {m}"
         )
+
+
+def _eval_rows(run_dir: Path) -> list[dict]:
+    """The evaluation rows of a run's metrics.jsonl (written by rank 0)."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/metrics/l0" in r]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +179,21 @@ def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
         for key in ("metrics/l0", "metrics/explained_variance", "losses/overall_loss",
                     "sparsity/dead_features"):  # fmt: skip
             assert res["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-5)
+    # rank 0 returns the full SAE, rank 1 its shard; the full SAE was only ever gathered
+    # into rank 0's host memory (the checkpoint and the end), never for evaluation
+    assert "latents" not in results[0]["state"] and results[1]["state"]["latents"] == (32, 64)
+    assert results[0]["state"]["W_enc"].device.type == "cpu"
+    assert len(results[0]["gathers"]) == 2
+    for rank, res in enumerate(results):
+        assert res["gathers"] == [("cpu", 0, rank == 0)] * 2
+    # the evaluations on the shards equal the single process's on the full SAE
+    got, want = _eval_rows(tmp_path / "ls" / "out"), _eval_rows(ref_tmp / "topk" / "out")
+    assert len(got) == len(want) == 2
+    assert "eval/model_performance_preservation/ce_loss_score" in want[0]
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys() and g["step"] == w["step"]
+        for key in [k for k in w if k.startswith("eval/")]:
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
     # rank 0 wrote one ordinary SAELens directory, equal to the single-process one
     out, ref_out = tmp_path / "ls" / "out", ref_tmp / "topk" / "out"
     files = sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors"))

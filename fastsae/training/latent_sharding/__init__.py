@@ -6,7 +6,8 @@ Adam state split over the ranks of a shard group along ``d_sae``; ``b_dec`` repl
   ``gather_full``, :func:`clip_grad_norm_sharded`;
 * :mod:`.topk`: TopK with an exact distributed top-k (:func:`global_topk`) and AuxK;
 * :mod:`.batchtopk`: BatchTopK (the batch-wide top ``k * batch``, threshold EMA);
-* :mod:`.dense`: standard (ReLU + Lp) and JumpReLU, which need no selection step.
+* :mod:`.dense`: standard (ReLU + Lp) and JumpReLU, which need no selection step;
+* :mod:`.evaluation`: the trainer's evaluation metrics computed on the shards.
 
 :func:`shard_sae` picks the class for a full training SAE.
 """

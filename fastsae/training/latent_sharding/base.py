@@ -33,8 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fastsae.sparse_code import SparseCode
 from fastsae.training.collectives import _collective
-from fastsae.training.saes.base import TrainingSAE, TrainingSAEConfig
+from fastsae.training.saes.base import (
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
 
 # per-latent parameters and the dimension along which d_sae runs
 SHARD_DIMS: dict[str, int] = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
@@ -82,6 +89,30 @@ def _all_gather(t: Tensor, group, what: str) -> list[Tensor]:
     parts = [torch.empty_like(t) for _ in range(world)]
     _collective(what, dist.all_gather, parts, t.contiguous(), group=group)
     return parts
+
+
+def _broadcast_shard(t: Tensor, src: int, group, what: str) -> Tensor:
+    """Group rank ``src``'s ``t`` on every rank of ``group`` (``t``: this rank's tensor of
+    the same shape and dtype; returned as is on ``src``)."""
+    rank, world = _group_world(group)
+    if world == 1:
+        return t
+    buf = t.contiguous() if rank == src else torch.empty_like(t)
+    global_src = src if group is None else dist.get_global_rank(group, src)
+    _collective(f"{what} (shard {src})", dist.broadcast, buf, src=global_src, group=group)
+    return buf
+
+
+def _allocated_full(full_class: type[TrainingSAE], cfg: TrainingSAEConfig, device) -> TrainingSAE:
+    """A full training SAE of ``cfg`` with uninitialised tensors on ``device`` (built on
+    the meta device: no random initialisation of ``d_sae``-sized weights)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.device = "meta"
+    full = full_class(cfg)
+    full.to_empty(device=device)
+    full.device = torch.device(device)
+    full.cfg.device = str(full.device)
+    return full
 
 
 class _SumOverShards(torch.autograd.Function):
@@ -198,24 +229,65 @@ class ShardedTrainingSAE(nn.Module):
         return shard
 
     @torch.no_grad()
-    def gather_full(self) -> TrainingSAE:
-        """All ranks' shards gathered into the ordinary training SAE (returned on every
-        rank; every rank must call it). Needs the full SAE's memory on each rank."""
-        full = self.full_class(copy.deepcopy(self.cfg))
-        full.to(device=self.W_enc.device)
-        for name, p in full.named_parameters():  # the shards' dtypes
-            p.data = p.data.to(getattr(self, name).dtype)
-        full_params = dict(full.named_parameters())
+    def gather_full(
+        self, device: str | torch.device | None = None, dst: int | None = None
+    ) -> TrainingSAE | None:
+        """The shards gathered into the ordinary training SAE; every rank of the shard
+        group must call it.
+
+        ``device``: where the full SAE is built (default: this shard's device; ``"cpu"``
+        keeps it out of accelerator memory). ``dst``: the group rank that receives it
+        (the others return None); None: every rank. The shards travel one at a time
+        (one broadcast per shard and tensor), so a rank holds at most one other shard
+        of one tensor besides its own in the shards' memory, plus the full SAE on
+        ``device`` where it is kept.
+        """
+        device = self.device if device is None else torch.device(device)
+        keep = dst is None or self.rank == dst
+        full = _allocated_full(self.full_class, self.cfg, device) if keep else None
+        full_params = dict(full.named_parameters()) if full is not None else {}
         for name, p in self.named_parameters():
             dim = SHARD_DIMS.get(name)
-            value = p.detach()
-            if dim is not None:
-                value = torch.cat(_all_gather(value, self.group, f"gather {name}"), dim=dim)
-            full_params[name].copy_(value)
-        full_buffers = dict(full.named_buffers())
-        for name, b in self.named_buffers():
-            full_buffers[name].copy_(b)
+            if full is not None:  # the shards' dtypes (fp32 JumpReLU threshold)
+                full_params[name].data = full_params[name].data.to(p.dtype)
+            if dim is None:
+                if full is not None:
+                    full_params[name].copy_(p)
+                continue
+            for s in range(self.world_size):
+                part = _broadcast_shard(p.detach(), s, self.group, f"gather {name}")
+                if full is not None:
+                    lo, hi = shard_range(self.cfg.d_sae, s, self.world_size)
+                    full_params[name].narrow(dim, lo, hi - lo).copy_(part)
+        if full is not None:
+            full_buffers = dict(full.named_buffers())
+            for name, b in self.named_buffers():
+                full_buffers[name].data = b.detach().to(device).clone()
         return full
+
+    # ------------------------------------------------------------------ inference
+    def _forward(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """The step's forward without touching the SAE's state (the training step also
+        updates running statistics: BatchTopK's threshold EMA, JumpReLU's clamp)."""
+        return self.training_forward_pass(step_input)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor | SparseCode]:
+        """``x [..., d_in]`` -> ``(reconstruction [..., d_in], this rank's activations)``:
+        the SAE's output (the same full tensor on every rank; the training activation,
+        as the unsharded training SAE's ``encode``/``decode`` give it) and this shard's
+        latents of the flattened tokens, ``[tokens, d_sae_local]`` dense or a
+        ``SparseCode [tokens, K]`` of shard-local ids (value-0 padding). Nothing of size
+        ``d_sae`` is built. Every rank of the shard group must call it with the same
+        ``x``."""
+        flat = x.reshape(-1, x.shape[-1])
+        coefficients = {
+            k: v.value if isinstance(v, TrainCoefficientConfig) else v
+            for k, v in self.get_coefficients().items()
+        }
+        out = self._forward(TrainStepInput(flat, coefficients, None, 0))
+        acts = out.code if out.code is not None else out.feature_acts
+        return out.sae_out.reshape(*x.shape[:-1], out.sae_out.shape[-1]), acts
 
     # ------------------------------------------------------------------ helpers
     def _local_dead(self, dead_neuron_mask: Tensor | None) -> Tensor | None:

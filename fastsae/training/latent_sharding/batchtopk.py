@@ -68,9 +68,12 @@ class ShardedBatchTopKTrainingSAE(ShardedTopKTrainingSAE):
         selected[rows, slot] = True
         return pos, raw, selected
 
+    def _forward(self, step_input: TrainStepInput) -> TrainStepOutput:
+        return super().training_forward_pass(step_input)
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """BatchTopK's step on the shards, then the threshold EMA (minimum over shards)."""
-        output = super().training_forward_pass(step_input)
+        output = self._forward(step_input)
         output.metrics["topk_threshold"] = self._update_topk_threshold(output)
         return output
 

@@ -116,10 +116,13 @@ class ShardedJumpReLUTrainingSAE(_DenseShardedTrainingSAE):
             threshold.data = threshold.data.float()  # fp32 whatever the SAE dtype (as unsharded)
         return out
 
+    def _forward(self, step_input: TrainStepInput) -> TrainStepOutput:
+        return super().training_forward_pass(step_input)
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         with torch.no_grad():
             self.threshold.data.clamp_(min=0.0)
-        return super().training_forward_pass(step_input)
+        return self._forward(step_input)
 
     def _activate(self, hidden_pre: Tensor) -> Tensor:
         return JumpReLUFunction.apply(

@@ -27,8 +27,8 @@ Communication per step (fp32): candidates ``2 * W * batch * k`` values+ids gathe
 the ``[batch, d_in]`` reconstruction all-reduced (twice with AuxK) and ``d_in`` for
 ``b_dec``'s encoder gradient; nothing of size ``d_sae``.
 
-Saving: :meth:`ShardedTopKTrainingSAE.gather_full` all-gathers the shards into an
-ordinary :class:`TopKTrainingSAE` (on every rank), whose ``save_model`` /
+Saving: :meth:`ShardedTopKTrainingSAE.gather_full` gathers the shards into an
+ordinary :class:`TopKTrainingSAE` (on every rank, or one rank's host memory), whose ``save_model`` /
 ``save_inference_model`` write the normal single-file SAELens directory; a saved
 directory loads into a sharded run with ``from_full(TopKTrainingSAE.load_from_disk(p),
 rank, world)``.
