@@ -4,7 +4,7 @@
 * the reconstruction metrics and the language-model metrics (CE loss, KL with the SAE
   spliced into a tiny TransformerLens model) computed on the shards equal those of the
   unsharded SAE, and evaluating changes no parameter or buffer (BatchTopK's threshold
-  EMA);
+  EMA, JumpReLU's thresholds, negative ones included);
 * ``gather_full(device="cpu", dst=r)`` gives rank r the full SAE (each tensor's dtype
   kept) and the other ranks None;
 * ranks that built different initial SAEs are refused by name.
@@ -54,7 +54,7 @@ def _full_sae(arch: str):
         sae.b_dec.normal_(0, 0.3)
         sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
         if arch == "jumprelu":
-            sae.threshold.uniform_(0.0, 0.4)
+            sae.threshold.uniform_(-0.1, 0.4)  # some negative: evaluation must not clamp
         if arch == "batchtopk":
             sae.topk_threshold.fill_(0.25)
     return sae

@@ -825,3 +825,39 @@ def test_batchtopk_forward_on_token_sequences_matches_sae_lens(arch):
         assert_close(ours(x), theirs(x), 1e-6, "forward")
         assert_close(ours.encode(x), theirs.encode(x), 1e-6, "encode")
     assert ours.encode(x).shape == (3, 5, 64)
+
+
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        ("standard", {}),
+        ("gated", {}),
+        ("jumprelu", {}),
+        ("topk", {"k": 4}),
+        ("batchtopk", {"k": 4.0}),
+        ("matryoshka_batchtopk", {"k": 4.0, "matryoshka_widths": [16, 64]}),
+    ],
+)
+def test_training_sae_forward_matches_sae_lens(arch, kw):
+    """``training_sae(x)`` (what the runner splices into a model for its CE-loss evals)
+    equals SAELens's training SAE forward, ``decode(encode(x))`` with the training
+    activation, also for JumpReLU thresholds that went negative."""
+    from fastsae.training.saes import training_sae_class_for_architecture
+
+    kw = dict(d_in=16, d_sae=64, **kw)
+    torch.manual_seed(0)
+    ours = training_sae_class_for_architecture(arch)(
+        fastsae.training.saes.base.TrainingSAEConfig.from_dict({"architecture": arch, **kw})
+    )
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.startswith("b_") or name == "r_mag":
+                p.normal_(0, 0.5)
+        if arch == "jumprelu":
+            ours.threshold.uniform_(-0.3, 0.2)
+    theirs_cls, theirs_cfg_cls = get_sae_training_class(arch)
+    theirs = theirs_cls(theirs_cfg_cls(**kw))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), 1e-6, "forward")

@@ -112,9 +112,16 @@ class JumpReLUTrainingSAE(TrainingSAE, JumpReLUSAE):
         return self.hook_sae_acts_post(acts), hidden_pre
 
     def _encode_dense(self, sae_in: Tensor) -> Tensor:
+        # the training activation h * (h > threshold), as encode() and SAELens's training
+        # forward (no ReLU: it differs from the inference SAE's where a threshold < 0)
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        acts = hidden_pre.relu() * (hidden_pre > self.threshold.to(hidden_pre.dtype))
+        acts = hidden_pre * (hidden_pre > self.threshold.to(hidden_pre.dtype))
         return self.hook_sae_acts_post(acts)
+
+    def _fused_code(self, sae_in: Tensor) -> bool:
+        # the fused kernel computes relu(h) * (h > threshold): the same only while no
+        # threshold is negative (the trainer clamps them before each step)
+        return super()._fused_code(sae_in) and not bool((self.threshold < 0).any())
 
     def calculate_aux_loss(
         self, step_input: TrainStepInput, feature_acts: Tensor, hidden_pre: Tensor, sae_out: Tensor
