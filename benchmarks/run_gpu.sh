@@ -7,10 +7,10 @@
 # The GPU image has python3 with torch, triton, pytest, pytest-benchmark and matplotlib,
 # but not transformer-lens / sae-lens: the kernel tests and the fastsae-triton /
 # fastsae-torch / dense-torch rows run without them (fastsae.ops needs neither); the
-# sae_lens rows and the module parity tests are skipped with a reason unless their
-# wheels are carried in .whl (see ../.library/device/README.md), in which case they
-# are installed first. The full grid takes longer than one 10-minute call: split it
-# with BENCH_ARGS.
+# sae_lens / sparsify rows and the module parity tests are skipped with a reason unless
+# their wheels are carried in .whl (`bash benchmarks/fetch_gpu_wheels.sh` here first,
+# then carry [".whl"]), in which case they are installed first. The full grid takes
+# longer than one 10-minute call: split it with BENCH_ARGS.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
