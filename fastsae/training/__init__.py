@@ -34,7 +34,7 @@ def __getattr__(name: str):
 
         return ActivationsStore
     if name == "CachedActivationsStore":
-        from fastsae.training.activation_cache import CachedActivationsStore
+        from fastsae.training.cached_activations_store import CachedActivationsStore
 
         return CachedActivationsStore
     raise AttributeError(f"module 'fastsae.training' has no attribute {name!r}")

@@ -106,7 +106,7 @@ class SAETrainingRunner:
         self.run_id = _shared_run_id(cfg.run_id, self.dist.world_size)
         self.model, self.tokenizer = None, override_tokenizer
         if cfg.use_cached_activations:
-            from fastsae.training.activation_cache import CachedActivationsStore
+            from fastsae.training.cached_activations_store import CachedActivationsStore
 
             self.activations_store: Any = CachedActivationsStore(
                 cfg.cached_activations_path,
