@@ -105,12 +105,11 @@ def average_buffers_(module: torch.nn.Module, size: int, device: torch.device, g
 
 
 @torch.no_grad()
-def broadcast_from_rank0(module: torch.nn.Module, device: torch.device, buffers: bool = True):
-    """Rank 0's parameters (and buffers) on every rank; a no-op on one process."""
+def broadcast_from_rank0(module: torch.nn.Module, device: torch.device):
+    """Rank 0's parameters and buffers on every rank; a no-op on one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    tensors = [*module.named_parameters(), *(module.named_buffers() if buffers else [])]
-    for name, t in tensors:
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
         buf = t.detach().to(device).clone()
         _collective(f"broadcast({name})", dist.broadcast, buf, src=0)
         t.copy_(buf)

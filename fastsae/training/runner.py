@@ -167,16 +167,17 @@ class SAETrainingRunner:
     def _evaluator(self):
         store, model, cfg = self.activations_store, self.model, self.cfg
 
-        def evaluate(sae: Any) -> dict[str, Any]:
+        if cfg.latent_shards > 1:  # the metrics computed on the shards, nothing gathered
+            from fastsae.training.latent_sharding.evaluation import (
+                sharded_language_model_metrics as language_model_metrics,
+            )
+            from fastsae.training.latent_sharding.evaluation import (
+                sharded_reconstruction_metrics as reconstruction_metrics,
+            )
+        else:
             from fastsae.evals import language_model_metrics, reconstruction_metrics
 
-            if cfg.latent_shards > 1:  # on the shards, nothing gathered
-                from fastsae.training.latent_sharding.evaluation import (
-                    sharded_language_model_metrics as language_model_metrics,
-                )
-                from fastsae.training.latent_sharding.evaluation import (
-                    sharded_reconstruction_metrics as reconstruction_metrics,
-                )
+        def evaluate(sae: Any) -> dict[str, Any]:
             batches = [next(store) for _ in range(cfg.n_eval_batches)]
             res: dict[str, Any] = {
                 f"eval/{k}": v for k, v in reconstruction_metrics(sae, batches).items()
@@ -262,10 +263,7 @@ class SAETrainingRunner:
         if cfg.latent_shards > 1:
             # rank 0 gathers the full training SAE in host memory (saved, returned); the
             # other ranks return their shard
-            full = None
-            if self.trainer.mesh.dp_rank == 0:
-                full = self.trainer.sae.gather_full(device="cpu", dst=0)
-            sparsity = self.trainer.gathered_log_feature_sparsity()
+            full, sparsity = self.trainer.gather_to_rank0()
             sae = self.sae = full if main else self.trainer.sae
         if run_dir is not None and main:
             self.save_final_sae(run_dir, sparsity=sparsity)

@@ -242,17 +242,15 @@ class LatentShardedSAETrainer(SAETrainer):
         self.metrics.plot()
 
     # ------------------------------------------------------------ the full SAE
-    def gather_full(
-        self, device: str | torch.device | None = None, dst: int | None = None
-    ) -> TrainingSAE | None:
-        """The full training SAE (every rank of the shard group must call it; see
-        :meth:`ShardedTrainingSAE.gather_full` for ``device`` and ``dst``)."""
-        return self.sae.gather_full(device, dst)  # type: ignore[operator]
-
-    def gathered_log_feature_sparsity(self) -> Tensor:
-        """``[d_sae]`` log10 firing frequency over all shards (every rank of the shard
-        group must call it)."""
-        return self._gather_local(self.log_feature_sparsity, "all_gather(feature sparsity)")
+    def gather_to_rank0(self) -> tuple[TrainingSAE | None, Tensor | None]:
+        """``(full training SAE, [d_sae] log10 feature sparsity)`` in rank 0's host
+        memory, ``(None, None)`` on the other ranks. Every rank calls it; the first
+        data-parallel replica's shard group gathers (one shard at a time)."""
+        if self.mesh.dp_rank != 0:
+            return None, None
+        full = self.sae.gather_full(device="cpu", dst=0)  # type: ignore[operator]
+        sparsity = self._gather_local(self.log_feature_sparsity, "all_gather(feature sparsity)")
+        return (full, sparsity.cpu()) if full is not None else (None, None)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
@@ -262,14 +260,10 @@ class LatentShardedSAETrainer(SAETrainer):
         writer = self.mesh.dp_rank == 0  # the first replica's shard group writes
 
         def prepare(tmp: Path) -> None:
-            if writer:
-                # into rank 0's host memory, one shard at a time
-                full = self.gather_full(device="cpu", dst=0)
-                sparsity = self.gathered_log_feature_sparsity()
-                if full is not None:
-                    base.mkdir(parents=True, exist_ok=True)
-                    full.save_model(tmp, sparsity=sparsity.cpu())
-                del full
+            full, sparsity = self.gather_to_rank0()
+            if full is not None:
+                base.mkdir(parents=True, exist_ok=True)
+                full.save_model(tmp, sparsity=sparsity)
 
         def write_parts(tmp: Path) -> None:
             if writer:
