@@ -36,21 +36,32 @@ class SparseDecodeFunction(torch.autograd.Function):
 
 
 class TopKEncodeFunction(torch.autograd.Function):
-    """Fused encode + top-k with a backward that only touches the selected (token, latent)
+    """Encode + top-k with a backward that only touches the selected (token, latent)
     pairs: ``d_h[b, j] = d_values[b, j] * relu'(.) * dec_norm[idx]``, then
     ``dx = sum_j d_h[b, j] * W_enc[:, idx[b, j]]`` (a sparse decode through ``W_enc.T``),
     ``dW_enc[:, n] = sum over pairs of latent n of d_h * x[b]`` (grouped by latent, no
-    atomics, written as ``[d_sae, d_in]`` and returned transposed), ``db_enc`` and
-    ``d_dec_norm`` by index_add over the pairs. No ``[B, d_sae]`` tensor is formed.
+    atomics, written in W_enc's own layout), ``db_enc`` and ``d_dec_norm`` by index_add
+    over the pairs. No ``[B, d_sae]`` tensor is formed.
+
+    ``select(x, W_enc, b_enc, k, dec_norm, abs_select) -> (values, indices)`` picks the
+    pairs: the fused Triton kernel by default; the dispatch layer may pass another
+    selection with the same contract (``fastsae.torch_ops.topk_select_chunked``).
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, dec_norm, k, abs_select):  # type: ignore[override]
-        from .topk_encode import topk_encode
+    def forward(ctx, x, W_enc, b_enc, dec_norm, k, abs_select, select=None):  # type: ignore[override]
+        if select is None:
+            from .topk_encode import topk_encode as select
 
         x_c = x.to(W_enc.dtype)
-        values, indices = topk_encode(x_c, W_enc, b_enc, k, dec_norm, abs_select)
-        ctx.save_for_backward(x_c, W_enc, b_enc, dec_norm, values, indices)
+        values, indices = select(x_c, W_enc, b_enc, k, dec_norm, abs_select)
+        h_sel = None
+        if dec_norm is not None:
+            # the selected pre-activations before the decoder-norm scale, for d dec_norm
+            # (where a value is 0 its gradient is masked anyway; avoids 0/0)
+            dn = dec_norm.float()[indices]
+            h_sel = torch.where((values != 0) & (dn != 0), values.float() / dn, 0.0)
+        ctx.save_for_backward(x_c, W_enc, b_enc, dec_norm, values, indices, h_sel)
         ctx.abs_select = abs_select
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(indices)
@@ -58,26 +69,24 @@ class TopKEncodeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_values, _d_indices):  # type: ignore[override]
-        x, W_enc, b_enc, dec_norm, values, indices = ctx.saved_tensors
+        x, W_enc, b_enc, dec_norm, values, indices, h_sel = ctx.saved_tensors
         need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
         d_pre = d_values.float()
         if not ctx.abs_select:
             d_pre = d_pre * (values > 0)
         N = W_enc.shape[1]
-        flat_idx = indices.reshape(-1)
         d_h = d_pre
         d_dn = None
         if dec_norm is not None:
             d_h = d_pre * dec_norm.float()[indices]
             if need_dn:
-                h_sel = sparse_dot(x, indices, W_enc.T, torch.float32) + b_enc.float()[indices]
                 d_dn = torch.zeros(N, dtype=torch.float32, device=x.device)
-                d_dn.index_add_(0, flat_idx, (d_pre * h_sel).reshape(-1))
+                d_dn.index_add_(0, indices.reshape(-1), (d_pre * h_sel).reshape(-1))
                 d_dn = d_dn.to(dec_norm.dtype)
         d_x, d_w, d_b = _sparse_encoder_grads(
             x, W_enc, b_enc, indices, d_h, ctx.x_dtype, need_x, need_w, need_b
         )
-        return d_x, d_w, d_b, d_dn, None, None
+        return d_x, d_w, d_b, d_dn, None, None, None
 
 
 def _sparse_encoder_grads(x, W_enc, b_enc, indices, d_h, x_dtype, need_x, need_w, need_b):
@@ -85,15 +94,20 @@ def _sparse_encoder_grads(x, W_enc, b_enc, indices, d_h, x_dtype, need_x, need_w
 
     ``dx[b] = sum_j d_h[b, j] * W_enc[:, idx[b, j]]`` (a sparse decode through ``W_enc.T``),
     ``dW_enc[:, n] = sum over pairs of latent n of d_h * x[b]`` (grouped by latent, no
-    atomics, computed as ``[d_sae, d_in]`` and returned transposed), ``db_enc`` by
-    index_add over the pairs.
+    atomics, written straight into W_enc's layout so that autograd keeps the tensor as
+    the parameter's gradient instead of copying it), ``db_enc`` by index_add over the
+    pairs.
     """
     N = W_enc.shape[1]
     d_x = sparse_decode(d_h, indices, W_enc.T, out_dtype=x_dtype) if need_x else None
     d_w = None
     if need_w:
         order, offsets = group_by_latent(indices, N, keep=d_h != 0)
-        d_w = segment_rows_sum(order, offsets, d_h, x, indices.shape[1], W_enc.dtype).T
+        d_w = segment_rows_sum(
+            order, offsets, d_h, x, indices.shape[1], W_enc.dtype, transposed=W_enc.is_contiguous()
+        )
+        if not W_enc.is_contiguous():
+            d_w = d_w.T
     d_b = None
     if need_b:
         d_b = torch.zeros(N, dtype=torch.float32, device=x.device)

@@ -81,9 +81,12 @@ def _segment_rows_sum_kernel(
     offsets_ptr,  # [N+1] int64 start of each latent's pairs in order
     weight_ptr,  # [B*K] per-pair weight
     x_ptr,  # [B, D] rows to sum
-    out_ptr,  # [N, D] output, every row written
+    out_ptr,  # [N, D] output (any strides: [D, N] row-major for dW_enc)
     K,
     D,
+    stride_on,
+    stride_od,
+    SKIP_EMPTY: tl.constexpr,  # out is zero-filled: latents without pairs store nothing
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -105,7 +108,15 @@ def _segment_rows_sum_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(wgt[:, None] * x, axis=0)
-    tl.store(out_ptr + latent * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+    mask_out = mask_d
+    if SKIP_EMPTY:
+        # (a block-shaped comparison: the interpreter rejects a scalar & block mask)
+        mask_out = mask_d & ((offs_d * 0 + end) > start)
+    tl.store(
+        out_ptr + latent * stride_on + offs_d.to(tl.int64) * stride_od,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_out,
+    )
 
 
 def group_by_latent(
@@ -133,20 +144,43 @@ def segment_rows_sum(
     X: torch.Tensor,
     K: int,
     out_dtype: torch.dtype,
+    *,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """``out [N, D]``: for each latent n, ``sum weights[p] * X[p // K]`` over its pairs p."""
+    """``out [N, D]``: for each latent n, ``sum weights[p] * X[p // K]`` over its pairs p.
+
+    ``transposed=True`` returns the same sums as a row-major ``[D, N]`` tensor (dW_enc,
+    whose parameter is ``[d_in, d_sae]``): written in that layout directly, so the
+    gradient needs no transposing copy (at d_sae 1M x d_in 2304 that copy is 9 GiB).
+    It is zero-filled first and only latents with pairs are written.
+    """
     check_dtype("weights", weights)
     check_dtype("X", X)
     check_same_device(order=order, offsets=offsets, weights=weights, X=X)
     N = offsets.numel() - 1
     D = X.shape[1]
     X, weights = X.contiguous(), weights.contiguous().reshape(-1)
-    out = torch.empty(N, D, dtype=out_dtype, device=X.device)
+    if transposed:
+        result = torch.zeros(D, N, dtype=out_dtype, device=X.device)
+        out = result.T
+    else:
+        result = out = torch.empty(N, D, dtype=out_dtype, device=X.device)
     if N == 0 or D == 0:
-        return out
+        return result
     BLOCK_D = block_size(D, 16, 128)
     grid = (N, triton.cdiv(D, BLOCK_D))
     _segment_rows_sum_kernel[grid](
-        order, offsets, weights, X, out, K, D, BLOCK_T=16, BLOCK_D=BLOCK_D
+        order,
+        offsets,
+        weights,
+        X,
+        out,
+        K,
+        D,
+        out.stride(0),
+        out.stride(1),
+        SKIP_EMPTY=transposed,
+        BLOCK_T=16,
+        BLOCK_D=BLOCK_D,
     )
-    return out
+    return result

@@ -17,9 +17,17 @@ sae_lens = pytest.importorskip("sae_lens", reason="training parity needs sae-len
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.mark.parametrize("selection", ["fused", "chunked"])
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_training_step_on_kernels_matches_sae_lens(auto_means_triton, arch, rescale):
+def test_training_step_on_kernels_matches_sae_lens(
+    auto_means_triton, monkeypatch, arch, rescale, selection
+):
+    """``selection``: how the Triton path picks TopK's pairs (the fused kernel, or cuBLAS
+    chunks + torch.topk as for large CUDA batches); the backward is the kernels' either way."""
+    if arch == "batchtopk" and selection == "chunked":
+        pytest.skip("BatchTopK selects over the whole batch with a dense encoder")
+    monkeypatch.setenv("FASTSAE_TOPK_SELECT", selection)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(d_in=40, d_sae=300, rescale_acts_by_decoder_norm=rescale)
     if arch == "topk":
@@ -55,3 +63,69 @@ def test_training_step_on_kernels_matches_sae_lens(auto_means_triton, arch, resc
     theirs_params = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         assert_close(p.grad, theirs_params[name].grad, 1e-4, f"d {name}")
+
+
+def test_segment_rows_sum_transposed_layout(device, poison_outputs):
+    """dW_enc written straight into a row-major [D, N] buffer equals the [N, D] sums
+    transposed, latents without pairs included (they stay zero)."""
+    from fastsae.kernels.sparse_backward import group_by_latent, segment_rows_sum
+
+    torch.manual_seed(0)
+    B, K, N, D = 21, 3, 50, 37
+    indices = torch.randint(0, N // 2, (B, K), device=device)  # latents >= 25 get no pair
+    weights = torch.randn(B, K, device=device)
+    X = torch.randn(B, D, device=device)
+    order, offsets = group_by_latent(indices, N)
+    rows = segment_rows_sum(order, offsets, weights, X, K, torch.float32)
+    cols = segment_rows_sum(order, offsets, weights, X, K, torch.float32, transposed=True)
+    assert cols.shape == (D, N) and cols.is_contiguous()
+    ref = torch.zeros(N, D, dtype=torch.float64, device=device)
+    ref.index_add_(
+        0, indices.reshape(-1), (weights[..., None] * X[:, None, :]).reshape(-1, D).double()
+    )
+    assert_close(rows, ref, 1e-6, "rows")
+    assert_close(cols, ref.T, 1e-6, "transposed")
+    assert (cols[:, N // 2 :] == 0).all()
+
+
+@pytest.mark.parametrize("selection", ["fused", "chunked"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_topk_trainer_step_holds_one_gradient_per_matrix(
+    auto_means_triton, monkeypatch, rescale, selection
+):
+    """The memory the width target rests on (d_sae 1M x d_in 2304 fp32: 9 GiB a
+    matrix): a TopK trainer step with dead latents (AuxK) and decoder-norm rescaling
+    never holds more than the two gradients in weight-matrix-sized tensors beyond the
+    parameters and Adam's state (it held four before step_weights.py)."""
+    from live_tensors import LiveTensors
+
+    from fastsae import torch_ops
+    from fastsae.training import LanguageModelSAERunnerConfig, SAETrainer
+
+    monkeypatch.setenv("FASTSAE_TOPK_SELECT", selection)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, D, N = 64, 36, 4096  # B / D as at batch 4096, d_in 2304
+    # the chunked selection's working set in proportion too (1 GiB of a 9 GiB matrix)
+    monkeypatch.setattr(torch_ops, "TOPK_CHUNK_BYTES", D * N * 4 // 9)
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(d_in=D, d_sae=N, k=4, rescale_acts_by_decoder_norm=rescale)
+    ).to(device)
+    cfg = LanguageModelSAERunnerConfig(
+        sae=sae.cfg, dataset_path="unused", train_batch_size_tokens=B,
+        training_tokens=B * 100, dead_feature_window=1, checkpoint_path=None,
+        output_path=None, verbose=False, device=device,
+    )  # fmt: skip
+    x = torch.randn(B, D, device=device)
+    trainer = SAETrainer(cfg, sae, iter([x] * 10), show_progress=False)
+    dead = torch.zeros(N, dtype=torch.bool, device=device)
+    dead[::10] = True  # 10% dead: AuxK on
+    trainer.n_forward_passes_since_fired[dead] = 10**9
+    trainer.n_forward_passes_since_fired[~dead] = -(10**9)
+    trainer.step(x)  # Adam's state exists from here on
+    matrix = D * N * 4
+    tracker = LiveTensors(min_bytes=matrix // 2, exclude=tuple(sae.parameters()))
+    with tracker:
+        trainer.step(x)
+    assert "topk_encode" in auto_means_triton and "sparse_decode" in auto_means_triton
+    assert all(bool(torch.isfinite(p).all()) for p in sae.parameters())
+    assert tracker.peak <= 2 * matrix, (tracker.peak / matrix, tracker.peak_op)

@@ -18,6 +18,7 @@ from torch import Tensor
 from fastsae import ops
 from fastsae.sparse_code import SparseCode
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
+from fastsae.training.saes.step_weights import StepWeights, plain_weights
 from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, _take
 
 
@@ -81,9 +82,9 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         top = torch.topk(flat, self._n_selected(acts.shape[:-1].numel()), dim=-1)
         return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
 
-    def _train_code(self, sae_in: Tensor, dec_norm: Tensor | None) -> SparseCode:
+    def _train_code(self, sae_in: Tensor, weights: StepWeights) -> SparseCode:
         """Batch top-k as a padded code ``[batch, K]``, K = most latents any token got."""
-        acts = self._hidden_pre(sae_in, dec_norm).relu()
+        acts = self._hidden_pre(sae_in, weights.dec_norm, weights.W_enc).relu()
         n_tokens, d_sae = acts.shape
         flat = acts.reshape(-1)
         n_sel = self._n_selected(n_tokens)
@@ -102,7 +103,8 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
         # the batch is every token of ``[..., d_in]`` (as SAELens's BatchTopK flattens)
         lead = sae_in.shape[:-1]
-        code = self._train_code(sae_in.reshape(-1, sae_in.shape[-1]), self._dec_norm())
+        weights = plain_weights(self.W_enc, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+        code = self._train_code(sae_in.reshape(-1, sae_in.shape[-1]), weights)
         return SparseCode(code.values.reshape(*lead, -1), code.indices.reshape(*lead, -1))
 
     def _encode_dense(self, sae_in: Tensor) -> Tensor:
@@ -207,10 +209,10 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
         sae_in: Tensor,
         sae_out: Tensor,
         code: SparseCode,
-        dec_norm: Tensor | None,
+        weights: StepWeights,
     ) -> dict[str, Tensor]:
         if not self.cfg.use_matryoshka_aux_loss:
-            return super()._extra_losses(step_input, sae_in, sae_out, code, dec_norm)
+            return super()._extra_losses(step_input, sae_in, sae_out, code, weights)
         mask = step_input.dead_neuron_mask
         total = sae_out.new_tensor(0.0)
         if mask is None or not bool(mask.any()):
@@ -218,7 +220,8 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
         prev = 0
         for width, partial in self._partial_reconstructions(code, self._norm_stats, True):
             total = total + self._auxk_loss(
-                step_input.sae_in, partial, mask, sae_in=sae_in, columns=slice(prev, width)
-            )
+                step_input.sae_in, partial, mask, sae_in=sae_in, columns=slice(prev, width),
+                weights=weights,
+            )  # fmt: skip
             prev = width
         return {"auxiliary_reconstruction_loss": total}

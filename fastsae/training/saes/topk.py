@@ -28,6 +28,7 @@ from fastsae.training.saes.base import (
     TrainStepOutput,
     _total,
 )
+from fastsae.training.saes.step_weights import StepWeights, step_weights
 
 
 @dataclass
@@ -62,8 +63,11 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         values, indices = torch.topk(hidden_pre, self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
 
-    def _hidden_pre(self, sae_in: Tensor, dec_norm: Tensor | None) -> Tensor:
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+    def _hidden_pre(
+        self, sae_in: Tensor, dec_norm: Tensor | None, W_enc: Tensor | None = None
+    ) -> Tensor:
+        W_enc = self.W_enc if W_enc is None else W_enc
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ W_enc + self.b_enc)
         return hidden_pre * dec_norm if dec_norm is not None else hidden_pre
 
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,9 +86,20 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         }
 
     # ------------------------------------------------------------------ the sparse step
-    def _train_code(self, sae_in: Tensor, dec_norm: Tensor | None) -> SparseCode:
+    def _train_code(self, sae_in: Tensor, weights: StepWeights) -> SparseCode:
         """Processed input ``[batch, d_in]`` -> the step's code ``[batch, K]`` (differentiable values)."""
-        return ops.topk_encode(sae_in, self.W_enc, self.b_enc, self.cfg.k, dec_norm=dec_norm)
+        return ops.topk_encode(
+            sae_in, weights.W_enc, self.b_enc, self.cfg.k, dec_norm=weights.dec_norm
+        )
+
+    def _step_weights(self, dead_neuron_mask: Tensor | None) -> StepWeights:
+        """The step's views of W_enc/W_dec (one gradient buffer each, step_weights.py),
+        with AuxK's dead latents when any are dead."""
+        dead = None
+        if dead_neuron_mask is not None:
+            ids = dead_neuron_mask.nonzero().squeeze(1)
+            dead = ids if ids.numel() else None
+        return step_weights(self.W_enc, self.W_dec, dead, self.cfg.rescale_acts_by_decoder_norm)
 
     def _after_step(self, output: TrainStepOutput) -> None:
         """Hook run after the step's losses (BatchTopK updates its threshold here)."""
@@ -96,7 +111,8 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             self._after_step(output)
             return output
         x = step_input.sae_in
-        dec_norm = self._dec_norm()
+        weights = self._step_weights(step_input.dead_neuron_mask)
+        dec_norm = weights.dec_norm
         if self._input_bias_shortcut():
             # sae_in = x - b_dec feeds only the encoder, so b_dec's gradient through it is
             # -W_enc @ (the encoder bias gradient): no per-token [batch, d_in] input
@@ -104,7 +120,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             # for BatchTopK's dense encoder)
             with torch.no_grad():
                 sae_in, stats = self._process_sae_in(x)
-            code = self._train_code(sae_in, dec_norm)
+            code = self._train_code(sae_in, weights)
             values = _InputBiasGrad.apply(
                 code.values, code.indices, self.b_dec, self.W_enc, dec_norm
             )
@@ -112,16 +128,16 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             sae_in = x - self.b_dec  # differentiable twin, for AuxK's dead-subset matmul
         else:
             sae_in, stats = self._process_sae_in(x)
-            code = self._train_code(sae_in, dec_norm)
+            code = self._train_code(sae_in, weights)
         self._norm_stats = stats
         decoder_code = code
         if dec_norm is not None:
             decoder_code = SparseCode(code.values * _take(1 / dec_norm, code.indices), code.indices)
         sae_out = self._finish_decode(
-            ops.sparse_decode(decoder_code, self.W_dec, self.b_dec).to(self.dtype), stats
+            ops.sparse_decode(decoder_code, weights.W_dec, self.b_dec).to(self.dtype), stats
         )
         losses = {"mse_loss": self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()}
-        losses.update(self._extra_losses(step_input, sae_in, sae_out, code, dec_norm))
+        losses.update(self._extra_losses(step_input, sae_in, sae_out, code, weights))
         sae_in_detached = sae_in.detach()
         dec_norm_detached = dec_norm.detach() if dec_norm is not None else None
         output = TrainStepOutput(
@@ -151,13 +167,14 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         sae_in: Tensor,
         sae_out: Tensor,
         code: SparseCode,
-        dec_norm: Tensor | None,
+        weights: StepWeights,
     ) -> dict[str, Tensor]:
         return {
             "auxiliary_reconstruction_loss": self._auxk_loss(
-                step_input.sae_in, sae_out, step_input.dead_neuron_mask, sae_in=sae_in
+                step_input.sae_in, sae_out, step_input.dead_neuron_mask, sae_in=sae_in,
+                weights=weights,
             )
-        }
+        }  # fmt: skip
 
     def _auxk_loss(
         self,
@@ -168,18 +185,28 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         hidden_pre: Tensor | None = None,
         sae_in: Tensor | None = None,
         columns: slice | None = None,
+        weights: StepWeights | None = None,
     ) -> Tensor:
         """AuxK: the top ``d_in/2`` dead latents reconstruct the detached residual ``x - sae_out``.
 
         Pre-activations of the dead latents come from ``hidden_pre`` when given (dense
-        path) or from ``sae_in`` with a matmul over the dead columns only. ``columns``
-        restricts everything to a slice of latents (Matryoshka levels).
+        path) or from ``sae_in`` with a matmul over the dead columns only (``weights``:
+        the step's copies of them; else gathered here). ``columns`` restricts
+        everything to a slice of latents (Matryoshka levels).
         """
         if dead_neuron_mask is None:
             return sae_out.new_tensor(0.0)
-        offset = 0 if columns is None else columns.start
-        mask = dead_neuron_mask if columns is None else dead_neuron_mask[columns]
-        dead = mask.nonzero().squeeze(1)
+        lo, hi = (0, self.cfg.d_sae) if columns is None else (columns.start, columns.stop)
+        if weights is not None and weights.dead is not None:
+            # the step's dead ids are sorted: this level's are one contiguous run of them
+            bounds = torch.tensor([lo, hi], device=weights.dead.device)
+            first, last = torch.searchsorted(weights.dead, bounds).tolist()
+            dead = weights.dead[first:last]
+            W_enc_dead = weights.W_enc_dead[:, first:last]
+            W_dec_dead = weights.W_dec_dead[first:last]
+        else:
+            dead = dead_neuron_mask[lo:hi].nonzero().squeeze(1) + lo
+            W_enc_dead = W_dec_dead = None
         num_dead = dead.numel()
         if num_dead == 0:
             return sae_out.new_tensor(0.0)
@@ -189,16 +216,18 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
                 f"{self.cfg.normalize_activations!r}: its reconstruction would be in "
                 "normalised space while the residual is not"
             )
-        dead = dead + offset
         residual = (x - sae_out).detach()
         k_aux, scale = topk_aux_scale(num_dead, x.shape[-1])
-        W_dec_dead = self.W_dec.index_select(0, dead)
+        if W_dec_dead is None:
+            W_dec_dead = self.W_dec.index_select(0, dead)
         dec_norm = W_dec_dead.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         if hidden_pre is not None:
             h_dead = hidden_pre.index_select(-1, dead)
         else:
             assert sae_in is not None
-            h_dead = sae_in @ self.W_enc.index_select(1, dead) + self.b_enc.index_select(0, dead)
+            if W_enc_dead is None:
+                W_enc_dead = self.W_enc.index_select(1, dead)
+            h_dead = sae_in @ W_enc_dead + self.b_enc.index_select(0, dead)
             if dec_norm is not None:
                 h_dead = h_dead * dec_norm
         values, indices = h_dead.topk(k_aux, dim=-1, sorted=False)
