@@ -10,8 +10,12 @@ autocast for both libraries (SAELens's ``autocast=True``), and fastsae alone at
 d_sae 1,048,576 / batch 4096 (the width target); timed with CUDA synchronisation.
 
 Providers:
-  fastsae        ``fastsae.training.TopKTrainingSAE``: sparse step (fused encode+top-k,
-                 embedding_bag decode, sparse backward), fused Adam (what SAETrainer uses)
+  fastsae        ``fastsae.training.TopKTrainingSAE``: sparse step (encode + top-k without a
+                 ``[batch, d_sae]`` tensor, sparse decode, sparse backward), fused Adam
+                 (what SAETrainer uses); on CUDA at these batches the pairs are picked
+                 with cuBLAS matmuls over latent chunks (``fastsae.ops.topk_selection``)
+  fastsae-fused  the same with the fused Triton encode+top-k kernel forced
+                 (``FASTSAE_TOPK_SELECT=fused``; CUDA only), to compare the two selections
   fastsae-trainer  ``SAETrainer.step``: the same plus gradient clipping, LR/coefficient
                  schedules and dead-latent bookkeeping
   sae_lens       ``sae_lens.TopKTrainingSAE`` + ``torch.optim.Adam`` as sae-lens's trainer
@@ -24,6 +28,9 @@ losses and every gradient of fastsae are checked against sae-lens on the same ba
 """
 
 from __future__ import annotations
+
+import gc
+import os
 
 import pytest
 import torch
@@ -39,10 +46,11 @@ from fastsae.training import (
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, d_in, d_sae, k, providers)
-ALL = ("fastsae", "fastsae-trainer", "sae_lens") + (("sparsify",) if DEVICE == "cuda" else ())
+CUDA_ONLY = ("fastsae-fused", "sparsify")
+ALL = ("fastsae", "fastsae-trainer", "sae_lens") + (CUDA_ONLY if DEVICE == "cuda" else ())
 SHAPES = (
     [(8192, 2304, 65536, 64, ALL), (8192, 2304, 131072, 64, ALL),
-     (4096, 2304, 1_048_576, 64, ("fastsae",))]
+     (4096, 2304, 1_048_576, 64, ("fastsae", "fastsae-trainer"))]
     if DEVICE == "cuda"
     else [(2048, 768, 24576, 64, ALL)]
 )  # fmt: skip
@@ -72,15 +80,17 @@ def _group(dead: float) -> str:
 
 
 def _weights(seed: int = 0) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    W_dec = torch.randn(D_SAE, D_IN, generator=g) / D_IN**0.5
-    sd = {
-        "W_enc": (W_dec.T + 0.1 * torch.randn(D_IN, D_SAE, generator=g)).contiguous(),
+    # drawn on the device (the 1M-latent case draws 7 billion numbers)
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    W_dec = torch.randn(D_SAE, D_IN, generator=g, device=DEVICE) / D_IN**0.5
+    return {
+        "W_enc": (
+            W_dec.T + 0.1 * torch.randn(D_IN, D_SAE, generator=g, device=DEVICE)
+        ).contiguous(),
         "W_dec": W_dec,
-        "b_enc": 0.1 * torch.randn(D_SAE, generator=g),
-        "b_dec": 0.1 * torch.randn(D_IN, generator=g),
+        "b_enc": 0.1 * torch.randn(D_SAE, generator=g, device=DEVICE),
+        "b_dec": 0.1 * torch.randn(D_IN, generator=g, device=DEVICE),
     }
-    return {k: v.to(DEVICE) for k, v in sd.items()}
 
 
 def _autocast():
@@ -114,6 +124,17 @@ class _FixedBatch:
 
 
 def _make(provider: str, dead: float):
+    if provider == "fastsae-fused":
+        step = _make("fastsae", dead)
+
+        def fused_step():
+            os.environ["FASTSAE_TOPK_SELECT"] = "fused"
+            try:
+                step()
+            finally:
+                os.environ.pop("FASTSAE_TOPK_SELECT", None)
+
+        return fused_step
     torch.manual_seed(0)
     sd = _weights()
     x = _x()
@@ -244,6 +265,8 @@ def test_train_step(benchmark, provider: str, dead: float, shape) -> None:
          "device": DEVICE, "autocast_bf16": AUTOCAST}
     )  # fmt: skip
     if DEVICE == "cuda":
+        gc.collect()  # the previous case's SAE and optimizer state
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     step = _make(provider, dead)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)

@@ -6,7 +6,8 @@ imports and ``FASTSAE_DISABLE_TRITON`` is unset; otherwise the pure-torch path i
 never falls back silently: when Triton is disabled, missing, or cannot run on the
 tensors it raises (CPU tensors are allowed under ``TRITON_INTERPRET=1``, for
 tests). Leading batch dimensions are flattened here, so the implementations see
-2-D inputs.
+2-D inputs. ``topk_encode`` on CUDA picks its pairs with the fused kernel for small
+batches and with chunked cuBLAS matmuls for large ones (``topk_selection``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ def triton_disabled() -> bool:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+# topk_encode with impl="auto" on CUDA: the fused kernel (no [B, d_sae] tensor, one
+# pass over W_enc per 16 rows, fp32 IEEE dots) for up to this many rows; above it,
+# cuBLAS matmuls over latent chunks + torch.topk (tensor cores, autocast-aware) pick
+# the pairs and the Triton sparse backward stays. A choice made on arithmetic, not
+# yet on GPU timings (benchmarks/test_bench_train_step.py times both).
+FUSED_TOPK_MAX_ROWS = 256
+TOPK_SELECTIONS = ("auto", "fused", "chunked")
+
+
+def topk_selection(n_rows: int) -> str:
+    """``"fused"`` or ``"chunked"``: how ``topk_encode(impl="auto")`` picks a CUDA batch
+    of ``n_rows`` rows (``FASTSAE_TOPK_SELECT=fused|chunked`` overrides)."""
+    choice = os.environ.get("FASTSAE_TOPK_SELECT", "auto") or "auto"
+    if choice not in TOPK_SELECTIONS:
+        raise ValueError(f"FASTSAE_TOPK_SELECT must be one of {TOPK_SELECTIONS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "fused" if n_rows <= FUSED_TOPK_MAX_ROWS else "chunked"
 
 
 def auto_uses_triton(*tensors: Tensor | None) -> bool:
@@ -109,12 +130,16 @@ def topk_encode(
         raise ValueError(f"topk_encode: k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
     if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
         raise ValueError(f"topk_encode: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}")
-    # the fused kernel keeps a running top-k in registers: k up to 1024
-    if _use_triton("topk_encode", impl, (x, W_enc, b_enc, dec_norm), has_kernel=k <= 1024):
+    # the fused kernel keeps a running top-k in registers: k up to 1024; the chunked
+    # selection (impl="auto" only) has no such limit
+    chunked = impl == "auto" and topk_selection(x.numel() // max(x.shape[-1], 1)) == "chunked"
+    tensors = (x, W_enc, b_enc, dec_norm)
+    if _use_triton("topk_encode", impl, tensors, has_kernel=k <= 1024 or chunked):
         from fastsae.kernels.autograd import TopKEncodeFunction
 
+        select = torch_ops.topk_select_chunked if chunked else None
         code = SparseCode(
-            *TopKEncodeFunction.apply(_flat(x), W_enc, b_enc, dec_norm, k, abs_select)
+            *TopKEncodeFunction.apply(_flat(x), W_enc, b_enc, dec_norm, k, abs_select, select)
         )
     else:
         code = torch_ops.topk_encode(
@@ -124,9 +149,11 @@ def topk_encode(
 
 
 def topk_encode_is_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int) -> bool:
-    """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) runs the fused
-    Triton kernel (no ``[batch, d_sae]`` pre-activations) on these tensors."""
-    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=k <= 1024)
+    """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) takes the Triton
+    path on these tensors (the fused kernel, or the chunked selection for large
+    batches): either way no ``[batch, d_sae]`` pre-activations are formed."""
+    chunked = topk_selection(x.numel() // max(x.shape[-1], 1)) == "chunked"
+    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=k <= 1024 or chunked)
 
 
 def jumprelu_encode(

@@ -55,6 +55,59 @@ def topk_select(h: Tensor, k: int, *, abs_select: bool = False) -> SparseCode:
     return SparseCode(values.relu(), indices)
 
 
+# working memory of topk_select_chunked's pre-activation chunks (1 GiB: 0.11 of one
+# weight matrix at d_sae 1M x d_in 2304 fp32)
+TOPK_CHUNK_BYTES = 1 << 30
+
+
+def topk_select_chunked(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dec_norm: Tensor | None = None,
+    abs_select: bool = False,
+    *,
+    max_chunk_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k of ``(x @ W_enc + b_enc) * dec_norm`` without a ``[B, d_sae]`` tensor, no grad.
+
+    The latents go in chunks whose pre-activations take at most ``max_chunk_bytes``
+    (``TOPK_CHUNK_BYTES`` by default; counting an fp32 and a half-precision copy);
+    each chunk's top-k are candidates,
+    merged at the end. The matmuls are ordinary ``x @ W_enc`` calls, so they follow
+    autocast (bf16 tensor cores inside ``torch.autocast``) as SAELens's do, and the
+    numbers are SAELens's: matmul, then bias, then the decoder-norm scale. Returns
+    values (W_enc's dtype; ReLU applied unless ``abs_select``) and int64 indices
+    ``[B, k]``, in no particular order.
+    """
+    B, N = x.shape[0], W_enc.shape[1]
+    budget = TOPK_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+    chunk = max(k, min(N, budget // (6 * max(B, 1))))
+    cand_values, cand_indices = [], []
+    with torch.no_grad():
+        for n0 in range(0, N, chunk):
+            n1 = min(N, n0 + chunk)
+            h = encoder_preacts(x, W_enc[:, n0:n1], b_enc[n0:n1])
+            if dec_norm is not None:
+                dn = dec_norm[n0:n1]
+                h = h.mul_(dn) if h.dtype == dn.dtype else h * dn
+            # raw (signed, pre-ReLU) candidates: the merge must rank them as one topk would
+            key = h.abs() if abs_select else h
+            pick = torch.topk(key, min(k, n1 - n0), dim=-1, sorted=False).indices
+            cand_values.append(h.gather(-1, pick))
+            cand_indices.append(pick + n0)
+        values, indices = cand_values[0], cand_indices[0]
+        if len(cand_values) > 1:
+            values, indices = torch.cat(cand_values, -1), torch.cat(cand_indices, -1)
+            key = values.abs() if abs_select else values
+            pick = torch.topk(key, k, dim=-1, sorted=False).indices
+            values, indices = values.gather(-1, pick), indices.gather(-1, pick)
+        if not abs_select:
+            values = values.relu()
+    return values.to(W_enc.dtype), indices
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastsae import SparseCode, ops
+from fastsae import SparseCode, ops, torch_ops
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}
 
@@ -180,3 +180,40 @@ def test_auto_dispatch_rules(monkeypatch):
     assert not ops._use_triton("op", "auto", fake, has_kernel=True)
     with pytest.raises(RuntimeError, match="not installed"):
         ops._use_triton("op", "triton", fake, has_kernel=True)
+
+
+@pytest.mark.parametrize("abs_select", [False, True])
+@pytest.mark.parametrize("use_dec_norm", [False, True])
+@pytest.mark.parametrize("max_chunk_bytes", [1 << 30, 40 * 1000, 1])
+def test_topk_select_chunked_matches_one_topk(abs_select, use_dec_norm, max_chunk_bytes):
+    """The chunked selection (latents in chunks, candidates merged) picks what one
+    top-k over all latents picks: one chunk, 17 uneven chunks of 59 latents at this
+    budget and batch, and chunks of k latents (the smallest it uses)."""
+    torch.manual_seed(2)
+    x, W_enc, b_enc = torch.randn(40, 30), torch.randn(30, 1000), torch.randn(1000)
+    dec_norm = torch.rand(1000) + 0.5 if use_dec_norm else None
+    k = 9
+    values, indices = torch_ops.topk_select_chunked(
+        x, W_enc, b_enc, k, dec_norm, abs_select, max_chunk_bytes=max_chunk_bytes
+    )
+    ref = torch_ops.topk_encode(x, W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select)
+    assert values.dtype == W_enc.dtype and indices.dtype == torch.int64
+    assert torch.equal(indices.sort(-1).values, ref.indices.sort(-1).values)
+    order, ref_order = indices.argsort(-1), ref.indices.argsort(-1)
+    # values to rounding: a matmul over a slice of W_enc may block its sums differently
+    assert rel_err(values.gather(-1, order), ref.values.gather(-1, ref_order)) < 1e-6
+
+
+def test_topk_selection_rule(monkeypatch):
+    """Large CUDA batches use the chunked selection, small ones the fused kernel;
+    FASTSAE_TOPK_SELECT overrides, and a bad value is named."""
+    monkeypatch.delenv("FASTSAE_TOPK_SELECT", raising=False)
+    assert ops.topk_selection(ops.FUSED_TOPK_MAX_ROWS) == "fused"
+    assert ops.topk_selection(ops.FUSED_TOPK_MAX_ROWS + 1) == "chunked"
+    monkeypatch.setenv("FASTSAE_TOPK_SELECT", "fused")
+    assert ops.topk_selection(10**6) == "fused"
+    monkeypatch.setenv("FASTSAE_TOPK_SELECT", "chunked")
+    assert ops.topk_selection(1) == "chunked"
+    monkeypatch.setenv("FASTSAE_TOPK_SELECT", "cublas")
+    with pytest.raises(ValueError, match="FASTSAE_TOPK_SELECT"):
+        ops.topk_selection(1)
