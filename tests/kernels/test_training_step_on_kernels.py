@@ -129,3 +129,31 @@ def test_topk_trainer_step_holds_one_gradient_per_matrix(
     assert "topk_encode" in auto_means_triton and "sparse_decode" in auto_means_triton
     assert all(bool(torch.isfinite(p).all()) for p in sae.parameters())
     assert tracker.peak <= 2 * matrix, (tracker.peak / matrix, tracker.peak_op)
+
+
+@pytest.mark.parametrize("selection", ["fused", "chunked"])
+def test_topk_step_under_bf16_autocast(auto_means_triton, monkeypatch, selection):
+    """The GPU benchmark's setting (bf16 autocast, fp32 weights, AuxK on) on the kernel
+    path: the step runs, and its loss and gradients stay within bf16 rounding of the
+    fp32 step on the same weights."""
+    monkeypatch.setenv("FASTSAE_TOPK_SELECT", selection)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=40, d_sae=300, k=7)).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 40, generator=g).to(device)
+    dead = torch.zeros(300, dtype=torch.bool, device=device)
+    dead[::5] = True
+    grads, losses = [], []
+    for autocast in (False, True):
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+        out.loss.backward()
+        losses.append({k: float(v.detach()) for k, v in out.losses.items()})
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+        assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
+    assert "topk_encode" in auto_means_triton
+    for name, value in losses[0].items():
+        assert abs(losses[1][name] - value) <= 0.03 * abs(value), (name, losses)
+    for name, ref in grads[0].items():
+        assert_close(grads[1][name], ref, 0.1, f"d {name} under autocast")
