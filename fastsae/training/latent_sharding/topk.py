@@ -51,6 +51,7 @@ from fastsae.training.latent_sharding.base import (
 )
 from fastsae.training.losses import topk_aux_scale
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput, _total
+from fastsae.training.saes.step_weights import StepWeights, step_weights
 from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig
 
 
@@ -192,14 +193,22 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         x = step_input.sae_in.to(self.W_enc.dtype)
         g = self.group
         sae_in = self._encoder_input(x)
-        dec_norm = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        dead_local = self._local_dead(step_input.dead_neuron_mask)
+        # one gradient buffer per weight shard (step_weights.py), AuxK's dead slices too
+        weights = step_weights(
+            self.W_enc,
+            self.W_dec,
+            dead_local.nonzero().squeeze(1) if dead_local is not None else None,
+            self.cfg.rescale_acts_by_decoder_norm,
+        )
+        dec_norm = weights.dec_norm
         dn = dec_norm.detach() if dec_norm is not None else None
         with torch.no_grad():
             pos, raw, selected = self._select(sae_in.detach(), dn)
             values0 = torch.where(selected, raw.relu(), torch.zeros_like(raw))
             h_sel = raw / dn[pos] if dn is not None else None
         values = _SelectedEncode.apply(
-            sae_in, self.W_enc, self.b_enc, dec_norm, values0, pos, h_sel
+            sae_in, weights.W_enc, self.b_enc, dec_norm, values0, pos, h_sel
         )
         code = SparseCode(values, pos)
         dec_values = (
@@ -207,11 +216,11 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
             if dec_norm is None
             else values * (1 / dec_norm).index_select(0, pos.reshape(-1)).view(pos.shape)
         )
-        partial = ops.sparse_decode(SparseCode(dec_values, pos), self.W_dec)
+        partial = ops.sparse_decode(SparseCode(dec_values, pos), weights.W_dec)
         sae_out = sum_over_shards(partial, g, "reconstruction all_reduce") + self.b_dec
         losses = {"mse_loss": (sae_out - x).pow(2).sum(dim=-1).mean()}
         losses["auxiliary_reconstruction_loss"] = self._auxk_loss(
-            x, sae_in, sae_out, self._local_dead(step_input.dead_neuron_mask)
+            x, sae_in, sae_out, dead_local, weights
         )
         return TrainStepOutput(
             sae_in=x,
@@ -223,22 +232,28 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         )
 
     def _auxk_loss(
-        self, x: Tensor, sae_in: Tensor, sae_out: Tensor, dead_local: Tensor | None
+        self,
+        x: Tensor,
+        sae_in: Tensor,
+        sae_out: Tensor,
+        dead_local: Tensor | None,
+        weights: StepWeights,
     ) -> Tensor:
-        """TopK's AuxK with the dead latents chosen globally (collectives on every rank)."""
-        if dead_local is None:
+        """TopK's AuxK with the dead latents chosen globally (collectives on every rank).
+        ``weights``: the step's weights with this shard's dead columns/rows."""
+        if dead_local is None or weights.dead is None:
             return sae_out.new_tensor(0.0)
         g = self.group
-        dead = dead_local.nonzero().squeeze(1)
+        dead = weights.dead
         counts = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
         num_dead = int(_all_reduce(counts, g, "dead latent count all_reduce").item())
         if num_dead == 0:
             return sae_out.new_tensor(0.0)
         residual = (x - sae_out).detach()
         k_aux, scale = topk_aux_scale(num_dead, x.shape[-1])
-        W_dec_dead = self.W_dec.index_select(0, dead)
+        W_enc_dead, W_dec_dead = weights.W_enc_dead, weights.W_dec_dead
         dec_norm = W_dec_dead.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        h_dead = sae_in @ self.W_enc.index_select(1, dead) + self.b_enc.index_select(0, dead)
+        h_dead = sae_in @ W_enc_dead + self.b_enc.index_select(0, dead)
         if dec_norm is not None:
             h_dead = h_dead * dec_norm
         # the selection only needs each rank's candidate positions (the returned global
