@@ -11,25 +11,23 @@ Two spellings build the same config:
 
 Every field is validated before anything runs, with errors that name the field.
 ``to_dict``/``to_json``/``to_yaml`` and ``from_dict``/``from_json``/``from_yaml``
-round-trip the nested form.
+round-trip the nested form. The field checks live in :mod:`fastsae.training.config_checks`,
+the serialisation helpers in :mod:`fastsae.training.config_io`.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
-from fastsae.training.config_flat import (
-    LEGACY_IGNORED,
-    sae_config_from_flat,
-    suggest,
-)
+from fastsae.training.config_checks import _positive_int, check_runner_config, resolve_sae_config
+from fastsae.training.config_flat import LEGACY_IGNORED
+from fastsae.training.config_io import _atomic_write, _read_mapping, runner_config_to_dict
 from fastsae.training.saes.base import TrainingSAEConfig
 
 
@@ -210,136 +208,14 @@ class LanguageModelSAERunnerConfig:
         for key, value in logger_kwargs.items():
             setattr(self.logger, key, value)
         self.logger.__post_init__()
-        if isinstance(sae, dict):
-            sae = TrainingSAEConfig.from_dict({"dtype": self.dtype, "device": self.device, **sae})
-        if sae is None:
-            sae = sae_config_from_flat(
-                flat_sae, dtype=self.dtype, device=self.device, runner_fields=list(names)
-            )
-        elif flat_sae:
-            sae_fields = dict.fromkeys(f.name for f in fields(sae)) if is_dataclass(sae) else {}
-            raise ValueError(
-                "LanguageModelSAERunnerConfig: unknown fields "
-                f"{sorted(flat_sae)} (with sae= given, SAE fields belong in the SAE config)"
-                + suggest(flat_sae, {**names, **sae_fields})
-            )
-        if not isinstance(sae, TrainingSAEConfig):
-            raise TypeError(
-                "sae must be a training SAE config (e.g. TopKTrainingSAEConfig), "
-                f"got {type(sae).__name__}"
-            )
-        self.sae = sae
+        self.sae = resolve_sae_config(
+            sae, flat_sae, dtype=self.dtype, device=self.device, names=names
+        )
         self.__post_init__()
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        for name in (
-            "context_size",
-            "n_batches_in_buffer",
-            "training_tokens",
-            "store_batch_size_prompts",
-            "train_batch_size_tokens",
-            "dead_feature_window",
-            "feature_sampling_window",
-            "n_restart_cycles",
-            "n_batches_for_norm_estimate",
-            "latent_shards",
-        ):
-            _positive_int(self, name)
-        if self.data_parallel_mode not in (None, "shard", "split"):
-            raise ValueError(
-                "data_parallel_mode must be None, 'shard' or 'split', got "
-                f"{self.data_parallel_mode!r}"
-            )
-        if self.data_parallel_mode == "shard" and self.use_cached_activations:
-            raise ValueError(
-                "data_parallel_mode='shard' runs the model on each rank's own token rows; "
-                "with use_cached_activations use 'split' (or None)"
-            )
-        if self.sae.d_sae % self.latent_shards:
-            raise ValueError(
-                f"latent_shards={self.latent_shards} must divide sae.d_sae={self.sae.d_sae} "
-                "(each rank holds d_sae / latent_shards latents)"
-            )
-        for name in ("lr_warm_up_steps", "lr_decay_steps", "n_checkpoints", "n_eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if self.lr_scheduler_name.lower() not in (
-            "constant",
-            "cosineannealing",
-            "cosineannealingwarmrestarts",
-        ):
-            raise ValueError(
-                "lr_scheduler_name must be 'constant', 'cosineannealing' or "
-                f"'cosineannealingwarmrestarts', got {self.lr_scheduler_name!r}"
-            )
-        if self.lr_end is None:
-            self.lr_end = self.lr / 10
-        if self.lr_decay_steps > 0 and self.lr_end == 0:
-            raise ValueError("lr_decay_steps > 0 needs lr_end > 0 (it decays from lr_end to 0)")
-        if self.lr_warm_up_steps + self.lr_decay_steps > self.total_training_steps:
-            raise ValueError(
-                f"lr_warm_up_steps + lr_decay_steps ({self.lr_warm_up_steps} + "
-                f"{self.lr_decay_steps}) exceed the run's {self.total_training_steps} steps"
-            )
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        str_to_dtype(self.dtype)
-        if self.llm_device is None:
-            self.llm_device = self.device
-        if self.act_store_device is None or self.act_store_device == "with_model":
-            self.act_store_device = self.llm_device
-        if self.activations_mixing_fraction != 0.5:
-            raise ValueError(
-                "activations_mixing_fraction: fastsae's shuffling buffer always keeps half of "
-                f"its activations for mixing (0.5), got {self.activations_mixing_fraction!r}"
-            )
-        if self.use_chat_formatting:
-            raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
-        prefetch = self.prefetch_llm_batches  # accepted for SAELens configs; no effect here
-        if not isinstance(prefetch, (bool, int)) or (
-            not isinstance(prefetch, bool) and prefetch < 0
-        ):
-            raise ValueError(
-                f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch!r}"
-            )
-        if self.use_cached_activations and not self.cached_activations_path:
-            raise ValueError("use_cached_activations=True needs cached_activations_path")
-        if not self.use_cached_activations and not self.dataset_path:
-            raise ValueError(
-                "dataset_path is empty: give a Hugging Face dataset, a local file or folder "
-                "(or use_cached_activations with cached_activations_path)"
-            )
-        self.seqpos_slice = tuple(self.seqpos_slice)
-        if not 1 <= len(self.seqpos_slice) <= 3:
-            raise ValueError(f"seqpos_slice must have 1 to 3 entries, got {self.seqpos_slice!r}")
-        if self.sae.normalize_activations not in NORMALIZE_ACTIVATIONS:
-            raise ValueError(f"sae.normalize_activations: {self.sae.normalize_activations!r}")
-        if self.model_from_pretrained_kwargs is None:
-            self.model_from_pretrained_kwargs = (
-                {"center_writing_weights": False}
-                if self.model_class_name == "HookedTransformer"
-                else {}
-            )
-        if self.logger.log_to_wandb:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ValueError(
-                    "log_to_wandb=True but wandb is not installed: pip install 'fastsae[wandb]'"
-                ) from None
-        if self.logger.run_name is None:
-            self.logger.run_name = (
-                f"{self.sae.architecture()}-{self.sae.d_sae}-LR-{self.lr}-Tokens-"
-                f"{self.training_tokens:3.3e}"
-            )
+        check_runner_config(self)  # fastsae.training.config_checks
 
     # ------------------------------------------------------------------ derived
     @property
@@ -371,22 +247,7 @@ class LanguageModelSAERunnerConfig:
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
         """Nested, JSON/YAML-ready dict (``sae`` holds the SAE config with its architecture)."""
-        res: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "sae":
-                value = value.to_dict()
-                value["metadata"] = {
-                    k: v
-                    for k, v in value["metadata"].items()
-                    if k not in ("training_architecture", "training_architecture_details")
-                }
-            elif f.name == "logger":
-                value = asdict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            res[f.name] = value
-        return res
+        return runner_config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LanguageModelSAERunnerConfig:
@@ -422,28 +283,3 @@ class LanguageModelSAERunnerConfig:
         if path.suffix == ".json":
             return cls.from_json(path)
         raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
-
-
-def _positive_int(obj: Any, name: str) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = parse(path.read_text())
-    except (ValueError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.')}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-    return data
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -1,0 +1,50 @@
+"""Serialisation helpers of the runner config (:mod:`fastsae.training.config`): the
+nested, JSON/YAML-ready dict of a config, reading a YAML/JSON mapping from disk with
+errors that name the file, and atomic writes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def runner_config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested, JSON/YAML-ready dict (``sae`` holds the SAE config with its architecture)."""
+    res: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "sae":
+            value = value.to_dict()
+            value["metadata"] = {
+                k: v
+                for k, v in value["metadata"].items()
+                if k not in ("training_architecture", "training_architecture_details")
+            }
+        elif f.name == "logger":
+            value = asdict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        res[f.name] = value
+    return res
+
+
+def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.')}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
