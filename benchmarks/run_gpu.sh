@@ -10,7 +10,10 @@
 # sae_lens / sparsify rows and the module parity tests are skipped with a reason unless
 # their wheels are carried in .whl (`bash benchmarks/fetch_gpu_wheels.sh` here first,
 # then carry [".whl"]), in which case they are installed first. The full grid takes
-# longer than one 10-minute call: split it with BENCH_ARGS.
+# longer than one 10-minute call: split it with BENCH_ARGS, and pick parts with
+# SECTIONS (any of "tests bench train"; default all three), e.g.
+#   SECTIONS="tests train" bash benchmarks/run_gpu.sh   # kernel tests + training step
+#   SECTIONS=bench BENCH_ARGS="--dtype bfloat16" bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -26,15 +29,23 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/versions.txt"
-python3 -m pytest -q tests/kernels 2>&1 | tee "$OUT/gpu-tests.log"
-tests_rc=${PIPESTATUS[0]}
-# shellcheck disable=SC2086
-python3 -m fastsae bench --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-# the TopK training step (fastsae vs sae-lens and EleutherAI sparsify when their wheels are
-# carried in .whl, bf16 autocast) and the 1M-latent width check
-python3 -m pytest -q benchmarks/test_bench_train_step.py --benchmark-json="$OUT/train-step.json" \
-    2>&1 | tee "$OUT/train-step.log"
-train_rc=${PIPESTATUS[0]}
+SECTIONS=" ${SECTIONS:-tests bench train} "
+tests_rc=0 bench_rc=0 train_rc=0
+if [[ $SECTIONS == *" tests "* ]]; then
+    python3 -m pytest -q tests/kernels 2>&1 | tee "$OUT/gpu-tests.log"
+    tests_rc=${PIPESTATUS[0]}
+fi
+if [[ $SECTIONS == *" bench "* ]]; then
+    # shellcheck disable=SC2086
+    python3 -m fastsae bench --device cuda --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+    bench_rc=${PIPESTATUS[0]}
+fi
+if [[ $SECTIONS == *" train "* ]]; then
+    # the TopK training step (fastsae vs sae-lens and EleutherAI sparsify when their wheels
+    # are carried in .whl, bf16 autocast) and the 1M-latent width check
+    python3 -m pytest -q benchmarks/test_bench_train_step.py \
+        --benchmark-json="$OUT/train-step.json" 2>&1 | tee "$OUT/train-step.log"
+    train_rc=${PIPESTATUS[0]}
+fi
 echo "gpu tests rc=$tests_rc, bench rc=$bench_rc, train-step rc=$train_rc"
 exit $(( tests_rc || bench_rc || train_rc ))
