@@ -148,6 +148,46 @@ def topk_encode(
     return _unflat(code, tuple(x.shape[:-1]))
 
 
+def batch_topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    n_select: int,
+    *,
+    dec_norm: Tensor | None = None,
+    impl: str = "auto",
+) -> SparseCode:
+    """BatchTopK: the ``n_select`` largest of ``relu((x @ W_enc + b_enc) * dec_norm)``
+    over the whole batch ``x [B, d_in]`` (2-D: the batch is its rows), as a padded code
+    ``[B, K]`` (K = most latents any token got; padding value 0, index 0).
+
+    Triton path: chunked cuBLAS selection (``torch_ops.batch_topk_select_chunked``, no
+    ``[B, d_sae]`` tensor) with the TopK kernels' sparse backward; torch path: the dense
+    reference ``torch_ops.batch_topk_encode``.
+    """
+    _check_encoder(x, W_enc, b_enc, "batch_topk_encode")
+    if x.ndim != 2:
+        raise ValueError(f"batch_topk_encode: x must be [B, d_in], got {tuple(x.shape)}")
+    if not 0 <= n_select <= x.shape[0] * W_enc.shape[1]:
+        raise ValueError(
+            f"batch_topk_encode: n_select must be in [0, B * d_sae = "
+            f"{x.shape[0] * W_enc.shape[1]}], got {n_select}"
+        )
+    if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
+        raise ValueError(
+            f"batch_topk_encode: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}"
+        )
+    tensors = (x, W_enc, b_enc, dec_norm)
+    if n_select > 0 and _use_triton("batch_topk_encode", impl, tensors, has_kernel=True):
+        from fastsae.kernels.autograd import TopKEncodeFunction
+
+        select = torch_ops.batch_topk_select_chunked
+        return SparseCode(
+            *TopKEncodeFunction.apply(x, W_enc, b_enc, dec_norm, n_select, False, select)
+        )
+    return torch_ops.batch_topk_encode(x, W_enc, b_enc, n_select, dec_norm=dec_norm)
+
+
 def topk_encode_is_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int) -> bool:
     """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) takes the Triton
     path on these tensors (the fused kernel, or the chunked selection for large

@@ -108,6 +108,89 @@ def topk_select_chunked(
     return values.to(W_enc.dtype), indices
 
 
+def padded_layout(picked: Tensor, n_tokens: int, n_cols: int) -> tuple[Tensor, Tensor, int]:
+    """Where the picked entries of a flattened ``[n_tokens, n_cols]`` matrix go in a
+    padded per-token code: ``(rows, slots, width)`` with ``width`` the most entries any
+    token got (at least 1). ``picked``: sorted flat positions."""
+    rows = picked // n_cols
+    counts = torch.bincount(rows, minlength=n_tokens)
+    width = max(int(counts.max()) if picked.numel() else 0, 1)
+    slot = (
+        torch.arange(picked.numel(), device=picked.device)
+        - (torch.cumsum(counts, 0) - counts)[rows]
+    )
+    return rows, slot, width
+
+
+def _padded_code(values: Tensor, picked: Tensor, n_tokens: int, n_cols: int) -> SparseCode:
+    """Picked entries (``values``, sorted flat positions) as a padded ``[n_tokens, K]``
+    code; padding has value 0 and index 0."""
+    rows, slot, width = padded_layout(picked, n_tokens, n_cols)
+    out = values.new_zeros(n_tokens, width).index_put((rows, slot), values)
+    indices = torch.zeros(n_tokens, width, dtype=torch.long, device=values.device)
+    indices[rows, slot] = picked % n_cols
+    return SparseCode(out, indices)
+
+
+def batch_topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, n_select: int, *, dec_norm: Tensor | None = None
+) -> SparseCode:
+    """BatchTopK (SAELens): the ``n_select`` largest of ``relu((x @ W_enc + b_enc) *
+    dec_norm)`` over the whole batch ``x [B, d_in]``, as a padded code ``[B, K]`` (K = most
+    latents any token got). Dense ``[B, d_sae]`` pre-activations; differentiable through
+    autograd (the reference; ``ops.batch_topk_encode`` picks the sparse path on CUDA)."""
+    h = x @ W_enc + b_enc
+    acts = (h * dec_norm if dec_norm is not None else h).relu()
+    n_tokens, d_sae = acts.shape
+    flat = acts.reshape(-1)
+    if n_select == 0:
+        empty = torch.zeros(n_tokens, 1, dtype=acts.dtype, device=acts.device)
+        return SparseCode(empty * flat[:1], torch.zeros_like(empty, dtype=torch.long))
+    picked = torch.topk(flat, n_select, dim=-1, sorted=False).indices.sort().values
+    return _padded_code(flat.index_select(0, picked), picked, n_tokens, d_sae)
+
+
+def batch_topk_select_chunked(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    n_select: int,
+    dec_norm: Tensor | None = None,
+    abs_select: bool = False,
+    *,
+    max_chunk_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``batch_topk_encode``'s selection without a ``[B, d_sae]`` tensor, no grad: latents
+    in chunks (``TOPK_CHUNK_BYTES`` by default, counting torch.topk's sort of a flattened
+    chunk), each chunk's ``n_select`` largest as candidates, merged. Same contract as
+    ``topk_select_chunked`` (its ``k`` is ``n_select``): returns the padded code's values
+    (W_enc's dtype) and int64 indices."""
+    if abs_select:
+        raise ValueError("batch_topk_select_chunked: BatchTopK has no abs_select")
+    B, N = x.shape[0], W_enc.shape[1]
+    budget = TOPK_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+    chunk = max(1, min(N, budget // (24 * max(B, 1))))
+    cand_values, cand_flat = [], []
+    with torch.no_grad():
+        for n0 in range(0, N, chunk):
+            n1 = min(N, n0 + chunk)
+            h = encoder_preacts(x, W_enc[:, n0:n1], b_enc[n0:n1])
+            if dec_norm is not None:
+                dn = dec_norm[n0:n1]
+                h = h.mul_(dn) if h.dtype == dn.dtype else h * dn
+            top = torch.topk(h.relu_().reshape(-1), min(n_select, h.numel()), sorted=False)
+            rows = top.indices // (n1 - n0)
+            cand_values.append(top.values)
+            cand_flat.append(rows * N + (top.indices - rows * (n1 - n0)) + n0)
+        values, flat = torch.cat(cand_values), torch.cat(cand_flat)
+        if values.numel() > n_select:
+            pick = torch.topk(values, n_select, sorted=False).indices
+            values, flat = values[pick], flat[pick]
+        flat, order = flat.sort()
+        code = _padded_code(values[order], flat, B, N)
+    return code.values.to(W_enc.dtype), code.indices
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,

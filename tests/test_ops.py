@@ -217,3 +217,33 @@ def test_topk_selection_rule(monkeypatch):
     monkeypatch.setenv("FASTSAE_TOPK_SELECT", "cublas")
     with pytest.raises(ValueError, match="FASTSAE_TOPK_SELECT"):
         ops.topk_selection(1)
+
+
+@pytest.mark.parametrize("use_dec_norm", [False, True])
+@pytest.mark.parametrize("max_chunk_bytes", [1 << 30, 24 * 40 * 70, 1])
+def test_batch_topk_select_chunked_matches_dense(use_dec_norm, max_chunk_bytes):
+    """BatchTopK's chunked selection picks what the dense reference picks (one chunk,
+    15 chunks of 70 latents, chunks of one latent) and lays it out the same way."""
+    torch.manual_seed(3)
+    x, W_enc, b_enc = torch.randn(40, 30), torch.randn(30, 1000), torch.randn(1000) - 2
+    dec_norm = torch.rand(1000) + 0.5 if use_dec_norm else None
+    n_select = 7 * 40
+    values, indices = torch_ops.batch_topk_select_chunked(
+        x, W_enc, b_enc, n_select, dec_norm, max_chunk_bytes=max_chunk_bytes
+    )
+    ref = torch_ops.batch_topk_encode(x, W_enc, b_enc, n_select, dec_norm=dec_norm)
+    assert torch.equal(indices, ref.indices)
+    assert rel_err(values, ref.values) < 1e-6
+    assert int((values > 0).sum()) == n_select  # every pick positive here: no padding picked
+
+
+def test_batch_topk_encode_checks_and_empty_selection():
+    x, W_enc, b_enc = torch.randn(4, 6), torch.randn(6, 10, requires_grad=True), torch.randn(10)
+    with pytest.raises(ValueError, match="n_select"):
+        ops.batch_topk_encode(x, W_enc, b_enc, 41)
+    with pytest.raises(ValueError, match=r"x must be \[B, d_in\]"):
+        ops.batch_topk_encode(x[None], W_enc, b_enc, 4)
+    code = ops.batch_topk_encode(x, W_enc, b_enc, 0)
+    assert code.values.shape == (4, 1) and not code.values.any()
+    code.values.sum().backward()  # still attached to the graph, as SAELens's
+    assert W_enc.grad is not None

@@ -25,8 +25,8 @@ def test_training_step_on_kernels_matches_sae_lens(
 ):
     """``selection``: how the Triton path picks TopK's pairs (the fused kernel, or cuBLAS
     chunks + torch.topk as for large CUDA batches); the backward is the kernels' either way."""
-    if arch == "batchtopk" and selection == "chunked":
-        pytest.skip("BatchTopK selects over the whole batch with a dense encoder")
+    if arch == "batchtopk" and selection == "fused":
+        pytest.skip("BatchTopK's Triton path always selects with cuBLAS chunks")
     monkeypatch.setenv("FASTSAE_TOPK_SELECT", selection)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(d_in=40, d_sae=300, rescale_acts_by_decoder_norm=rescale)
@@ -53,8 +53,7 @@ def test_training_step_on_kernels_matches_sae_lens(
         )
     )  # fmt: skip
     assert "sparse_decode" in auto_means_triton
-    if arch == "topk":
-        assert "topk_encode" in auto_means_triton
+    assert ("topk_encode" if arch == "topk" else "batch_topk_encode") in auto_means_triton
     for name, value in ref.losses.items():
         assert_close(out.losses[name], value, 1e-5, name)
     assert_close(out.feature_acts, ref.feature_acts, 1e-5, "feature_acts")
@@ -88,15 +87,18 @@ def test_segment_rows_sum_transposed_layout(device, poison_outputs):
     assert (cols[:, N // 2 :] == 0).all()
 
 
-@pytest.mark.parametrize("selection", ["fused", "chunked"])
+@pytest.mark.parametrize(
+    ("arch", "selection"), [("topk", "fused"), ("topk", "chunked"), ("batchtopk", "chunked")]
+)
 @pytest.mark.parametrize("rescale", [True, False])
-def test_topk_trainer_step_holds_one_gradient_per_matrix(
-    auto_means_triton, monkeypatch, rescale, selection
+def test_trainer_step_holds_one_gradient_per_matrix(
+    auto_means_triton, monkeypatch, rescale, arch, selection
 ):
     """The memory the width target rests on (d_sae 1M x d_in 2304 fp32: 9 GiB a
-    matrix): a TopK trainer step with dead latents (AuxK) and decoder-norm rescaling
-    never holds more than the two gradients in weight-matrix-sized tensors beyond the
-    parameters and Adam's state (it held four before step_weights.py)."""
+    matrix): a TopK / BatchTopK trainer step with dead latents (AuxK) and decoder-norm
+    rescaling never holds more than the two gradients in weight-matrix-sized tensors
+    beyond the parameters and Adam's state (TopK held four before step_weights.py;
+    BatchTopK's dense encoder held [batch, d_sae] tensors besides)."""
     from live_tensors import LiveTensors
 
     from fastsae import torch_ops
@@ -107,9 +109,12 @@ def test_topk_trainer_step_holds_one_gradient_per_matrix(
     B, D, N = 64, 36, 4096  # B / D as at batch 4096, d_in 2304
     # the chunked selection's working set in proportion too (1 GiB of a 9 GiB matrix)
     monkeypatch.setattr(torch_ops, "TOPK_CHUNK_BYTES", D * N * 4 // 9)
-    sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(d_in=D, d_sae=N, k=4, rescale_acts_by_decoder_norm=rescale)
-    ).to(device)
+    sae_class, cfg_class = {
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+    }[arch]
+    sae = sae_class(cfg_class(d_in=D, d_sae=N, k=4, rescale_acts_by_decoder_norm=rescale))
+    sae = sae.to(device)
     cfg = LanguageModelSAERunnerConfig(
         sae=sae.cfg, dataset_path="unused", train_batch_size_tokens=B,
         training_tokens=B * 100, dead_feature_window=1, checkpoint_path=None,
@@ -126,7 +131,8 @@ def test_topk_trainer_step_holds_one_gradient_per_matrix(
     tracker = LiveTensors(min_bytes=matrix // 2, exclude=tuple(sae.parameters()))
     with tracker:
         trainer.step(x)
-    assert "topk_encode" in auto_means_triton and "sparse_decode" in auto_means_triton
+    assert "sparse_decode" in auto_means_triton
+    assert ("topk_encode" if arch == "topk" else "batch_topk_encode") in auto_means_triton
     assert all(bool(torch.isfinite(p).all()) for p in sae.parameters())
     assert tracker.peak <= 2 * matrix, (tracker.peak / matrix, tracker.peak_op)
 

@@ -18,15 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.torch_ops import encoder_preacts
+from fastsae.torch_ops import encoder_preacts, padded_layout
 from fastsae.training.latent_sharding.base import _all_reduce
 from fastsae.training.latent_sharding.topk import ShardedTopKTrainingSAE, merge_candidates
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
-from fastsae.training.saes.batchtopk import (
-    BatchTopKTrainingSAE,
-    BatchTopKTrainingSAEConfig,
-    padded_layout,
-)
+from fastsae.training.saes.batchtopk import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 
 
 class ShardedBatchTopKTrainingSAE(ShardedTopKTrainingSAE):

@@ -22,20 +22,6 @@ from fastsae.training.saes.step_weights import StepWeights, plain_weights
 from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, _take
 
 
-def padded_layout(picked: Tensor, n_tokens: int, n_cols: int) -> tuple[Tensor, Tensor, int]:
-    """Where the picked entries of a flattened ``[n_tokens, n_cols]`` matrix go in a
-    padded per-token code: ``(rows, slots, width)`` with ``width`` the most entries any
-    token got (at least 1). ``picked``: sorted flat positions."""
-    rows = picked // n_cols
-    counts = torch.bincount(rows, minlength=n_tokens)
-    width = max(int(counts.max()) if picked.numel() else 0, 1)
-    slot = (
-        torch.arange(picked.numel(), device=picked.device)
-        - (torch.cumsum(counts, 0) - counts)[rows]
-    )
-    return rows, slot, width
-
-
 @dataclass
 class BatchTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     """Training config of a BatchTopK SAE (SAELens fields).
@@ -83,22 +69,15 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
 
     def _train_code(self, sae_in: Tensor, weights: StepWeights) -> SparseCode:
-        """Batch top-k as a padded code ``[batch, K]``, K = most latents any token got."""
-        acts = self._hidden_pre(sae_in, weights.dec_norm, weights.W_enc).relu()
-        n_tokens, d_sae = acts.shape
-        flat = acts.reshape(-1)
-        n_sel = self._n_selected(n_tokens)
-        if n_sel == 0:
-            empty = torch.zeros(n_tokens, 1, dtype=acts.dtype, device=acts.device)
-            return SparseCode(empty * flat[:1], torch.zeros_like(empty, dtype=torch.long))
-        picked = torch.topk(flat, n_sel, dim=-1, sorted=False).indices.sort().values
-        rows, slot, width = padded_layout(picked, n_tokens, d_sae)
-        values = flat.new_zeros(n_tokens, width).index_put(
-            (rows, slot), flat.index_select(0, picked)
+        """Batch top-k as a padded code ``[batch, K]``, K = most latents any token got
+        (on CUDA without a ``[batch, d_sae]`` tensor: ``ops.batch_topk_encode``)."""
+        return ops.batch_topk_encode(
+            sae_in,
+            weights.W_enc,
+            self.b_enc,
+            self._n_selected(sae_in.shape[0]),
+            dec_norm=weights.dec_norm,
         )
-        indices = torch.zeros(n_tokens, width, dtype=torch.long, device=acts.device)
-        indices[rows, slot] = picked % d_sae
-        return SparseCode(values, indices)
 
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
         # the batch is every token of ``[..., d_in]`` (as SAELens's BatchTopK flattens)
