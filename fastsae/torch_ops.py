@@ -11,6 +11,8 @@ dimensions before calling them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,6 +62,21 @@ def topk_select(h: Tensor, k: int, *, abs_select: bool = False) -> SparseCode:
 TOPK_CHUNK_BYTES = 1 << 30
 
 
+def _preact_chunks(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, dec_norm: Tensor | None, chunk: int
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(n0, n1, (x @ W_enc[:, n0:n1] + b_enc[n0:n1]) * dec_norm[n0:n1])`` for
+    consecutive latent chunks; each pre-activation tensor is a fresh buffer."""
+    N = W_enc.shape[1]
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        h = encoder_preacts(x, W_enc[:, n0:n1], b_enc[n0:n1])
+        if dec_norm is not None:
+            dn = dec_norm[n0:n1]
+            h = h.mul_(dn) if h.dtype == dn.dtype else h * dn
+        yield n0, n1, h
+
+
 def topk_select_chunked(
     x: Tensor,
     W_enc: Tensor,
@@ -74,8 +91,7 @@ def topk_select_chunked(
 
     The latents go in chunks whose pre-activations take at most ``max_chunk_bytes``
     (``TOPK_CHUNK_BYTES`` by default; counting an fp32 and a half-precision copy);
-    each chunk's top-k are candidates,
-    merged at the end. The matmuls are ordinary ``x @ W_enc`` calls, so they follow
+    each chunk's top-k are candidates, merged at the end. The matmuls are ordinary ``x @ W_enc`` calls, so they follow
     autocast (bf16 tensor cores inside ``torch.autocast``) as SAELens's do, and the
     numbers are SAELens's: matmul, then bias, then the decoder-norm scale. Returns
     values (W_enc's dtype; ReLU applied unless ``abs_select``) and int64 indices
@@ -86,12 +102,7 @@ def topk_select_chunked(
     chunk = max(k, min(N, budget // (6 * max(B, 1))))
     cand_values, cand_indices = [], []
     with torch.no_grad():
-        for n0 in range(0, N, chunk):
-            n1 = min(N, n0 + chunk)
-            h = encoder_preacts(x, W_enc[:, n0:n1], b_enc[n0:n1])
-            if dec_norm is not None:
-                dn = dec_norm[n0:n1]
-                h = h.mul_(dn) if h.dtype == dn.dtype else h * dn
+        for n0, n1, h in _preact_chunks(x, W_enc, b_enc, dec_norm, chunk):
             # raw (signed, pre-ReLU) candidates: the merge must rank them as one topk would
             key = h.abs() if abs_select else h
             pick = torch.topk(key, min(k, n1 - n0), dim=-1, sorted=False).indices
@@ -172,12 +183,7 @@ def batch_topk_select_chunked(
     chunk = max(1, min(N, budget // (24 * max(B, 1))))
     cand_values, cand_flat = [], []
     with torch.no_grad():
-        for n0 in range(0, N, chunk):
-            n1 = min(N, n0 + chunk)
-            h = encoder_preacts(x, W_enc[:, n0:n1], b_enc[n0:n1])
-            if dec_norm is not None:
-                dn = dec_norm[n0:n1]
-                h = h.mul_(dn) if h.dtype == dn.dtype else h * dn
+        for n0, n1, h in _preact_chunks(x, W_enc, b_enc, dec_norm, chunk):
             top = torch.topk(h.relu_().reshape(-1), min(n_select, h.numel()), sorted=False)
             rows = top.indices // (n1 - n0)
             cand_values.append(top.values)
