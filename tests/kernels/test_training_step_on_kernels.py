@@ -17,16 +17,16 @@ sae_lens = pytest.importorskip("sae_lens", reason="training parity needs sae-len
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.mark.parametrize("selection", ["fused", "chunked"])
 @pytest.mark.parametrize("rescale", [True, False])
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize(
+    ("arch", "selection"), [("topk", "fused"), ("topk", "chunked"), ("batchtopk", "chunked")]
+)
 def test_training_step_on_kernels_matches_sae_lens(
-    auto_means_triton, monkeypatch, arch, rescale, selection
+    auto_means_triton, monkeypatch, arch, selection, rescale
 ):
     """``selection``: how the Triton path picks TopK's pairs (the fused kernel, or cuBLAS
-    chunks + torch.topk as for large CUDA batches); the backward is the kernels' either way."""
-    if arch == "batchtopk" and selection == "fused":
-        pytest.skip("BatchTopK's Triton path always selects with cuBLAS chunks")
+    chunks + torch.topk as for large CUDA batches; BatchTopK's Triton path always uses
+    chunks); the backward is the kernels' either way."""
     monkeypatch.setenv("FASTSAE_TOPK_SELECT", selection)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(d_in=40, d_sae=300, rescale_acts_by_decoder_norm=rescale)
