@@ -8,6 +8,8 @@ from sae_testing import assert_close
 from fastsae.training.saes import (
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
     TrainStepInput,
@@ -17,10 +19,13 @@ sae_lens = pytest.importorskip("sae_lens", reason="training parity needs sae-len
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+ARCH_SELECTIONS = [
+    ("topk", "fused"), ("topk", "chunked"), ("batchtopk", "chunked"), ("matryoshka", "chunked")
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("rescale", [True, False])
-@pytest.mark.parametrize(
-    ("arch", "selection"), [("topk", "fused"), ("topk", "chunked"), ("batchtopk", "chunked")]
-)
+@pytest.mark.parametrize(("arch", "selection"), ARCH_SELECTIONS)
 def test_training_step_on_kernels_matches_sae_lens(
     auto_means_triton, monkeypatch, arch, selection, rescale
 ):
@@ -33,10 +38,17 @@ def test_training_step_on_kernels_matches_sae_lens(
     if arch == "topk":
         ours = TopKTrainingSAE(TopKTrainingSAEConfig(k=7, **kw)).to(device)
         theirs = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=7, **kw)).to(device)
-    else:
+    elif arch == "batchtopk":
         ours = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=7.0, **kw)).to(device)
         theirs = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=7.0, **kw))
         theirs = theirs.to(device)
+    else:  # Matryoshka, with per-level AuxK: every level decoded in one sparse pass
+        kw.update(k=7.0, matryoshka_widths=[50, 120, 300], use_matryoshka_aux_loss=True)
+        ours = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**kw))
+        ours = ours.to(device)
+        theirs = sae_lens.MatryoshkaBatchTopKTrainingSAE(
+            sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(**kw)
+        ).to(device)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name in ("b_enc", "b_dec"):
@@ -87,15 +99,13 @@ def test_segment_rows_sum_transposed_layout(device, poison_outputs):
     assert (cols[:, N // 2 :] == 0).all()
 
 
-@pytest.mark.parametrize(
-    ("arch", "selection"), [("topk", "fused"), ("topk", "chunked"), ("batchtopk", "chunked")]
-)
+@pytest.mark.parametrize(("arch", "selection"), ARCH_SELECTIONS)
 @pytest.mark.parametrize("rescale", [True, False])
 def test_trainer_step_holds_one_gradient_per_matrix(
     auto_means_triton, monkeypatch, rescale, arch, selection
 ):
     """The memory the width target rests on (d_sae 1M x d_in 2304 fp32: 9 GiB a
-    matrix): a TopK / BatchTopK trainer step with dead latents (AuxK) and decoder-norm
+    matrix): a TopK / BatchTopK / Matryoshka trainer step with dead latents (AuxK) and decoder-norm
     rescaling never holds more than the two gradients in weight-matrix-sized tensors
     beyond the parameters and Adam's state (TopK held four before step_weights.py;
     BatchTopK's dense encoder held [batch, d_sae] tensors besides)."""
@@ -112,8 +122,10 @@ def test_trainer_step_holds_one_gradient_per_matrix(
     sae_class, cfg_class = {
         "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
         "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+        "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
     }[arch]
-    sae = sae_class(cfg_class(d_in=D, d_sae=N, k=4, rescale_acts_by_decoder_norm=rescale))
+    extra = {"matryoshka_widths": [512, 2048, N]} if arch == "matryoshka" else {}
+    sae = sae_class(cfg_class(d_in=D, d_sae=N, k=4, rescale_acts_by_decoder_norm=rescale, **extra))
     sae = sae.to(device)
     cfg = LanguageModelSAERunnerConfig(
         sae=sae.cfg, dataset_path="unused", train_batch_size_tokens=B,

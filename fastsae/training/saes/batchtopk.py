@@ -157,6 +157,8 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
 
     config_class = MatryoshkaBatchTopKTrainingSAEConfig
     cfg: MatryoshkaBatchTopKTrainingSAEConfig
+    # ``[levels, batch, d_in]`` prefix reconstructions of the current sparse step
+    _level_decodes: Tensor | None = None
 
     def _partial_reconstructions(self, code: SparseCode, stats: Any, include_outer: bool):
         """Yield ``(width, reconstruction [batch, d_in])`` of each prefix level, sparsely."""
@@ -170,16 +172,44 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
             decoded = ops.sparse_decode(SparseCode(values, code.indices), self.W_dec, self.b_dec)
             yield width, self._normalize_out(decoded.to(self.dtype), stats)
 
+    def _train_decode(self, code: SparseCode, weights: StepWeights) -> Tensor:
+        """Every level from one sparse decode, so W_dec gets one gradient, not one per
+        level: the code's pairs split into the bands between consecutive widths, stacked
+        as ``[levels * batch, K]`` rows, decoded once, summed cumulatively (level i = bands
+        0..i). Keeps the levels for the inner losses; returns the whole SAE's."""
+        widths = self.cfg.matryoshka_widths
+        bands = [
+            code.values * ((code.indices >= lo) & (code.indices < hi))
+            for lo, hi in zip([0, *widths[:-1]], widths, strict=True)
+        ]
+        stacked = SparseCode(torch.cat(bands), code.indices.repeat(len(widths), 1))
+        decoded = ops.sparse_decode(stacked, weights.W_dec)
+        levels = decoded.view(len(widths), *code.values.shape[:-1], -1).cumsum(0) + self.b_dec
+        self._level_decodes = levels
+        return levels[-1]
+
+    def _inner_reconstructions(self, code: SparseCode, include_outer: bool):
+        """``(width, reconstruction)`` per level: the sparse step's levels from
+        ``_train_decode`` when it ran, else decoded from ``code`` (the dense path)."""
+        if self._level_decodes is None:
+            yield from self._partial_reconstructions(code, self._norm_stats, include_outer)
+            return
+        widths = self.cfg.matryoshka_widths if include_outer else self.cfg.matryoshka_widths[:-1]
+        for width, level in zip(widths, self._level_decodes, strict=False):
+            yield width, self._normalize_out(level.to(self.dtype), self._norm_stats)
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._level_decodes = None
         output = super().training_forward_pass(step_input)
         code = output.code
         if code is None:  # the dense path (a hook on the activations)
             code = self._compact(output.feature_acts)
             assert code is not None
-        for width, recons in self._partial_reconstructions(code, self._norm_stats, False):
+        for width, recons in self._inner_reconstructions(code, False):
             inner = self.mse_loss_fn(recons, step_input.sae_in).sum(dim=-1).mean()
             output.losses[f"inner_mse_loss_{width}"] = inner
             output.loss = output.loss + inner
+        self._level_decodes = None  # the autograd graph keeps what backward needs
         return output
 
     def _extra_losses(
@@ -197,7 +227,7 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
         if mask is None or not bool(mask.any()):
             return {"auxiliary_reconstruction_loss": total}
         prev = 0
-        for width, partial in self._partial_reconstructions(code, self._norm_stats, True):
+        for width, partial in self._inner_reconstructions(code, True):
             total = total + self._auxk_loss(
                 step_input.sae_in, partial, mask, sae_in=sae_in, columns=slice(prev, width),
                 weights=weights,

@@ -101,6 +101,11 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             dead = ids if ids.numel() else None
         return step_weights(self.W_enc, self.W_dec, dead, self.cfg.rescale_acts_by_decoder_norm)
 
+    def _train_decode(self, code: SparseCode, weights: StepWeights) -> Tensor:
+        """The step's decoder: a code (decoder-norm scaling applied) -> ``[batch, d_in]``,
+        before ``_finish_decode`` (Matryoshka decodes its levels here)."""
+        return ops.sparse_decode(code, weights.W_dec, self.b_dec)
+
     def _after_step(self, output: TrainStepOutput) -> None:
         """Hook run after the step's losses (BatchTopK updates its threshold here)."""
 
@@ -134,7 +139,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         if dec_norm is not None:
             decoder_code = SparseCode(code.values * _take(1 / dec_norm, code.indices), code.indices)
         sae_out = self._finish_decode(
-            ops.sparse_decode(decoder_code, weights.W_dec, self.b_dec).to(self.dtype), stats
+            self._train_decode(decoder_code, weights).to(self.dtype), stats
         )
         losses = {"mse_loss": self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()}
         losses.update(self._extra_losses(step_input, sae_in, sae_out, code, weights))
