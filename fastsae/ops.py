@@ -86,6 +86,16 @@ def _use_triton(op: str, impl: str, tensors: tuple[Tensor | None, ...], has_kern
     return True
 
 
+def _n_rows(x: Tensor) -> int:
+    """Rows of ``x [..., d]`` once its leading dimensions are flattened."""
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _check_dec_norm(dec_norm: Tensor | None, W_enc: Tensor, op: str) -> None:
+    if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
+        raise ValueError(f"{op}: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}")
+
+
 def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, op: str) -> None:
     if W_enc.ndim != 2:
         raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got shape {tuple(W_enc.shape)}")
@@ -128,11 +138,10 @@ def topk_encode(
     _check_encoder(x, W_enc, b_enc, "topk_encode")
     if not 0 < k <= W_enc.shape[1]:
         raise ValueError(f"topk_encode: k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
-    if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
-        raise ValueError(f"topk_encode: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}")
+    _check_dec_norm(dec_norm, W_enc, "topk_encode")
     # the fused kernel keeps a running top-k in registers: k up to 1024; the chunked
     # selection (impl="auto" only) has no such limit
-    chunked = impl == "auto" and topk_selection(x.numel() // max(x.shape[-1], 1)) == "chunked"
+    chunked = impl == "auto" and topk_selection(_n_rows(x)) == "chunked"
     tensors = (x, W_enc, b_enc, dec_norm)
     if _use_triton("topk_encode", impl, tensors, has_kernel=k <= 1024 or chunked):
         from fastsae.kernels.autograd import TopKEncodeFunction
@@ -173,10 +182,7 @@ def batch_topk_encode(
             f"batch_topk_encode: n_select must be in [0, B * d_sae = "
             f"{x.shape[0] * W_enc.shape[1]}], got {n_select}"
         )
-    if dec_norm is not None and tuple(dec_norm.shape) != (W_enc.shape[1],):
-        raise ValueError(
-            f"batch_topk_encode: dec_norm must be [d_sae], got {tuple(dec_norm.shape)}"
-        )
+    _check_dec_norm(dec_norm, W_enc, "batch_topk_encode")
     tensors = (x, W_enc, b_enc, dec_norm)
     if n_select > 0 and _use_triton("batch_topk_encode", impl, tensors, has_kernel=True):
         from fastsae.kernels.autograd import TopKEncodeFunction
@@ -192,7 +198,7 @@ def topk_encode_is_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int)
     """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) takes the Triton
     path on these tensors (the fused kernel, or the chunked selection for large
     batches): either way no ``[batch, d_sae]`` pre-activations are formed."""
-    chunked = topk_selection(x.numel() // max(x.shape[-1], 1)) == "chunked"
+    chunked = topk_selection(_n_rows(x)) == "chunked"
     return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=k <= 1024 or chunked)
 
 

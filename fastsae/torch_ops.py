@@ -91,11 +91,11 @@ def topk_select_chunked(
 
     The latents go in chunks whose pre-activations take at most ``max_chunk_bytes``
     (``TOPK_CHUNK_BYTES`` by default; counting an fp32 and a half-precision copy);
-    each chunk's top-k are candidates, merged at the end. The matmuls are ordinary ``x @ W_enc`` calls, so they follow
-    autocast (bf16 tensor cores inside ``torch.autocast``) as SAELens's do, and the
-    numbers are SAELens's: matmul, then bias, then the decoder-norm scale. Returns
-    values (W_enc's dtype; ReLU applied unless ``abs_select``) and int64 indices
-    ``[B, k]``, in no particular order.
+    each chunk's top-k are candidates, merged at the end. The matmuls are ordinary
+    ``x @ W_enc`` calls, so they follow autocast (bf16 tensor cores inside
+    ``torch.autocast``) as SAELens's do, and the numbers are SAELens's: matmul, then
+    bias, then the decoder-norm scale. Returns values (W_enc's dtype; ReLU applied
+    unless ``abs_select``) and int64 indices ``[B, k]``, in no particular order.
     """
     B, N = x.shape[0], W_enc.shape[1]
     budget = TOPK_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes

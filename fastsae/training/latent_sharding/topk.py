@@ -219,9 +219,7 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         partial = ops.sparse_decode(SparseCode(dec_values, pos), weights.W_dec)
         sae_out = sum_over_shards(partial, g, "reconstruction all_reduce") + self.b_dec
         losses = {"mse_loss": (sae_out - x).pow(2).sum(dim=-1).mean()}
-        losses["auxiliary_reconstruction_loss"] = self._auxk_loss(
-            x, sae_in, sae_out, dead_local, weights
-        )
+        losses["auxiliary_reconstruction_loss"] = self._auxk_loss(x, sae_in, sae_out, weights)
         return TrainStepOutput(
             sae_in=x,
             sae_out=sae_out,
@@ -232,16 +230,12 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         )
 
     def _auxk_loss(
-        self,
-        x: Tensor,
-        sae_in: Tensor,
-        sae_out: Tensor,
-        dead_local: Tensor | None,
-        weights: StepWeights,
+        self, x: Tensor, sae_in: Tensor, sae_out: Tensor, weights: StepWeights
     ) -> Tensor:
         """TopK's AuxK with the dead latents chosen globally (collectives on every rank).
-        ``weights``: the step's weights with this shard's dead columns/rows."""
-        if dead_local is None or weights.dead is None:
+        ``weights``: the step's weights with this shard's dead columns/rows (``dead`` is
+        None when the step has no dead mask, empty when this shard has no dead latent)."""
+        if weights.dead is None:
             return sae_out.new_tensor(0.0)
         g = self.group
         dead = weights.dead

@@ -18,7 +18,7 @@ from torch import Tensor
 from fastsae import ops
 from fastsae.sparse_code import SparseCode
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
-from fastsae.training.saes.step_weights import StepWeights, plain_weights
+from fastsae.training.saes.step_weights import StepWeights
 from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, _take
 
 
@@ -82,7 +82,7 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
     def _encode_code(self, sae_in: Tensor) -> SparseCode:
         # the batch is every token of ``[..., d_in]`` (as SAELens's BatchTopK flattens)
         lead = sae_in.shape[:-1]
-        weights = plain_weights(self.W_enc, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+        weights = StepWeights(self.W_enc, self.W_dec, self._dec_norm())
         code = self._train_code(sae_in.reshape(-1, sae_in.shape[-1]), weights)
         return SparseCode(code.values.reshape(*lead, -1), code.indices.reshape(*lead, -1))
 

@@ -41,11 +41,6 @@ class StepWeights(NamedTuple):
     W_dec_dead: Tensor | None = None
 
 
-def plain_weights(W_enc: Tensor, W_dec: Tensor, rescale: bool) -> StepWeights:
-    """The parameters used directly (inference-style encodes; no merging node)."""
-    return StepWeights(W_enc, W_dec, W_dec.norm(dim=-1) if rescale else None)
-
-
 def step_weights(W_enc: Tensor, W_dec: Tensor, dead: Tensor | None, rescale: bool) -> StepWeights:
     """Route a step's uses of ``W_enc``/``W_dec`` through one gradient-merging node each.
 

@@ -63,11 +63,8 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         values, indices = torch.topk(hidden_pre, self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
 
-    def _hidden_pre(
-        self, sae_in: Tensor, dec_norm: Tensor | None, W_enc: Tensor | None = None
-    ) -> Tensor:
-        W_enc = self.W_enc if W_enc is None else W_enc
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ W_enc + self.b_enc)
+    def _hidden_pre(self, sae_in: Tensor, dec_norm: Tensor | None) -> Tensor:
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         return hidden_pre * dec_norm if dec_norm is not None else hidden_pre
 
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
