@@ -116,15 +116,31 @@ def broadcast_from_rank0(module: torch.nn.Module, device: torch.device):
 
 
 @torch.no_grad()
-def check_same_tensors(module: torch.nn.Module, device: torch.device, what: str) -> None:
-    """Raise unless every rank's parameters and buffers equal rank 0's (a no-op on one
-    process). Compared by fingerprint: integer sums (plain and position-weighted, exact
-    in any order) of the bit patterns of up to 2^20 evenly spaced elements of each
-    tensor, so the check costs the same at any width and sends two numbers per tensor."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def check_same_tensors(
+    module: torch.nn.Module,
+    device: torch.device,
+    what: str,
+    group=None,
+    names: Callable[[str], bool] | None = None,
+) -> None:
+    """Raise unless every rank's parameters and buffers (those whose name ``names``
+    accepts; default all) equal those of the group's first rank (a no-op on one process).
+    ``group``: the ranks compared (default: all). Compared by fingerprint: integer sums
+    (plain and position-weighted, exact in any order) of the bit patterns of up to 2^20
+    evenly spaced elements of each tensor, so the check costs the same at any width and
+    sends two numbers per tensor."""
+    if not (dist.is_available() and dist.is_initialized()):
         return
-    names, prints = [], []
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+    size = dist.get_world_size(group)
+    tensors = [
+        (name, t)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if names is None or names(name)
+    ]
+    if size == 1 or not tensors:
+        return
+    prints = []
+    for _, t in tensors:
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 2**20)]
         if sample.is_floating_point():
@@ -133,19 +149,20 @@ def check_same_tensors(module: torch.nn.Module, device: torch.device, what: str)
             )
         bits = sample.long()
         position = torch.arange(1, bits.numel() + 1, device=bits.device)
-        names.append(name)
         prints.append(torch.stack([bits.sum(), (bits * position).sum()]))
     mine = torch.stack(prints).to(device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    _collective(f"all_gather({what} fingerprints)", dist.all_gather, every, mine)
+    every = [torch.empty_like(mine) for _ in range(size)]
+    _collective(f"all_gather({what} fingerprints)", dist.all_gather, every, mine, group=group)
     for rank, theirs in enumerate(every[1:], start=1):
         differ = (theirs != every[0]).any(dim=1)
         if differ.any():
-            name = names[int(differ.nonzero()[0])]
+            name = tensors[int(differ.nonzero()[0])][0]
+            first = 0 if group is None else dist.get_global_rank(group, 0)
+            other = rank if group is None else dist.get_global_rank(group, rank)
             raise ValueError(
-                f"rank {rank}'s {what} differs from rank 0's ({name!r}): every rank must "
-                "start from the same SAE (the same seed, and a from_pretrained_path that "
-                "holds the same file on every node)"
+                f"rank {other}'s {what} differs from rank {first}'s ({name!r}): every rank "
+                "must start from the same SAE (the same seed, and a from_pretrained_path "
+                "that holds the same file on every node)"
             )
 
 

@@ -20,7 +20,11 @@ import numpy as np
 import torch
 
 from fastsae.training.config import LanguageModelSAERunnerConfig
-from fastsae.training.saes.base import TrainingSAE, training_sae_class_for_architecture
+from fastsae.training.saes.base import (
+    TrainingSAE,
+    TrainingSAEConfig,
+    training_sae_class_for_architecture,
+)
 from fastsae.training.sharded_data import RankShardedProvider
 from fastsae.training.trainer import RUNNER_CFG_FILENAME, SAETrainer
 
@@ -102,6 +106,11 @@ class SAETrainingRunner:
         if self.dist.world_size > 1 and str(cfg.device).startswith("cuda"):
             cfg.device = cfg.llm_device = cfg.act_store_device = str(self.dist.device)
             cfg.sae.device = str(self.dist.device)
+        self.mesh = None  # the data_parallel x latent_shards mesh of a latent-sharded run
+        if cfg.latent_shards > 1:
+            from fastsae.training.latent_sharding.mesh import init_latent_mesh
+
+            self.mesh = init_latent_mesh(cfg.latent_shards)
         seed_everything(cfg.seed)
         self.run_id = _shared_run_id(cfg.run_id, self.dist.world_size)
         self.model, self.tokenizer = None, override_tokenizer
@@ -146,23 +155,42 @@ class SAETrainingRunner:
         md.dataset_path = cfg.dataset_path if isinstance(cfg.dataset_path, str) else None
         md.exclude_special_tokens = cfg.exclude_special_tokens
         md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
-        sae_cls = training_sae_class_for_architecture(cfg.sae.architecture())
-        # a latent-sharded run builds the full SAE in host memory and moves only each
-        # rank's shard to the device (the full SAE may not fit one)
-        device = "cpu" if cfg.latent_shards > 1 else cfg.device
+        sae_cfg = cfg.sae
         if cfg.from_pretrained_path is not None:
             from fastsae.loading.disk import read_json
 
             sae_cfg_dict = read_json(Path(cfg.from_pretrained_path) / "cfg.json")
-            sae = TrainingSAE.from_dict(
+            sae_cfg = TrainingSAEConfig.from_dict(
                 {**cfg.sae.to_dict(), **sae_cfg_dict, "architecture": cfg.sae.architecture(),
-                 "device": device}
+                 "device": cfg.device}
             )  # fmt: skip
+        if cfg.latent_shards > 1:
+            return self._build_shard(sae_cfg)
+        sae = training_sae_class_for_architecture(sae_cfg.architecture())(sae_cfg)
+        if cfg.from_pretrained_path is not None:
             sae.load_weights_from_checkpoint(cfg.from_pretrained_path)
-            return sae.to(device)
-        if device != cfg.device:
-            return sae_cls(dataclasses.replace(cfg.sae, device=device))
-        return sae_cls(cfg.sae).to(cfg.device)
+        return sae.to(cfg.device)
+
+    def _build_shard(self, sae_cfg: TrainingSAEConfig) -> Any:
+        """This rank's shard, built without the full SAE: its latents of the full
+        initialisation (the same RNG draws as one process makes), then of
+        ``from_pretrained_path`` when given (only those latents read), in host memory (the
+        trainer moves it to ``cfg.device``). Every replica of a shard must hold the same tensors (checked)."""
+        from fastsae.training.collectives import check_same_tensors, comm_device
+        from fastsae.training.latent_sharding import SHARD_DIMS, sharded_class_for_architecture
+        from fastsae.training.latent_sharding.build import init_shard, load_shard_weights_
+
+        cfg, mesh = self.cfg, self.mesh
+        assert mesh is not None
+        sae_cfg = dataclasses.replace(sae_cfg, device="cpu")  # the RNG draws of a CPU build
+        cls = sharded_class_for_architecture(sae_cfg.architecture())
+        shard = init_shard(cls, sae_cfg, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
+        if cfg.from_pretrained_path is not None:
+            load_shard_weights_(shard, cfg.from_pretrained_path)
+        device = comm_device(self.dist.device)
+        check_same_tensors(shard, device, "initial SAE shard", group=mesh.dp_group)
+        check_same_tensors(shard, device, "initial SAE", names=lambda n: n not in SHARD_DIMS)
+        return shard
 
     def _evaluator(self):
         store, model, cfg = self.activations_store, self.model, self.cfg
@@ -221,19 +249,20 @@ class SAETrainingRunner:
         sae: Any = self.sae
         trainer_kwargs: dict[str, Any] = {}
         if cfg.latent_shards > 1:
-            from fastsae.training.latent_sharding import shard_sae
-            from fastsae.training.latent_sharding.mesh import init_latent_mesh
+            from fastsae.training.latent_sharding import ShardedTrainingSAE, shard_sae
             from fastsae.training.sharded_trainer import LatentShardedSAETrainer
 
-            # every rank built the same initial SAE (checked) in host memory and keeps
-            # d_sae / latent_shards of its latents; the ranks of a shard group draw the
-            # same rows
-            mesh = init_latent_mesh(cfg.latent_shards)
-            from fastsae.training.collectives import check_same_tensors, comm_device
+            mesh = self.mesh
+            assert mesh is not None
+            if not isinstance(sae, ShardedTrainingSAE):
+                # an override_sae: every rank holds the same full SAE (checked) and keeps
+                # d_sae / latent_shards of its latents
+                from fastsae.training.collectives import check_same_tensors, comm_device
 
-            check_same_tensors(self.sae, comm_device(self.dist.device), "initial SAE")
-            sae = shard_sae(self.sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
-            self.sae = sae  # the full SAE is not kept during training
+                check_same_tensors(sae, comm_device(self.dist.device), "initial SAE")
+                sae = shard_sae(sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
+                self.sae = sae  # the full SAE is not kept during training
+            # the ranks of a shard group draw the same rows
             data = self._data_parallel_data(data, mesh.dp_rank, mesh.dp_size)
             trainer_cls = LatentShardedSAETrainer
             trainer_kwargs["mesh"] = mesh

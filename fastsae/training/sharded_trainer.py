@@ -24,8 +24,8 @@ batch (the caller gives each rank its replica's rows, e.g. a
   it with the same batches): the runner's evaluator computes its metrics on the shards
   (:mod:`fastsae.training.latent_sharding.evaluation`), nothing is gathered.
 * Memory: no rank holds the full SAE on its device. A checkpoint gathers it into rank
-  0's host memory, shard by shard; resuming reads it into each rank's host memory
-  before keeping the rank's latents.
+  0's host memory, shard by shard; resuming reads only the rank's latents of it (and of
+  the optimizer state: the overlapping shard files).
 * Checkpoints: ``<checkpoint>/`` holds the gathered SAE in the ordinary SAELens format
   (written by rank 0), the replicated trainer state (``trainer_state.pt``) and per
   shard ``trainer_state_shard{s}.pt`` (that shard's optimizer state by parameter name
@@ -59,7 +59,7 @@ from fastsae.training.collectives import (
 )
 from fastsae.training.distributed import check_same_config
 from fastsae.training.latent_sharding import ShardedTrainingSAE, clip_grad_norm_sharded
-from fastsae.training.latent_sharding.base import _allocated_full
+from fastsae.training.latent_sharding.build import full_parameter_names, load_shard_weights_
 from fastsae.training.latent_sharding.checkpoint import (
     FIRING_KEYS,
     SHARD_STATE_FILENAME,
@@ -77,8 +77,9 @@ class LatentShardedSAETrainer(SAETrainer):
     """:class:`SAETrainer` for a latent-sharded SAE on a ``data_parallel x latent_shards``
     mesh.
 
-    ``sae``: this rank's shard (e.g. ``shard_sae(full, mesh.shard_rank, mesh.shard_size,
-    mesh.shard_group)`` of the same initial SAE on every rank). ``mesh``: where this rank
+    ``sae``: this rank's shard (``latent_sharding.build.init_shard`` builds it without
+    the full SAE; ``shard_sae(full, mesh.shard_rank, mesh.shard_size, mesh.shard_group)``
+    cuts it from a full SAE that every rank holds). ``mesh``: where this rank
     sits (default: pure latent sharding over the SAE's group, no data parallelism).
     ``data_provider``: this data-parallel replica's rows (the same on every rank of a
     shard group). ``run_dir`` (metrics) and logging are rank 0's.
@@ -317,16 +318,8 @@ class LatentShardedSAETrainer(SAETrainer):
             state = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
             raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
-        full = _allocated_full(sae.full_class, sae.cfg, "cpu")  # host memory, no init
-        full.load_weights_from_checkpoint(path)
-        names = [n for n, _ in full.named_parameters()]
-        shard = type(sae).from_full(full, sae.rank, sae.world_size)
-        with torch.no_grad():
-            for name, p in sae.named_parameters():
-                p.copy_(getattr(shard, name))
-            for name, b in sae.named_buffers():
-                b.copy_(getattr(shard, name))
-        del full, shard
+        load_shard_weights_(sae, path)  # this shard's latents only
+        names = full_parameter_names(sae)
         local = read_latent_range(path, state, names, sae.cfg.d_sae, sae.lo, sae.hi)
         load_optimizer_state_by_name(
             self.optimizer, list(sae.named_parameters()), local["optimizer"], local["param_groups"]

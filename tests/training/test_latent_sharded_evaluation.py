@@ -107,6 +107,14 @@ def _worker(rank: int, world: int) -> dict:
         out["mismatch"] = None
     except ValueError as e:
         out["mismatch"] = str(e)
+    # only the tensors a filter accepts are compared; a group compares its own ranks
+    check_same_tensors(sae, torch.device("cpu"), "initial SAE", names=lambda n: n != "b_dec")
+    pair = torch.distributed.new_group([0, 1])
+    try:
+        check_same_tensors(sae, torch.device("cpu"), "initial SAE shard", group=pair)
+        out["group_mismatch"] = None
+    except ValueError as e:
+        out["group_mismatch"] = str(e)
     return out
 
 
@@ -149,3 +157,4 @@ def test_ranks_with_different_initial_saes_are_refused(ranks):
     for r in ranks:
         assert r["mismatch"] is not None
         assert "rank 1's initial SAE differs from rank 0's ('b_dec')" in r["mismatch"]
+        assert "rank 1's initial SAE shard differs from rank 0's ('b_dec')" in r["group_mismatch"]

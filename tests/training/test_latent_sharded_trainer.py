@@ -69,13 +69,27 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
 def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
     from fastsae.training import SAETrainingRunner
     from fastsae.training.latent_sharding import ShardedTrainingSAE
+    from fastsae.training.saes.base import TrainingSAE
 
     model, dataset, cfg = _setup(tmp, tag, arch, **overrides)
-    runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
-                               show_progress=False)  # fmt: skip
-    loaded_at: list[int] = []
-    gathers: list[tuple] = []
-    sae = _run_spying(runner, loaded_at, gathers)
+    # every full training SAE initialised with real tensors (not on the meta device)
+    full_builds: list[str] = []
+    original_init = TrainingSAE._init_parameters
+
+    def init_spy(self):
+        if self.device.type != "meta":
+            full_builds.append(type(self).__name__)
+        original_init(self)
+
+    TrainingSAE._init_parameters = init_spy
+    try:
+        runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
+                                   show_progress=False)  # fmt: skip
+        loaded_at: list[int] = []
+        gathers: list[tuple] = []
+        sae = _run_spying(runner, loaded_at, gathers)
+    finally:
+        TrainingSAE._init_parameters = original_init
     state = dict(sae.state_dict())
     if isinstance(sae, ShardedTrainingSAE):  # ranks other than 0 return their shard
         state["latents"] = (sae.lo, sae.hi)
@@ -87,6 +101,7 @@ def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
         "local_W_enc": tuple(runner.trainer.sae.W_enc.shape),
         "resumed_at": loaded_at,
         "gathers": gathers,
+        "full_builds": full_builds,
     }
 
 
@@ -176,6 +191,7 @@ def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
         assert res["trainer"] == "LatentShardedSAETrainer" and res["steps"] == STEPS
         assert res["local_W_enc"] == (16, 32)
         _assert_same_sae(res["state"], ref["state"], "2 shards")
+        assert res["full_builds"] == []  # each rank built its shard only
         for key in ("metrics/l0", "metrics/explained_variance", "losses/overall_loss",
                     "sparsity/dead_features"):  # fmt: skip
             assert res["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-5)
@@ -212,6 +228,8 @@ def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
     for res in [*again, single]:
         assert len(res["resumed_at"]) == 1 and 0 < res["resumed_at"][0] < STEPS
         _assert_same_sae(res["state"], ref["state"], "resumed")
+    assert [r["full_builds"] for r in again] == [[], []]  # resumed from the shard's latents
+    assert single["full_builds"] == ["TopKTrainingSAE"]
     # a saved SAELens directory as the starting point of a sharded run
     start = {"from_pretrained_path": str(out), "training_tokens": 128, "n_checkpoints": 0}
     fine = run_ranks(_worker, 2, tmp_path / "r3", str(tmp_path), "fp", "topk",
@@ -222,6 +240,7 @@ def test_two_shards_equal_single_process_and_resume(single_runs, tmp_path):
     assert not torch.allclose(fresh["state"]["W_dec"], fine_single["state"]["W_dec"])
     for res in fine:
         _assert_same_sae(res["state"], fine_single["state"], "from_pretrained_path")
+        assert res["full_builds"] == []
 
 
 def test_mesh_2x2_equals_single_process_and_resumes_on_2_shards(single_runs, tmp_path):

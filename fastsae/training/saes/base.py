@@ -272,9 +272,7 @@ class TrainingSAE(SAE):
         super()._init_parameters()
         norm = self.cfg.decoder_init_norm
         if norm is not None and self.device.type != "meta":
-            with torch.no_grad():
-                self.W_dec.data /= self.W_dec.norm(dim=-1, keepdim=True)
-                self.W_dec.data *= norm
+            scale_decoder_rows_(self.W_dec.data, norm)
             self.W_enc = nn.Parameter(self.W_dec.data.T.clone().contiguous())
 
     # ------------------------------------------------------------------ to override
@@ -383,6 +381,16 @@ class TrainingSAE(SAE):
             self.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"{path} does not fit this {type(self).__name__}: {e}") from e
+
+
+@torch.no_grad()
+def scale_decoder_rows_(W_dec: Tensor, norm: float) -> Tensor:
+    """Every row of ``W_dec`` scaled to L2 norm ``norm``, in place (the training SAEs'
+    ``decoder_init_norm``; row by row, so a block of rows scales as it would in the whole
+    matrix)."""
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    W_dec *= norm
+    return W_dec
 
 
 def _total(losses: dict[str, Tensor]) -> Tensor:
