@@ -617,3 +617,14 @@ def test_sigint_finishes_the_step_then_checkpoints_and_resumes(tmp_path):
     assert resumed_losses == reference_losses[stop:]
     for key, value in reference.sae.state_dict().items():
         assert torch.equal(final.state_dict()[key], value), key
+
+
+def test_fused_adam_where_torch_has_it():
+    from fastsae.training.optim import fused_adam_kwargs
+
+    cpu = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2).bfloat16())]
+    assert fused_adam_kwargs(cpu) == {"fused": True}
+    torch.optim.Adam(cpu, **fused_adam_kwargs(cpu)).step()  # torch accepts it
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    assert fused_adam_kwargs(meta) == {}
+    assert fused_adam_kwargs([*cpu, *meta]) == {}  # one device only
