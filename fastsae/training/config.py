@@ -100,8 +100,8 @@ class LanguageModelSAERunnerConfig:
     ``latent_shards`` mesh) and ``d_sae``, and needs a ``topk``, ``batchtopk``,
     ``standard`` or ``jumprelu`` SAE with ``normalize_activations="none"``. ``data_parallel_mode``: how
     the data-parallel replicas get their rows of each global batch: ``"shard"`` (the
-    default for a live model) each replica runs the model on its own token rows (every
-    replica-th row of the stream), so the model's work is divided too; ``"split"`` (the
+    default for a live model) each replica tokenizes its own documents (every
+    replica-th document) and runs the model on their rows, so that work is divided too; ``"split"`` (the
     default, and the only mode, for cached activations) every replica computes the whole
     global batch and keeps its rows: the batches are then those of a single-process run
     and a checkpoint resumes exactly under any world size. A ``"shard"`` checkpoint

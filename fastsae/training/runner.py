@@ -306,7 +306,7 @@ class SAETrainingRunner:
         if mode is None:
             mode = "split" if self.cfg.use_cached_activations else "shard"
         if mode == "shard":
-            # the model runs on this replica's own token rows only
+            # this replica tokenizes its own documents and runs the model on their rows
             store.shard_for_data_parallel(replica, n_replicas)
             return store
         # every replica draws the same global batch and keeps its rows: the data

@@ -63,6 +63,11 @@ class TokenRowSource:
     which the next pass starts (``epoch`` counts finished passes). The state after each
     returned row is (epoch, doc_index, doc_offset): resuming re-reads the document at
     ``doc_index`` and continues at token ``doc_offset``; no earlier document is tokenized.
+
+    ``doc_shard = (index, count)`` (data parallelism; set before the first row): only
+    documents ``index, index + count, ...`` are read, tokenized and packed, so ``count``
+    replicas share the tokenizer's work and see disjoint tokens. Positions stay in the
+    dataset's document numbers; ``n_dataset_processed`` counts this source's documents.
     """
 
     def __init__(
@@ -95,24 +100,34 @@ class TokenRowSource:
         self.doc_index = 0  # the document the next row starts in (this epoch)
         self.doc_offset = 0  # the token of that document the next row starts at
         self.n_dataset_processed = 0  # documents read, over all epochs
+        # data parallelism: this source reads documents i with i % count == index only
+        self.doc_shard: tuple[int, int] = (0, 1)
         self._rows: Iterator[torch.Tensor] | None = None
 
     # -- reading documents ---------------------------------------------------------------
-    def _raw_chunks(self, start: int) -> Iterator[list[Any]]:
-        """Lists of raw column values, from document ``start`` on."""
+    def _raw_chunks(self, start: int) -> Iterator[list[tuple[int, Any]]]:
+        """Lists of ``(document index, raw column value)`` of this source's documents
+        (``doc_shard``) from document ``start`` on. Another replica's documents are not
+        read from a map-style dataset, and never tokenized."""
+        index, count = self.doc_shard
+        first = start + (index - start) % count  # this source's first document >= start
         ds = self.dataset
         if isinstance(ds, Dataset):
             ds = ds.select_columns([self.column])
             ds = ds.with_format("torch" if self.is_tokenized else None)
-            for i in range(start, len(ds), self.read_chunk):
-                values = ds[i : i + self.read_chunk][self.column]
-                yield list(values)
+            ids = range(first, len(ds), count)
+            for i in range(0, len(ids), self.read_chunk):
+                part = ids[i : i + self.read_chunk]
+                key = slice(part.start, part.stop) if count == 1 else list(part)
+                yield list(zip(part, ds[key][self.column], strict=True))
             return
         if start:
             ds = ds.skip(start)
-        chunk: list[Any] = []
-        for example in ds:
-            chunk.append(example[self.column])
+        chunk: list[tuple[int, Any]] = []
+        for doc, example in enumerate(ds, start=start):
+            if doc % count != index:
+                continue
+            chunk.append((doc, example[self.column]))
             if len(chunk) == self.read_chunk:
                 yield chunk
                 chunk = []
@@ -120,23 +135,22 @@ class TokenRowSource:
             yield chunk
 
     def _documents(self, start: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(document index, 1-D int64 token ids) from document ``start`` on."""
-        index = start
+        """(document index, 1-D int64 token ids) of this source's documents from
+        document ``start`` on."""
         for chunk in self._raw_chunks(start):
+            indices = [i for i, _ in chunk]
+            values = [v for _, v in chunk]
             if self.is_tokenized:
-                docs = [torch.as_tensor(v, dtype=torch.long).reshape(-1) for v in chunk]
+                docs = [torch.as_tensor(v, dtype=torch.long).reshape(-1) for v in values]
             else:
-                for v in chunk:
+                for i, v in chunk:
                     if not isinstance(v, str):
                         raise ValueError(
-                            f"column {self.column!r}: document {index} is "
-                            f"{type(v).__name__}, not text"
+                            f"column {self.column!r}: document {i} is {type(v).__name__}, not text"
                         )
-                ids = self.tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+                ids = self.tokenizer(values, add_special_tokens=False, verbose=False)["input_ids"]
                 docs = [torch.tensor(d, dtype=torch.long) for d in ids]
-            for doc in docs:
-                yield index, doc
-                index += 1
+            yield from zip(indices, docs, strict=True)
 
     # -- packing -------------------------------------------------------------------------
     def _generate(self) -> Iterator[torch.Tensor]:

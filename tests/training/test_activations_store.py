@@ -237,6 +237,49 @@ def test_row_source_resumes_at_every_row(streaming):
     assert walker.n_dataset_processed == len(docs)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("mode", ["pack", "truncate", "rows"])
+def test_row_source_doc_shard_reads_its_documents_only(streaming, mode):
+    """A replica's source equals a source over its documents alone (same rows, same
+    resumes at every row), and tokenizes nothing else."""
+    rng = random.Random(2)
+    ctx = 5
+    lengths = [ctx] * 11 if mode == "rows" else [rng.randint(1, 13) for _ in range(11)]
+    docs = [" ".join(str(rng.randint(3, 9)) for _ in range(n)) for n in lengths]
+    tokenized: list[str] = []
+
+    def tokenizer(texts, **_):
+        tokenized.extend(texts)
+        return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
+
+    def source(documents, shard=(0, 1)):
+        ds = Dataset.from_dict({"text": documents})
+        if streaming:
+            ds = ds.to_iterable_dataset()
+        src = TokenRowSource(ds, "text", mode=mode, context_size=ctx, is_tokenized=False,
+                             tokenizer=tokenizer, bos_token_id=1, separator_token_id=2,
+                             read_chunk=2)  # fmt: skip
+        src.doc_shard = shard
+        return src
+
+    for index in range(3):
+        own = docs[index::3]
+        want = _rows(source(own))
+        tokenized.clear()
+        walker = source(docs, (index, 3))
+        got = _rows(walker)
+        assert got == want and len(got) > 0
+        assert tokenized == own  # nothing of the other replicas' documents
+        assert walker.epoch == 1 and walker.n_dataset_processed == len(own)
+        walker = source(docs, (index, 3))
+        for i in range(len(want)):
+            resumed = source(docs, (index, 3))
+            resumed.load_state_dict(walker.state_dict())
+            assert _rows(resumed) == want[i:]
+            assert walker.next_row().tolist() == want[i]
+            assert int(walker.state_dict()["doc_index"]) % 3 in (index, (index + 1) % 3)
+
+
 def test_text_rows_are_packed_documents(minilm, text_ds):
     _, tok = minilm
     store = hf_store(minilm, text_ds, sequence_separator_token="sep")
@@ -458,7 +501,7 @@ def test_local_text_dataset_is_deterministic_and_real_text():
 # ----------------------------------------------------------------------------------------
 # data parallelism: each rank's own token rows
 # ----------------------------------------------------------------------------------------
-def test_shard_for_data_parallel_interleaves_rows_and_runs_the_model_on_own_rows(
+def test_shard_for_data_parallel_reads_own_documents_and_runs_the_model_on_own_rows(
     tl_model, token_rows
 ):
     whole = tl_store(tl_model, token_rows)
@@ -472,8 +515,11 @@ def test_shard_for_data_parallel_interleaves_rows_and_runs_the_model_on_own_rows
     store = tl_store(tl_model, token_rows, train_batch_size_tokens=30)
     seen = []
 
+    fed = []
+
     def counting_read(tokens, *args, _read=store._reader.read):
         seen.append(tokens.shape[0])
+        fed.append(tokens.cpu())
         return _read(tokens, *args)
 
     store._reader.read = counting_read
@@ -481,9 +527,11 @@ def test_shard_for_data_parallel_interleaves_rows_and_runs_the_model_on_own_rows
     assert store.train_batch_size_tokens == 15 and store.row_shard == (1, 2)
     batch = store.next_batch()
     assert batch.shape == (15, 16)
-    # the model ran on this rank's rows only: the buffer (4 x 4 rows) needs 16 own rows
-    assert sum(seen) == store.buffer_size_tokens // CTX
-    assert store._n_rows_seen == 2 * sum(seen)
+    # the model ran on this rank's rows only: the buffer (4 x 4 rows) needs 16 own rows,
+    # read from this rank's documents (rows 1, 3, 5, ...) and no other
+    assert sum(seen) == store.buffer_size_tokens // CTX == store._n_rows_seen == 16
+    own = torch.tensor(token_rows["tokens"])[1::2]  # 12 rows: the second epoch began
+    assert torch.equal(torch.cat(fed), torch.cat([own, own[:4]]))
 
 
 def test_data_parallel_store_state_and_furthest_position(tl_model, token_rows):
