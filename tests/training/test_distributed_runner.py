@@ -1,8 +1,8 @@
 """SAETrainingRunner under a 2-rank gloo process group (what torchrun gives it).
 
 ``data_parallel_mode="split"``: the run saves once and its SAE equals a single-process
-run's. ``"shard"`` (the default for a live model): each rank runs the model on its own
-token rows, checkpoints carry every rank's data position, a checkpoint resumes exactly
+run's. ``"shard"`` (the default for a live model): each rank tokenizes its own documents
+and runs the model on their rows, checkpoints carry every rank's data position, a checkpoint resumes exactly
 under the same world size and continues (with a warning) in one process."""
 
 from __future__ import annotations
