@@ -173,9 +173,10 @@ class SAETrainingRunner:
 
     def _build_shard(self, sae_cfg: TrainingSAEConfig) -> Any:
         """This rank's shard, built without the full SAE: its latents of the full
-        initialisation (the same RNG draws as one process makes), then of
-        ``from_pretrained_path`` when given (only those latents read), in host memory (the
-        trainer moves it to ``cfg.device``). Every replica of a shard must hold the same tensors (checked)."""
+        initialisation (the same RNG draws as one process building on the CPU makes),
+        then of ``from_pretrained_path`` when given (only those latents read), in host
+        memory (the trainer moves it to ``cfg.device``). Every replica of a shard must
+        hold the same tensors (checked)."""
         from fastsae.training.collectives import check_same_tensors, comm_device
         from fastsae.training.latent_sharding import SHARD_DIMS, sharded_class_for_architecture
         from fastsae.training.latent_sharding.build import init_shard, load_shard_weights_
