@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_runs import tiny_model
 
 import fastsae
 from fastsae.analysis import (
@@ -22,11 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_vocab=50, act_fn="relu",
-        d_mlp=32, seed=0,
-    )  # fmt: skip
-    return HookedTransformer(cfg).eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from sae_lens.evals import EvalConfig as SLEvalConfig
 from sae_lens.training.activation_scaler import ActivationScaler as SLActivationScaler
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_runs import tiny_model, token_rows
+from transformer_lens import HookedTransformer
 
 from fastsae import SAE
 from fastsae.evals import (
@@ -29,7 +30,7 @@ from fastsae.evals import (
 from fastsae.training.activation_scaler import ActivationScaler
 from fastsae.training.activations_store import ActivationsStore
 
-D_MODEL, VOCAB, CTX, D_SAE = 16, 50, 16, 64
+D_MODEL, CTX, D_SAE = 16, 16, 64  # tiny_runs' model width and context
 RESID = "blocks.1.hook_resid_pre"
 ARCHS = ("standard", "topk", "jumprelu", "gated")
 # exclude_special_tokens for the parity runs: the tokens below include these ids
@@ -38,17 +39,12 @@ EXCLUDED = [0, 1]
 
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=D_MODEL, n_ctx=CTX, d_head=4, n_heads=4, d_vocab=VOCAB,
-        act_fn="relu", d_mlp=32, seed=0,
-    )  # fmt: skip
-    return HookedTransformer(cfg).eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, VOCAB, (48, CTX), generator=gen).tolist()
+    return token_rows(48, low=0)
 
 
 def _dataset(rows: list[list[int]]) -> datasets.Dataset:

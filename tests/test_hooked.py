@@ -16,7 +16,8 @@ import pytest
 import sae_lens
 import torch
 from sae_testing import assert_close
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_runs import tiny_config
+from transformer_lens import HookedTransformer
 
 import fastsae
 from fastsae.hooked import HookedSAETransformer
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Setting use_error_term directly:DeprecationWarning",
 )
 
-D_MODEL, D_SAE, K = 16, 64, 4
+D_MODEL, D_SAE, K = 16, 64, 4  # D_MODEL: tiny_runs' model width
 RESID = "blocks.1.hook_resid_pre"
 TOL = 1e-5
 SAE_HOOKS = (
@@ -63,17 +64,8 @@ SAE_SPECS = {
 }
 
 
-def tl_cfg(**overrides) -> HookedTransformerConfig:
-    kwargs = dict(
-        n_layers=2, d_model=D_MODEL, n_ctx=16, d_head=4, n_heads=4, d_vocab=50,
-        act_fn="relu", d_mlp=32, seed=0,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    return HookedTransformerConfig(**kwargs)
-
-
 def make_model(**overrides) -> HookedSAETransformer:
-    return HookedSAETransformer(tl_cfg(**overrides))
+    return HookedSAETransformer(tiny_config(**overrides))
 
 
 def sae_lens_twin_model(model: HookedSAETransformer) -> sae_lens.HookedSAETransformer:
@@ -601,8 +593,8 @@ def test_sae_dtype_differs_from_model():
 # --------------------------------------------------------------------------- construction
 def test_construction_state_dict_processing_and_copy():
     assert issubclass(HookedSAETransformer, HookedTransformer)
-    plain = HookedTransformer(tl_cfg())
-    model = HookedSAETransformer(tl_cfg())
+    plain = HookedTransformer(tiny_config())
+    model = HookedSAETransformer(tiny_config())
     state = plain.state_dict()
     # what from_pretrained does after construction: load and fold LN into the weights
     for m in (plain, model):

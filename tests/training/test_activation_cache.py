@@ -11,6 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
+from tiny_runs import tiny_config
 
 from fastsae.training.activation_cache import (
     CachedActivationsStore,
@@ -27,13 +28,9 @@ N_TOKENS = 150  # not a multiple of the shard size, nor of the forward size
 def tl_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens import HookedTransformer
 
-        cfg = HookedTransformerConfig(
-            n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_vocab=100,
-            act_fn="relu", d_mlp=32, seed=0,
-        )  # fmt: skip
-        return HookedTransformer(cfg)
+        return HookedTransformer(tiny_config(n_ctx=32, d_vocab=100))
 
 
 @pytest.fixture(scope="module")

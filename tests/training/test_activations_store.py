@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from tiny_runs import tiny_config, token_rows_dataset
 
 from fastsae.training.activations_store import ActivationsStore
 from fastsae.training.text_data import (
@@ -36,19 +37,14 @@ FAKE_TOK = SimpleNamespace(
 def tl_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens import HookedTransformer
 
-        cfg = HookedTransformerConfig(
-            n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_vocab=100,
-            act_fn="relu", d_mlp=32, seed=0,
-        )  # fmt: skip
-        return HookedTransformer(cfg)
+        return HookedTransformer(tiny_config(n_ctx=32, d_vocab=100))
 
 
 @pytest.fixture(scope="module")
 def token_rows():
-    gen = torch.Generator().manual_seed(1)
-    return Dataset.from_dict({"tokens": torch.randint(3, 100, (24, CTX), generator=gen).tolist()})
+    return token_rows_dataset(24, CTX, vocab=100, seed=1, low=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,34 +11,15 @@ from pathlib import Path
 
 import torch
 from spawn_ranks import run_ranks
+from tiny_runs import runner_config, tiny_model, token_rows_dataset
 
 WORLD = 2
 
 
 def _setup(tmp: Path, tag: str, **overrides):
-    import datasets
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from fastsae.training import LanguageModelSAERunnerConfig, TopKTrainingSAEConfig
-
-    model = HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=2, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_vocab=50,
-            act_fn="relu", d_mlp=32, seed=0,
-        )
-    ).eval()  # fmt: skip
-    rows = torch.randint(1, 50, (300, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    dataset = datasets.Dataset.from_dict({"tokens": rows})
-    cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4),
-        model_name="tiny", hook_name="blocks.1.hook_resid_pre", dataset_path="unused",
-        context_size=16, prepend_bos=False, train_batch_size_tokens=64,
-        store_batch_size_prompts=8, n_batches_in_buffer=4, training_tokens=64 * 12,
-        lr=1e-3, dead_feature_window=3, n_checkpoints=1, run_id="run",
-        checkpoint_path=str(tmp / tag / "ck"), output_path=str(tmp / tag / "out"),
-        wandb_log_frequency=3, eval_every_n_wandb_logs=2, n_eval_batches=1,
-        eval_batch_size_prompts=2, seed=0, **overrides,
-    )  # fmt: skip
+    model, dataset = tiny_model(), token_rows_dataset(300)
+    cfg = runner_config(tmp / tag, training_tokens=64 * 12, dead_feature_window=3,
+                        wandb_log_frequency=3, **overrides)  # fmt: skip
     return model, dataset, cfg
 
 

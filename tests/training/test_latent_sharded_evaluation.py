@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from spawn_ranks import run_ranks
+from tiny_runs import tiny_model
 
 from fastsae.evals import language_model_metrics, reconstruction_metrics
 from fastsae.training import (
@@ -66,12 +67,7 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _model():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    return HookedTransformer(
-        HookedTransformerConfig(n_layers=1, d_model=D_IN, n_ctx=8, d_head=4, n_heads=3,
-                                d_vocab=30, act_fn="relu", d_mlp=16, seed=0)
-    ).eval()  # fmt: skip
+    return tiny_model(n_layers=1, d_model=D_IN, n_ctx=8, n_heads=3, d_vocab=30, d_mlp=16)
 
 
 def _tokens() -> torch.Tensor:

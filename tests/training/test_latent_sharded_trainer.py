@@ -17,30 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 from spawn_ranks import run_ranks
+from tiny_runs import runner_config, tiny_model, token_rows_dataset
 
 STEPS = 8
 
 
 def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
-    import datasets
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     from fastsae.training import (
         BatchTopKTrainingSAEConfig,
         JumpReLUTrainingSAEConfig,
-        LanguageModelSAERunnerConfig,
         StandardTrainingSAEConfig,
         TopKTrainingSAEConfig,
     )
 
-    model = HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=2, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_vocab=50,
-            act_fn="relu", d_mlp=32, seed=0,
-        )
-    ).eval()  # fmt: skip
-    rows = torch.randint(1, 50, (300, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    dataset = datasets.Dataset.from_dict({"tokens": rows})
+    model, dataset = tiny_model(), token_rows_dataset(300)
     sae = {
         "topk": lambda: TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4),
         "jumprelu": lambda: JumpReLUTrainingSAEConfig(
@@ -53,17 +43,10 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
         "standard": lambda: StandardTrainingSAEConfig(d_in=16, d_sae=64, l1_coefficient=0.05),
         "batchtopk": lambda: BatchTopKTrainingSAEConfig(d_in=16, d_sae=64, k=4.0),
     }[arch]()
-    kwargs = dict(
-        sae=sae, model_name="tiny", hook_name="blocks.1.hook_resid_pre", dataset_path="unused",
-        context_size=16, prepend_bos=False, train_batch_size_tokens=64,
-        store_batch_size_prompts=8, n_batches_in_buffer=4, training_tokens=64 * STEPS,
-        lr=1e-3, max_grad_norm=0.05, dead_feature_window=2, n_checkpoints=1, run_id="run",
-        checkpoint_path=str(tmp / tag / "ck"), output_path=str(tmp / tag / "out"),
-        wandb_log_frequency=2, eval_every_n_wandb_logs=2, n_eval_batches=1,
-        eval_batch_size_prompts=2, seed=0,
-    )  # fmt: skip
+    kwargs = dict(training_tokens=64 * STEPS, max_grad_norm=0.05, dead_feature_window=2,
+                  wandb_log_frequency=2)  # fmt: skip
     kwargs.update(overrides)
-    return model, dataset, LanguageModelSAERunnerConfig(**kwargs)
+    return model, dataset, runner_config(tmp / tag, sae, **kwargs)
 
 
 def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:

@@ -8,8 +8,9 @@ import os
 import datasets
 import pytest
 import sae_lens
+import tiny_runs
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from fastsae import SAE
 from fastsae.cli import main
@@ -21,51 +22,32 @@ from fastsae.training import (
 )
 from fastsae.training.activation_cache import cache_activations_from_config
 
-D_MODEL, VOCAB, CTX = 16, 50, 16
+D_MODEL = 16  # tiny_runs' model width (and its SAEs' d_in)
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=D_MODEL, n_ctx=CTX, d_head=4, n_heads=4, d_vocab=VOCAB,
-        act_fn="relu", d_mlp=32, seed=0,
-    )  # fmt: skip
-    return HookedTransformer(cfg).eval()
+    return tiny_runs.tiny_model()
 
 
 @pytest.fixture(scope="module")
 def token_dataset() -> datasets.Dataset:
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1, VOCAB, (400, CTX), generator=g).tolist()
-    return datasets.Dataset.from_dict({"tokens": rows})
+    return tiny_runs.token_rows_dataset(400)
 
 
 def _cfg(tmp_path, sae=None, **kw) -> LanguageModelSAERunnerConfig:
     defaults = dict(
-        sae=sae or TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4),
-        model_name="tiny",
-        hook_name="blocks.1.hook_resid_pre",
         dataset_path="unused-overridden",
-        context_size=CTX,
-        prepend_bos=False,
-        train_batch_size_tokens=64,
-        store_batch_size_prompts=8,
-        n_batches_in_buffer=4,
         training_tokens=64 * 30,
-        lr=1e-3,
         dead_feature_window=10,
         feature_sampling_window=10,
         wandb_log_frequency=5,
-        eval_every_n_wandb_logs=2,
         n_eval_batches=2,
         eval_batch_size_prompts=4,
-        checkpoint_path=str(tmp_path / "ck"),
-        output_path=str(tmp_path / "out"),
-        run_id="run",
-        seed=0,
+        n_checkpoints=0,  # the config's default (tiny_runs' is 1)
     )
     defaults.update(kw)
-    return LanguageModelSAERunnerConfig(**defaults)
+    return tiny_runs.runner_config(tmp_path, sae, **defaults)
 
 
 def test_runner_trains_saves_and_evaluates(tmp_path, tiny_model, token_dataset):
