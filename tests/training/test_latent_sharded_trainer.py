@@ -49,12 +49,19 @@ def _setup(tmp: Path, tag: str, arch: str = "topk", **overrides):
     return model, dataset, runner_config(tmp / tag, sae, **kwargs)
 
 
-def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
+def _train(tmp: Path, tag: str, arch: str, override_sae_seed: int | None = None,
+           **overrides) -> dict:  # fmt: skip
     from fastsae.training import SAETrainingRunner
     from fastsae.training.latent_sharding import ShardedTrainingSAE
     from fastsae.training.saes.base import TrainingSAE
 
     model, dataset, cfg = _setup(tmp, tag, arch, **overrides)
+    override_sae = None
+    if override_sae_seed is not None:  # a full SAE the caller built (its own seed)
+        from fastsae.training.saes.base import training_sae_class_for_architecture
+
+        torch.manual_seed(override_sae_seed)
+        override_sae = training_sae_class_for_architecture(arch)(cfg.sae)
     # every full training SAE initialised with real tensors (not on the meta device)
     full_builds: list[str] = []
     original_init = TrainingSAE._init_parameters
@@ -67,7 +74,7 @@ def _train(tmp: Path, tag: str, arch: str, **overrides) -> dict:
     TrainingSAE._init_parameters = init_spy
     try:
         runner = SAETrainingRunner(cfg, override_model=model, override_dataset=dataset,
-                                   show_progress=False)  # fmt: skip
+                                   override_sae=override_sae, show_progress=False)  # fmt: skip
         loaded_at: list[int] = []
         gathers: list[tuple] = []
         sae = _run_spying(runner, loaded_at, gathers)
@@ -124,7 +131,16 @@ def _run_spying(runner, loaded_at: list[int], gathers: list[tuple]):
 
 
 def _worker(rank: int, world: int, tmp: str, tag: str, arch: str, overrides: dict) -> dict:
-    return _train(Path(tmp), tag, arch, **overrides)
+    overrides = dict(overrides)
+    seeds = overrides.pop("override_sae_seeds", None)  # one per rank
+    if seeds is not None:
+        overrides["override_sae_seed"] = seeds[rank]
+    try:
+        return _train(Path(tmp), tag, arch, **overrides)
+    except ValueError as e:
+        if seeds is None:
+            raise
+        return {"error": str(e)}
 
 
 def _checkpoint(tmp: Path, tag: str) -> Path:
@@ -310,3 +326,21 @@ def test_latent_shards_validated(bad):
     with pytest.raises(ValueError, match="divide"):
         LanguageModelSAERunnerConfig(sae=TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4),
                                      latent_shards=3)  # fmt: skip
+
+
+def test_override_sae_is_sharded_and_checked(single_runs, tmp_path):
+    """A full SAE handed to the runner (``override_sae``) is what a sharded run trains,
+    the same as one process training it; ranks handed different SAEs are refused."""
+    _, default = single_runs["topk"]
+    single = _train(tmp_path, "ov_single", "topk", override_sae_seed=7)
+    assert single["full_builds"] == []  # the runner built no SAE of its own
+    assert not torch.allclose(single["state"]["W_dec"], default["state"]["W_dec"])
+    sharded = run_ranks(_worker, 2, tmp_path / "r", str(tmp_path), "ov", "topk",
+                        {"latent_shards": 2, "override_sae_seeds": [7, 7]})  # fmt: skip
+    for res in sharded:
+        assert res["local_W_enc"] == (16, 32)
+        _assert_same_sae(res["state"], single["state"], "override_sae on 2 shards")
+    refused = run_ranks(_worker, 2, tmp_path / "r2", str(tmp_path), "ov_bad", "topk",
+                        {"latent_shards": 2, "override_sae_seeds": [7, 8]})  # fmt: skip
+    for res in refused:
+        assert "rank 1's initial SAE differs from rank 0's" in res["error"]
