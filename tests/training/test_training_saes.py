@@ -861,3 +861,43 @@ def test_training_sae_forward_matches_sae_lens(arch, kw):
     x = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_close(ours(x), theirs(x), 1e-6, "forward")
+
+
+def test_matvec_upcast_blocks_equal_one_matvec_and_hold_no_full_copy():
+    from live_tensors import LiveTensors
+
+    from fastsae.training.saes.topk import matvec_upcast
+
+    g_ = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 1000, generator=g_).bfloat16()
+    g = torch.randn(1000, generator=g_)
+    want = W.double() @ g.double()
+    block = 64 * 4 * 37  # 37 columns in fp32 per block, ragged last block
+    with LiveTensors(min_bytes=1024, exclude=(W, g)) as live:
+        got = matvec_upcast(W, g, block_bytes=block)
+    assert got.dtype == torch.float32
+    assert_close(got, want, 1e-6, "blocked W @ g")
+    assert live.peak <= 2 * block, live.peak  # one upcast block (+ its product), not W
+    assert torch.equal(matvec_upcast(W.float(), g), W.float() @ g)  # same dtype: one matvec
+
+
+def test_bf16_weights_sparse_step_gradients_match_the_dense_step():
+    """bf16 SAE weights: the sparse step (b_dec's gradient through the encoder input from
+    the blocked fp32 matvec) against the dense step, within bf16 rounding."""
+    x = _x(torch.bfloat16)
+    ours, _ = _make_pair("topk", {"k": K}, dtype="bfloat16")
+    dense_sae = copy.deepcopy(ours)
+    out = _run(ours, TrainStepInput, x, {}, None)
+    assert out.code is not None
+    dense_sae.hook_sae_acts_post.add_hook(lambda act, hook: act)
+    try:
+        dense = _run(dense_sae, TrainStepInput, x, {}, None)
+    finally:
+        dense_sae.reset_hooks()
+    assert dense.code is None
+    out.loss.backward()
+    dense.loss.backward()
+    dense_params = dict(dense_sae.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad.dtype == torch.bfloat16
+        assert_close(p.grad, dense_params[name].grad, 2e-2, f"grad {name}")

@@ -278,5 +278,21 @@ class _InputBiasGrad(torch.autograd.Function):
         dtype = torch.promote_types(d_pre.dtype, torch.float32)
         g = torch.zeros(W_enc.shape[1], dtype=dtype, device=W_enc.device)
         g.index_add_(0, indices.reshape(-1).long(), d_pre.reshape(-1).to(dtype))
-        d_b_dec = -(W_enc.to(dtype) @ g)
+        d_b_dec = -matvec_upcast(W_enc, g)
         return d_values, None, d_b_dec.to(W_enc.dtype), None, None
+
+
+MATVEC_BLOCK_BYTES = 1 << 26
+
+
+def matvec_upcast(W: Tensor, g: Tensor, block_bytes: int = MATVEC_BLOCK_BYTES) -> Tensor:
+    """``W @ g`` in ``g``'s (wider) dtype. A lower-precision ``W`` (bf16 weights) is
+    upcast a block of columns at a time, never whole: a weight-sized fp32 copy of
+    ``W_enc`` would be 2x the bf16 matrix."""
+    if W.dtype == g.dtype:
+        return W @ g
+    cols = max(1, block_bytes // max(1, W.shape[0] * g.element_size()))
+    out = torch.zeros(W.shape[0], dtype=g.dtype, device=W.device)
+    for start in range(0, W.shape[1], cols):
+        out += W[:, start : start + cols].to(g.dtype) @ g[start : start + cols]
+    return out
