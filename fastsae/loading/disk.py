@@ -301,17 +301,35 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: Tensor | None = None) -> t
     place, ``cfg.json`` last: a failure never leaves a half-written file, nor new
     weights beside an old ``cfg.json``.
     """
-    path = Path(path)
     state_dict = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving(state_dict)
-    if sparsity is not None and tuple(sparsity.shape) != (sae.cfg.d_sae,):
-        raise ValueError(f"sparsity must be [d_sae]=[{sae.cfg.d_sae}], got {tuple(sparsity.shape)}")
-    config_text = json.dumps(sae.cfg.to_dict())  # a config that cannot be written fails here
+    return write_sae_dir(
+        path,
+        lambda p: save_file(state_dict, str(p)),
+        sae.cfg.to_dict(),
+        d_sae=sae.cfg.d_sae,
+        sparsity=sparsity,
+    )
+
+
+def write_sae_dir(
+    path: str | Path,
+    write_weights: Callable[[Path], None],
+    cfg_dict: dict[str, Any],
+    *,
+    d_sae: int,
+    sparsity: Tensor | None = None,
+) -> tuple[Path, Path]:
+    """The files of an SAELens directory, written as :func:`save_sae` says (temporary
+    names, renamed when all are written, ``cfg.json`` last). ``write_weights(file)``
+    writes ``sae_weights.safetensors``'s content to ``file``."""
+    path = Path(path)
+    if sparsity is not None and tuple(sparsity.shape) != (d_sae,):
+        raise ValueError(f"sparsity must be [d_sae]=[{d_sae}], got {tuple(sparsity.shape)}")
+    config_text = json.dumps(cfg_dict)  # a config that cannot be written fails here
     weights_path = path / SAE_WEIGHTS_FILENAME
     cfg_path = path / SAE_CFG_FILENAME
-    writes: list[tuple[Path, Callable[[Path], None]]] = [
-        (weights_path, lambda p: save_file(state_dict, str(p)))
-    ]
+    writes: list[tuple[Path, Callable[[Path], None]]] = [(weights_path, write_weights)]
     if sparsity is not None:
         tensors = {"sparsity": sparsity.detach().contiguous().cpu()}
         writes.append((path / SPARSITY_FILENAME, lambda p: save_file(tensors, str(p))))

@@ -23,11 +23,14 @@ batch (the caller gives each rank its replica's rows, e.g. a
 * Evaluation (``evaluator``) gets this rank's shard (every rank of a shard group calls
   it with the same batches): the runner's evaluator computes its metrics on the shards
   (:mod:`fastsae.training.latent_sharding.evaluation`), nothing is gathered.
-* Memory: no rank holds the full SAE on its device. A checkpoint gathers it into rank
-  0's host memory, shard by shard; resuming reads only the rank's latents of it (and of
-  the optimizer state: the overlapping shard files).
-* Checkpoints: ``<checkpoint>/`` holds the gathered SAE in the ordinary SAELens format
-  (written by rank 0), the replicated trainer state (``trainer_state.pt``) and per
+* Memory: no rank holds the full SAE, on its device or in host memory, while training:
+  a checkpoint streams the shards into rank 0's file a block at a time
+  (:mod:`~fastsae.training.latent_sharding.save`), and resuming reads only the rank's
+  latents of it (and of the optimizer state: the overlapping shard files). The end of
+  the run gathers the full SAE into rank 0's host memory (``gather_to_rank0``: the
+  runner saves and returns it).
+* Checkpoints: ``<checkpoint>/`` holds the full SAE in the ordinary SAELens format
+  (streamed from the shards into rank 0's file), the replicated trainer state (``trainer_state.pt``) and per
   shard ``trainer_state_shard{s}.pt`` (that shard's optimizer state by parameter name
   and firing statistics, written by the shard's rank of the first data-parallel
   replica). A checkpoint resumes under **any** layout: another number of shards or
@@ -68,6 +71,7 @@ from fastsae.training.latent_sharding.checkpoint import (
     read_latent_range,
 )
 from fastsae.training.latent_sharding.mesh import LatentMesh
+from fastsae.training.latent_sharding.save import save_sharded_sae
 from fastsae.training.metrics import step_metrics
 from fastsae.training.saes.base import TrainingSAE, TrainStepOutput
 from fastsae.training.trainer import SAETrainer
@@ -255,16 +259,26 @@ class LatentShardedSAETrainer(SAETrainer):
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
-        """Every rank calls it: rank 0 writes the gathered SAE and the replicated state,
-        the first replica's ranks their shard's state; the folder appears atomically."""
+        """Every rank calls it: rank 0 writes the full SAE (streamed from the first
+        replica's shards) and the replicated state, the first replica's ranks their
+        shard's state; the folder appears atomically."""
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
         writer = self.mesh.dp_rank == 0  # the first replica's shard group writes
 
         def prepare(tmp: Path) -> None:
-            full, sparsity = self.gather_to_rank0()
-            if full is not None:
+            if not writer:
+                return
+            # the first replica's shard group streams the SAE into rank 0's file, a block
+            # at a time: no rank holds the full SAE
+            sparsity = self._gather_local(self.log_feature_sparsity, "all_gather(sparsity)")
+            if self.rank == 0:
                 base.mkdir(parents=True, exist_ok=True)
-                full.save_model(tmp, sparsity=sparsity)
+            save_sharded_sae(
+                self.sae,  # type: ignore[arg-type]
+                tmp,
+                sparsity=sparsity.cpu() if self.rank == 0 else None,
+                dst=0,
+            )
 
         def write_parts(tmp: Path) -> None:
             if writer:

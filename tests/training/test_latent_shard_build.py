@@ -156,3 +156,61 @@ def test_load_shard_weights_errors(tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_shard_weights_(shard, path)
     json.loads((path / "cfg.json").read_text())  # the folder is otherwise intact
+
+
+# --------------------------------------------------------------------------- saving
+def _trained_like(arch: str):
+    """A full SAE whose every tensor differs from its initial value (seeded)."""
+    torch.manual_seed(5)
+    full = _full(_cfg(arch))
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(torch.randn_like(p).abs())
+        for b in full.buffers():
+            b.fill_(0.125)
+    return full
+
+
+def _save_worker(rank: int, world: int, out: str, block_bytes: int) -> dict:
+    from fastsae.training.latent_sharding.save import save_sharded_sae
+
+    returned = {}
+    for arch in sorted(SHARDED_CLASSES):
+        full = _trained_like(arch)
+        shard = shard_sae(full, rank, world)
+        sparsity = torch.linspace(-3, 0, D_SAE) if rank == 0 else None
+        path = save_sharded_sae(shard, f"{out}/{arch}", sparsity=sparsity, block_bytes=block_bytes)
+        returned[arch] = path is not None
+    return returned
+
+
+@pytest.mark.parametrize("world, block_bytes", [(2, 20), (3, 1 << 20)])
+def test_save_sharded_sae_writes_the_full_saes_directory(tmp_path, world, block_bytes):
+    """Streamed from the shards (blocks of a few elements, or whole shards), the
+    directory holds the files ``full.save_model`` writes: same tensors, dtypes, cfg.json
+    and sparsity; only the writing rank returns the path."""
+    from spawn_ranks import run_ranks
+
+    from fastsae.training import TrainingSAE
+
+    out = tmp_path / "sharded"
+    results = run_ranks(_save_worker, world, tmp_path / "ranks", str(out), block_bytes)
+    for rank, res in enumerate(results):
+        assert all(v == (rank == 0) for v in res.values())
+    for arch in sorted(SHARDED_CLASSES):
+        full = _trained_like(arch)
+        ref = tmp_path / "ref" / arch
+        full.save_model(ref, sparsity=torch.linspace(-3, 0, D_SAE))
+        got_dir = out / arch
+        assert sorted(p.name for p in got_dir.iterdir()) == sorted(p.name for p in ref.iterdir())
+        assert json.loads((got_dir / "cfg.json").read_text()) == json.loads(
+            (ref / "cfg.json").read_text()
+        )
+        for file in ("sae_weights.safetensors", "sparsity.safetensors"):
+            got, want = load_file(got_dir / file), load_file(ref / file)
+            assert got.keys() == want.keys(), (arch, file)
+            for name in want:
+                assert got[name].dtype == want[name].dtype, (arch, name)
+                assert torch.equal(got[name], want[name]), (arch, name)
+        loaded = TrainingSAE.load_from_disk(got_dir)
+        _assert_same(loaded, full)

@@ -9,7 +9,8 @@ Adam state split over the ranks of a shard group along ``d_sae``; ``b_dec`` repl
 * :mod:`.dense`: standard (ReLU + Lp) and JumpReLU, which need no selection step;
 * :mod:`.evaluation`: the trainer's evaluation metrics computed on the shards;
 * :mod:`.build`: a shard built without the full SAE (its latents of the full
-  initialisation, or read from a saved SAE);
+  initialisation, or read from a saved SAE); :mod:`.save`: the full SAE's directory
+  written from the shards, a block at a time;
 * :mod:`.checkpoint` / :mod:`.mesh`: per-shard training state on disk; the 2-D mesh.
 
 :func:`shard_sae` picks the class for a full training SAE.

@@ -1,7 +1,7 @@
 """The training state of a latent-sharded run on disk, and reading it back for any
 layout: the same number of shards, another number, or one process (and back).
 
-A latent-sharded checkpoint folder holds the gathered SAE (the ordinary SAELens
+A latent-sharded checkpoint folder holds the full SAE (the ordinary SAELens
 directory: ``cfg.json``, ``sae_weights.safetensors``), ``trainer_state.pt`` (counters,
 schedules, RNG; ``latent_shards`` and ``data_parallel`` record the layout) and one
 ``trainer_state_shard{s}.pt`` per shard: that shard's Adam state **by parameter name**
