@@ -103,12 +103,17 @@ def _broadcast_shard(t: Tensor, src: int, group, what: str) -> Tensor:
     return buf
 
 
-def _allocated_full(full_class: type[TrainingSAE], cfg: TrainingSAEConfig, device) -> TrainingSAE:
-    """A full training SAE of ``cfg`` with uninitialised tensors on ``device`` (built on
-    the meta device: no random initialisation of ``d_sae``-sized weights)."""
+def meta_full(full_class: type[TrainingSAE], cfg: TrainingSAEConfig) -> TrainingSAE:
+    """A full training SAE of ``cfg`` on the meta device: its parameter names, shapes and
+    order, with no memory and no random initialisation (``cfg`` is left alone)."""
     cfg = copy.deepcopy(cfg)
     cfg.device = "meta"
-    full = full_class(cfg)
+    return full_class(cfg)
+
+
+def _allocated_full(full_class: type[TrainingSAE], cfg: TrainingSAEConfig, device) -> TrainingSAE:
+    """A full training SAE of ``cfg`` with uninitialised tensors on ``device``."""
+    full = meta_full(full_class, cfg)
     full.to_empty(device=device)
     full.device = torch.device(device)
     full.cfg.device = str(full.device)

@@ -9,22 +9,17 @@ shard plus a bounded block (``chunk_bytes``), never the full ``[d_sae, d_in]`` m
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastsae.training.latent_sharding.base import SHARD_DIMS, ShardedTrainingSAE
+from fastsae.loading.disk import SAE_WEIGHTS_FILENAME
+from fastsae.training.latent_sharding.base import SHARD_DIMS, ShardedTrainingSAE, meta_full
 from fastsae.training.saes.base import TrainingSAEConfig, scale_decoder_rows_
 
 INIT_CHUNK_BYTES = 1 << 26  # rows of the full W_dec drawn at a time while initialising
-SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
-
-
-def _dtype(cfg: TrainingSAEConfig) -> torch.dtype:
-    return getattr(torch, str(cfg.dtype).removeprefix("torch."))
 
 
 @torch.no_grad()
@@ -49,12 +44,12 @@ def init_shard(
     others.
     """
     shard = cls(cfg, rank, world_size, group)
-    d_sae, d_in, dtype = cfg.d_sae, cfg.d_in, _dtype(cfg)
-    rows = max(1, chunk_bytes // max(1, d_in * torch.empty((), dtype=dtype).element_size()))
     W_dec = shard.W_dec.data
+    d_sae, d_in = cfg.d_sae, cfg.d_in
+    rows = max(1, chunk_bytes // max(1, d_in * W_dec.element_size()))
     for start in range(0, d_sae, rows):
         stop = min(d_sae, start + rows)
-        block = torch.empty(stop - start, d_in, dtype=dtype)
+        block = torch.empty(stop - start, d_in, dtype=W_dec.dtype)
         nn.init.kaiming_uniform_(block)  # fan_in = d_in, as for the whole matrix
         lo, hi = max(start, shard.lo), min(stop, shard.hi)
         if lo < hi:
@@ -68,9 +63,7 @@ def init_shard(
 def full_parameter_names(shard: ShardedTrainingSAE) -> list[str]:
     """The full SAE's parameter names in ``parameters()`` order (how a single-process
     checkpoint's optimizer state indexes them), from a build on the meta device."""
-    cfg = copy.deepcopy(shard.cfg)
-    cfg.device = "meta"
-    return [name for name, _ in shard.full_class(cfg).named_parameters()]
+    return [name for name, _ in meta_full(shard.full_class, shard.cfg).named_parameters()]
 
 
 def _slice_spec(name: str, lo: int, hi: int, ndim: int) -> tuple[slice, ...]:

@@ -24,6 +24,7 @@ from fastsae.training.latent_sharding.base import (
     SHARD_DIMS,
     ShardedTrainingSAE,
     _broadcast_shard,
+    meta_full,
 )
 
 SAVE_BLOCK_BYTES = 1 << 26  # at most this much of one tensor travels at a time
@@ -33,13 +34,9 @@ def full_state_specs(shard: ShardedTrainingSAE) -> list[tuple[str, torch.dtype, 
     """``(name, dtype, full shape)`` of the full SAE's state dict, in its order: names
     and shapes from a build on the meta device, dtypes the shard's (fp32 JumpReLU
     threshold, float64 BatchTopK threshold)."""
-    cfg = copy.deepcopy(shard.cfg)
-    cfg.device = "meta"
     own = shard.state_dict()
-    return [
-        (name, own[name].dtype, tuple(t.shape))
-        for name, t in shard.full_class(cfg).state_dict().items()
-    ]
+    full = meta_full(shard.full_class, shard.cfg)
+    return [(name, own[name].dtype, tuple(t.shape)) for name, t in full.state_dict().items()]
 
 
 def _rows_per_block(row_elements: int, dtype: torch.dtype, block_bytes: int) -> int:
