@@ -208,8 +208,6 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
         self._check_width()
 
         self._generator = torch.Generator().manual_seed(seed)
-        # data parallelism: this store's rows come from documents i with i % count == index
-        self.row_shard: tuple[int, int] = (0, 1)
         self._n_rows_seen = 0
         self._storage = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
         self._ready = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
@@ -221,6 +219,12 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
     def epoch(self) -> int:
         """Passes over the dataset finished so far."""
         return self._rows.epoch
+
+    @property
+    def row_shard(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this store's data-parallel share: its rows come from
+        documents ``i`` with ``i % world_size == rank`` (``(0, 1)``: all of them)."""
+        return self._rows.doc_shard
 
     @property
     def n_dataset_processed(self) -> int:
@@ -274,7 +278,6 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
             )
         if self._n_rows_seen or self._ready.shape[0] or self._storage.shape[0]:
             raise RuntimeError("shard_for_data_parallel must be called before the first batch")
-        self.row_shard = (rank, world_size)
         self._rows.doc_shard = (rank, world_size)
         self.train_batch_size_tokens //= world_size
 

@@ -30,10 +30,10 @@ batch (the caller gives each rank its replica's rows, e.g. a
   the run gathers the full SAE into rank 0's host memory (``gather_to_rank0``: the
   runner saves and returns it).
 * Checkpoints: ``<checkpoint>/`` holds the full SAE in the ordinary SAELens format
-  (streamed from the shards into rank 0's file), the replicated trainer state (``trainer_state.pt``) and per
-  shard ``trainer_state_shard{s}.pt`` (that shard's optimizer state by parameter name
-  and firing statistics, written by the shard's rank of the first data-parallel
-  replica). A checkpoint resumes under **any** layout: another number of shards or
+  (streamed from the shards into rank 0's file), the replicated trainer state
+  (``trainer_state.pt``) and per shard ``trainer_state_shard{s}.pt`` (that shard's
+  optimizer state by parameter name and firing statistics, written by the shard's rank
+  of the first data-parallel replica). A checkpoint resumes under **any** layout: another number of shards or
   data-parallel replicas, and single-process checkpoints load into a sharded run (and
   :class:`~fastsae.training.trainer.SAETrainer` resumes a sharded checkpoint), see
   :mod:`fastsae.training.latent_sharding.checkpoint`.
@@ -271,9 +271,7 @@ class LatentShardedSAETrainer(SAETrainer):
             # the first replica's shard group streams the SAE into rank 0's file, a block
             # at a time: no rank holds the full SAE
             sparsity = self._gather_local(self.log_feature_sparsity, "all_gather(sparsity)")
-            if self.rank == 0:
-                base.mkdir(parents=True, exist_ok=True)
-            save_sharded_sae(
+            save_sharded_sae(  # rank 0 creates tmp (and base) as it writes
                 self.sae,  # type: ignore[arg-type]
                 tmp,
                 sparsity=sparsity.cpu() if self.rank == 0 else None,
