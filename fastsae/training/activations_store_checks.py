@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from torch import Tensor, nn
 
+from fastsae.training.config_checks import check_buffer_holds_a_batch, check_seqpos_slice
 from fastsae.training.text_data import HfDataset, load_text_dataset
 
 _TOKEN_COLUMNS = ("tokens", "input_ids", "text")
@@ -28,26 +29,6 @@ def _check_positive_int(name: str, value: Any) -> None:
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_seqpos_slice(seqpos_slice: Any, context_size: int) -> int:
-    """Validate ``seqpos_slice``; return the number of positions it keeps."""
-    if not isinstance(seqpos_slice, (tuple, list)) or not 1 <= len(seqpos_slice) <= 3:
-        raise ValueError(
-            f"seqpos_slice must be a tuple of 1 to 3 ints/None (slice arguments), "
-            f"got {seqpos_slice!r}"
-        )
-    for v in seqpos_slice:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"seqpos_slice entries must be int or None, got {seqpos_slice!r}")
-    if len(seqpos_slice) == 3 and seqpos_slice[2] is not None and seqpos_slice[2] <= 0:
-        raise ValueError(f"seqpos_slice step must be positive, got {seqpos_slice!r}")
-    n_pos = len(range(context_size)[slice(*seqpos_slice)])
-    if n_pos == 0:
-        raise ValueError(
-            f"seqpos_slice={tuple(seqpos_slice)!r} keeps no position of context_size={context_size}"
-        )
-    return n_pos
 
 
 def _resolve_dataset(dataset: Any, streaming: bool, trust_remote_code: bool) -> HfDataset:
@@ -149,14 +130,10 @@ def check_store_arguments(
         raise ValueError(f"seed must be an int, got {seed!r}")
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise ValueError(f"model_kwargs must be a dict or None, got {model_kwargs!r}")
-    n_pos = _check_seqpos_slice(seqpos_slice, context_size)
-    buffer_tokens = n_batches_in_buffer * store_batch_size_prompts * n_pos
-    if buffer_tokens < train_batch_size_tokens:
-        raise ValueError(
-            f"the buffer (n_batches_in_buffer * store_batch_size_prompts * positions = "
-            f"{n_batches_in_buffer} * {store_batch_size_prompts} * {n_pos} = {buffer_tokens}"
-            f") must hold at least train_batch_size_tokens={train_batch_size_tokens}"
-        )
+    n_pos = check_seqpos_slice(seqpos_slice, context_size)
+    buffer_tokens = check_buffer_holds_a_batch(
+        n_batches_in_buffer, store_batch_size_prompts, n_pos, train_batch_size_tokens
+    )
     return n_pos, buffer_tokens
 
 

@@ -26,8 +26,14 @@ from typing import Any
 import yaml
 
 from fastsae.training.config_checks import _positive_int, check_runner_config, resolve_sae_config
+from fastsae.training.config_fields import check_field_types, reject_unknown_keys
 from fastsae.training.config_flat import LEGACY_IGNORED
-from fastsae.training.config_io import _atomic_write, _read_mapping, runner_config_to_dict
+from fastsae.training.config_io import (
+    _atomic_write,
+    _read_mapping,
+    load_yaml,
+    runner_config_to_dict,
+)
 from fastsae.training.saes.base import TrainingSAEConfig
 
 
@@ -58,14 +64,26 @@ class LoggingConfig:
 _LOGGER_KEYS = {f.name for f in fields(LoggingConfig)}
 
 
+def _logging_config(logger: Any) -> LoggingConfig:
+    """``logger=`` as a :class:`LoggingConfig` (a mapping's keys and types checked)."""
+    if isinstance(logger, LoggingConfig):
+        return logger
+    if not isinstance(logger, dict):
+        raise ValueError(f"logger must be a LoggingConfig or a mapping, got {logger!r}")
+    reject_unknown_keys("logger", logger, _LOGGER_KEYS)
+    check_field_types("logger.", LoggingConfig, logger)
+    return LoggingConfig(**logger)
+
+
 @dataclass(init=False)
 class LanguageModelSAERunnerConfig:
     """Everything a training run needs (SAELens 6.x names and defaults, with the
     deliberate differences noted on the field).
 
     Model and data: ``model_name`` (TransformerLens name, a Hugging Face model id, or a
-    local folder), ``model_class_name`` (``"HookedTransformer"`` or ``"AutoModel"`` for
-    any ``transformers`` model), ``hook_name`` (TransformerLens hook, or the module path
+    local folder), ``model_class_name`` (``"HookedTransformer"``, TransformerLens 3;
+    ``"TransformerBridge"``, TransformerLens 4; or ``"AutoModel"`` for any
+    ``transformers`` model), ``hook_name`` (TransformerLens hook, or the module path
     of a ``transformers`` model such as ``encoder.layer.3``), ``hook_head_index``,
     ``dataset_path`` (HF dataset, local file or folder), ``streaming``,
     ``is_dataset_tokenized``, ``context_size``, ``prepend_bos``,
@@ -82,7 +100,8 @@ class LanguageModelSAERunnerConfig:
     ``n_restart_cycles``, ``max_grad_norm`` (gradient clipping; SAELens hard-codes 1.0),
     ``autocast`` (bf16 autocast of the SAE step), ``dead_feature_window`` (steps without
     firing after which a latent is dead), ``feature_sampling_window``,
-    ``dead_feature_threshold``.
+    ``dead_feature_threshold``, ``skip_nonfinite_batches`` (fastsae addition: skip a
+    batch whose step is NaN/inf with a warning instead of stopping the run).
 
     Outputs: ``checkpoint_path`` (a run id is appended), ``n_checkpoints``,
     ``save_final_checkpoint``, ``resume_from_checkpoint``, ``output_path`` (final SAE,
@@ -173,6 +192,10 @@ class LanguageModelSAERunnerConfig:
     run_id: str | None = None
     latent_shards: int = 1
     data_parallel_mode: str | None = None
+    # a step whose loss or gradient is NaN/inf stops the run with NonFiniteLossError
+    # (naming the step and the batch rows); True skips such a batch with a warning
+    # instead (nothing of it applied, counted in metrics as details/n_skipped_batches)
+    skip_nonfinite_batches: bool = False
 
     def __init__(self, sae: TrainingSAEConfig | dict[str, Any] | None = None, **kwargs: Any):
         names = {f.name: f for f in fields(self)}
@@ -203,13 +226,12 @@ class LanguageModelSAERunnerConfig:
             else:
                 value = f.default_factory()  # type: ignore[misc]
             setattr(self, name, value)
-        if isinstance(self.logger, dict):
-            self.logger = LoggingConfig(**self.logger)
+        self.logger = _logging_config(self.logger)
         for key, value in logger_kwargs.items():
             setattr(self.logger, key, value)
         self.logger.__post_init__()
         self.sae = resolve_sae_config(
-            sae, flat_sae, dtype=self.dtype, device=self.device, names=names
+            sae, flat_sae, dtype=self.dtype, device=self.device, names=[*names, *_LOGGER_KEYS]
         )
         self.__post_init__()
 
@@ -256,6 +278,11 @@ class LanguageModelSAERunnerConfig:
             raise TypeError(f"a runner config must be a mapping, got {type(data).__name__}")
         data = dict(data)
         sae = data.pop("sae", None)
+        if sae is not None and not isinstance(sae, (dict, TrainingSAEConfig)):
+            raise ValueError(
+                "sae must be a mapping of the SAE's fields (architecture, d_in, d_sae, ...), "
+                f"got {sae!r}"
+            )
         if isinstance(data.get("seqpos_slice"), list):
             data["seqpos_slice"] = tuple(data["seqpos_slice"])
         return cls(sae=sae, **data)
@@ -272,7 +299,7 @@ class LanguageModelSAERunnerConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
-        return cls.from_dict(_read_mapping(Path(path), yaml.safe_load))
+        return cls.from_dict(_read_mapping(Path(path), load_yaml))
 
     @classmethod
     def from_file(cls, path: str | Path) -> LanguageModelSAERunnerConfig:

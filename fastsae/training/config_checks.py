@@ -10,12 +10,14 @@ the training SAE config the runner holds. Errors name the field.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any
 
 from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
-from fastsae.training.config_flat import sae_config_from_flat, suggest
-from fastsae.training.saes.base import TrainingSAEConfig
+from fastsae.training.config_fields import check_field_types, reject_unknown_keys
+from fastsae.training.config_flat import build_training_sae_config, sae_config_from_flat
+from fastsae.training.saes.base import TrainingSAEConfig, training_config_class_for_architecture
 
 
 def _positive_int(obj: Any, name: str) -> None:
@@ -30,31 +32,162 @@ def resolve_sae_config(
     *,
     dtype: str,
     device: str,
-    names: dict[str, Any],
+    names: Iterable[str],
 ) -> TrainingSAEConfig:
     """The runner's training SAE config from ``sae=`` and the flat SAE keyword arguments
-    (``names``: the runner config's fields by name, for did-you-mean hints)."""
+    (``names``: every name the runner config knows, for did-you-mean hints)."""
+    names = list(names)
     if isinstance(sae, dict):
-        sae = TrainingSAEConfig.from_dict({"dtype": dtype, "device": device, **sae})
+        sae = sae_config_from_dict(sae, dtype=dtype, device=device)
     if sae is None:
-        sae = sae_config_from_flat(flat_sae, dtype=dtype, device=device, runner_fields=list(names))
+        sae = sae_config_from_flat(flat_sae, dtype=dtype, device=device, runner_fields=names)
     elif flat_sae:
-        sae_fields = dict.fromkeys(f.name for f in fields(sae)) if is_dataclass(sae) else {}
-        raise ValueError(
-            "LanguageModelSAERunnerConfig: unknown fields "
-            f"{sorted(flat_sae)} (with sae= given, SAE fields belong in the SAE config)"
-            + suggest(flat_sae, {**names, **sae_fields})
+        sae_fields = [f.name for f in fields(sae)] if is_dataclass(sae) else []
+        reject_unknown_keys(
+            "LanguageModelSAERunnerConfig",
+            flat_sae,
+            (),
+            hints_from=[*names, *sae_fields],
+            note=" (with sae= given, SAE fields belong in the SAE config)",
         )
     if not isinstance(sae, TrainingSAEConfig):
         raise TypeError(
-            "sae must be a training SAE config (e.g. TopKTrainingSAEConfig), "
-            f"got {type(sae).__name__}"
+            "sae must be a training SAE config (e.g. TopKTrainingSAEConfig) or a mapping "
+            f"with its architecture, got {type(sae).__name__}"
         )
     return sae
 
 
+def sae_config_from_dict(data: dict[str, Any], *, dtype: Any, device: Any) -> TrainingSAEConfig:
+    """The training SAE config a runner config's ``sae:`` mapping describes, with errors
+    that name the field: an unknown key (with a did-you-mean), a value of the wrong type,
+    a missing ``d_sae`` (which ``expansion_factor`` x ``d_in`` may give instead).
+
+    Unlike :meth:`TrainingSAEConfig.from_dict` (which reads cfg.json files written by any
+    SAELens version and so ignores keys it does not know), nothing here is dropped: this
+    mapping is written by a user, and a dropped ``topk: 4`` would train with k=100."""
+    data = dict(data)
+    arch = data.pop("architecture", None)
+    if arch is None:
+        raise ValueError(
+            "sae: the mapping has no 'architecture' key (e.g. architecture: topk, "
+            "jumprelu, batchtopk, standard)"
+        )
+    if not isinstance(arch, str):
+        raise ValueError(f"sae.architecture must be a string, got {arch!r}")
+    cfg_cls = training_config_class_for_architecture(arch)
+    if "metadata" in data:
+        metadata = data["metadata"]
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, Mapping):
+            raise ValueError(f"sae.metadata must be a mapping, got {metadata!r}")
+        # what the config itself records of its training architecture (to_dict)
+        data["metadata"] = {
+            k: v
+            for k, v in metadata.items()
+            if k not in ("training_architecture", "training_architecture_details")
+        }
+    return build_training_sae_config(
+        cfg_cls,
+        data,
+        where=f"sae (architecture {arch!r})",
+        prefix="sae.",
+        default_expansion_factor=None,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def check_seqpos_slice(seqpos_slice: Any, context_size: int) -> int:
+    """Validate ``seqpos_slice`` (1 to 3 ``slice`` arguments, a positive step) against
+    ``context_size``; return the number of positions it keeps (an error when none)."""
+    if not isinstance(seqpos_slice, (tuple, list)) or not 1 <= len(seqpos_slice) <= 3:
+        raise ValueError(
+            f"seqpos_slice must be a tuple of 1 to 3 ints/None (slice arguments), "
+            f"got {seqpos_slice!r}"
+        )
+    for v in seqpos_slice:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"seqpos_slice entries must be int or None, got {seqpos_slice!r}")
+    if len(seqpos_slice) == 3 and seqpos_slice[2] is not None and seqpos_slice[2] <= 0:
+        raise ValueError(f"seqpos_slice step must be positive, got {seqpos_slice!r}")
+    n_pos = len(range(context_size)[slice(*seqpos_slice)])
+    if n_pos == 0:
+        raise ValueError(
+            f"seqpos_slice={tuple(seqpos_slice)!r} keeps no position of context_size={context_size}"
+        )
+    return n_pos
+
+
+def check_buffer_holds_a_batch(
+    n_batches_in_buffer: int,
+    store_batch_size_prompts: int,
+    n_pos: int,
+    train_batch_size_tokens: int,
+) -> int:
+    """The shuffling buffer's size in tokens; an error when it cannot hold one batch."""
+    buffer_tokens = n_batches_in_buffer * store_batch_size_prompts * n_pos
+    if buffer_tokens < train_batch_size_tokens:
+        raise ValueError(
+            f"the buffer (n_batches_in_buffer * store_batch_size_prompts * positions = "
+            f"{n_batches_in_buffer} * {store_batch_size_prompts} * {n_pos} = {buffer_tokens}"
+            f") must hold at least train_batch_size_tokens={train_batch_size_tokens}"
+        )
+    return buffer_tokens
+
+
+def _check_types(cfg: Any) -> None:
+    """Every scalar field of the runner, its ``logger`` and its ``sae`` holds a value of
+    its annotated type (before any check compares or uses one)."""
+    # dtype may be a torch.dtype and the devices torch.devices; their own checks read them
+    devices = ("dtype", "device", "llm_device", "act_store_device")
+    check_field_types(
+        "", type(cfg), {f.name: getattr(cfg, f.name) for f in fields(cfg)}, skip=devices
+    )
+    logger = cfg.logger
+    check_field_types(
+        "logger.", type(logger), {f.name: getattr(logger, f.name) for f in fields(logger)}
+    )
+    sae = cfg.sae
+    check_field_types(
+        "sae.", type(sae), {f.name: getattr(sae, f.name) for f in fields(sae)}, skip=devices
+    )
+
+
+def _check_the_run_trains(cfg: Any) -> None:
+    """Refuse the settings under which a run would train nothing, or silently not do
+    what it was asked (before the model loads)."""
+    if cfg.training_tokens < cfg.train_batch_size_tokens:
+        raise ValueError(
+            f"training_tokens={cfg.training_tokens} is less than one batch "
+            f"(train_batch_size_tokens={cfg.train_batch_size_tokens}): the run would train "
+            "no step; raise training_tokens or lower train_batch_size_tokens"
+        )
+    n_pos = check_seqpos_slice(cfg.seqpos_slice, cfg.context_size)
+    if not cfg.use_cached_activations:
+        check_buffer_holds_a_batch(
+            cfg.n_batches_in_buffer,
+            cfg.store_batch_size_prompts,
+            n_pos,
+            cfg.train_batch_size_tokens,
+        )
+    if cfg.checkpoint_path is None:
+        asked = [
+            f"{name}={getattr(cfg, name)!r}"
+            for name in ("n_checkpoints", "save_final_checkpoint")
+            if getattr(cfg, name)
+        ]
+        if asked:
+            raise ValueError(
+                f"{' and '.join(asked)} ask for checkpoints but checkpoint_path is None: "
+                "give checkpoint_path (or set n_checkpoints=0, save_final_checkpoint=False)"
+            )
+
+
 def check_runner_config(cfg: Any) -> None:
     """Validate a runner config's fields and fill the defaults that depend on others."""
+    _check_types(cfg)
     for name in (
         "context_size",
         "n_batches_in_buffer",
@@ -88,6 +221,7 @@ def check_runner_config(cfg: Any) -> None:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
         raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
+    _check_the_run_trains(cfg)
     for name in ("adam_beta1", "adam_beta2"):
         value = getattr(cfg, name)
         if not 0 <= value < 1:
@@ -127,6 +261,19 @@ def check_runner_config(cfg: Any) -> None:
     prefetch = cfg.prefetch_llm_batches  # accepted for SAELens configs; no effect here
     if not isinstance(prefetch, (bool, int)) or (not isinstance(prefetch, bool) and prefetch < 0):
         raise ValueError(f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch!r}")
+    for name in (
+        "output_path",
+        "checkpoint_path",
+        "cached_activations_path",
+        "resume_from_checkpoint",
+    ):
+        value = getattr(cfg, name)
+        # "" would mean the current folder: an unset shell variable writing (or reading) there
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                f"{name} is an empty string, which would mean the current folder; give a "
+                "folder (use '.' for the current one) or leave it unset (null)"
+            )
     if cfg.use_cached_activations and not cfg.cached_activations_path:
         raise ValueError("use_cached_activations=True needs cached_activations_path")
     if not cfg.use_cached_activations and not cfg.dataset_path:
@@ -135,8 +282,6 @@ def check_runner_config(cfg: Any) -> None:
             "(or use_cached_activations with cached_activations_path)"
         )
     cfg.seqpos_slice = tuple(cfg.seqpos_slice)
-    if not 1 <= len(cfg.seqpos_slice) <= 3:
-        raise ValueError(f"seqpos_slice must have 1 to 3 entries, got {cfg.seqpos_slice!r}")
     if cfg.sae.normalize_activations not in NORMALIZE_ACTIVATIONS:
         raise ValueError(f"sae.normalize_activations: {cfg.sae.normalize_activations!r}")
     if cfg.model_from_pretrained_kwargs is None:

@@ -6,10 +6,11 @@ SAELens < 6 keys that 6.x dropped (accepted with a warning, see
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import fields
+from collections.abc import Iterable
+from dataclasses import MISSING, fields
 from typing import Any
 
+from fastsae.training.config_fields import check_field_types, reject_unknown_keys
 from fastsae.training.saes.base import TrainingSAEConfig, training_config_class_for_architecture
 
 # Flat-form keys of SAELens < 6 that 6.x dropped. Accepted with a warning when set to
@@ -43,7 +44,11 @@ def sae_config_from_flat(
     runner config's field names, for did-you-mean hints)."""
     flat = dict(flat)
     activation_fn = flat.pop("activation_fn", None)
-    kwargs = dict(flat.pop("activation_fn_kwargs", None) or {})
+    fn_kwargs = flat.pop("activation_fn_kwargs", None)
+    if fn_kwargs is None:
+        fn_kwargs = {}
+    if not isinstance(fn_kwargs, dict):
+        raise ValueError(f"activation_fn_kwargs must be a mapping, got {fn_kwargs!r}")
     arch = flat.pop("architecture", None)
     if arch is None:
         arch = "topk" if activation_fn == "topk" else "standard"
@@ -52,18 +57,13 @@ def sae_config_from_flat(
     if activation_fn == "topk" and arch not in ("topk", "batchtopk", "matryoshka_batchtopk"):
         raise ValueError(f"activation_fn='topk' does not go with architecture={arch!r}")
     cfg_cls = training_config_class_for_architecture(arch)
+    valid = [f.name for f in fields(cfg_cls)]
+    reject_unknown_keys(
+        "activation_fn_kwargs", fn_kwargs, valid, note=f" for architecture {arch!r}"
+    )
+    check_field_types("activation_fn_kwargs.", cfg_cls, fn_kwargs)
     if "d_in" not in flat:
         raise ValueError("the flat config form needs d_in (or pass sae=...Config(d_in=...))")
-    expansion = flat.pop("expansion_factor", None)
-    if "d_sae" not in flat or flat["d_sae"] is None:
-        factor = 4 if expansion is None else expansion
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
-            raise ValueError(f"expansion_factor must be a positive int, got {factor!r}")
-        flat["d_sae"] = flat["d_in"] * factor
-    elif expansion is not None and flat["d_sae"] != flat["d_in"] * expansion:
-        raise ValueError(
-            f"d_sae={flat['d_sae']} and expansion_factor={expansion} disagree for d_in={flat['d_in']}"
-        )
     if isinstance(flat.get("normalize_activations"), bool):
         flat["normalize_activations"] = (
             "expected_average_only_in" if flat["normalize_activations"] else "none"
@@ -72,25 +72,80 @@ def sae_config_from_flat(
         raise ValueError(f"use_ghost_grads is only for architecture='standard', not {arch!r}")
     if flat.get("use_ghost_grads") is False and arch != "standard":
         flat.pop("use_ghost_grads")
-    kwargs.update(flat)
+    kwargs = {**fn_kwargs, **flat}
+    return build_training_sae_config(
+        cfg_cls,
+        kwargs,
+        where="LanguageModelSAERunnerConfig",
+        prefix="",
+        note=f" for architecture {arch!r}",
+        hints_from=runner_fields,
+        default_expansion_factor=4,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def build_training_sae_config(
+    cfg_cls: type[TrainingSAEConfig],
+    kwargs: dict[str, Any],
+    *,
+    where: str,
+    prefix: str,
+    note: str = "",
+    hints_from: Iterable[str] = (),
+    default_expansion_factor: int | None,
+    dtype: Any,
+    device: Any,
+) -> TrainingSAEConfig:
+    """``cfg_cls(**kwargs)`` after the checks that turn a user's typo into an error that
+    names the field: unknown keys (with a did-you-mean), value types, missing required
+    fields. ``d_sae`` may be given as ``expansion_factor`` (x ``d_in``); without either,
+    ``default_expansion_factor`` (the flat form's 4) or an error when None.
+
+    Args:
+        where / note: the level and its qualifier for unknown-key messages.
+        prefix: put before field names in type and missing-field messages (``"sae."``).
+        hints_from: further names a misspelt key may have meant.
+        dtype / device: the runner's, unless ``kwargs`` gives its own.
+    """
+    kwargs = dict(kwargs)
     valid = {f.name for f in fields(cfg_cls)}
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
+    reject_unknown_keys(
+        where, kwargs, valid | {"expansion_factor"}, hints_from=hints_from, note=note
+    )
+    expansion = kwargs.pop("expansion_factor", None)
+    if kwargs.get("d_sae") is None:
+        kwargs.pop("d_sae", None)
+    check_field_types(prefix, cfg_cls, kwargs, skip=("dtype", "device"))
+    if expansion is not None and (
+        isinstance(expansion, bool) or not isinstance(expansion, int) or expansion <= 0
+    ):
+        raise ValueError(f"{prefix}expansion_factor must be a positive int, got {expansion!r}")
+    if "d_in" in kwargs and "d_sae" not in kwargs:
+        factor = default_expansion_factor if expansion is None else expansion
+        if factor is not None:
+            kwargs["d_sae"] = kwargs["d_in"] * factor
+    elif (
+        "d_in" in kwargs and expansion is not None and kwargs["d_sae"] != kwargs["d_in"] * expansion
+    ):
         raise ValueError(
-            f"LanguageModelSAERunnerConfig: unknown fields {unknown} for architecture {arch!r}"
-            + suggest(
-                dict.fromkeys(unknown), {**dict.fromkeys(runner_fields), **dict.fromkeys(valid)}
-            )
+            f"{prefix}d_sae={kwargs['d_sae']} and {prefix}expansion_factor={expansion} "
+            f"disagree for {prefix}d_in={kwargs['d_in']}"
+        )
+    missing = [
+        f.name
+        for f in fields(cfg_cls)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs
+    ]
+    if missing:
+        how = ""
+        if "d_sae" in missing:
+            how = " (or expansion_factor: d_sae = d_in * expansion_factor)"
+        raise ValueError(
+            f"{prefix.rstrip('.') or where}: missing required field"
+            f"{'s' if len(missing) > 1 else ''} {missing}{how} for {cfg_cls.__name__}"
         )
     kwargs.setdefault("dtype", dtype)
     kwargs.setdefault("device", device)
     return cfg_cls(**kwargs)
-
-
-def suggest(unknown: dict[str, Any], known: dict[str, Any]) -> str:
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, list(known), n=1)
-        if close:
-            hints.append(f"{key!r} -> did you mean {close[0]!r}?")
-    return ("; " + "; ".join(hints)) if hints else ""

@@ -4,11 +4,30 @@ errors that name the file, and atomic writes."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _ConfigYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a number in exponent notation without a dot or
+    without a signed exponent (``1e-4``, ``1.0e4``, ``3E5``) is a float, as in YAML 1.2,
+    not a string (YAML 1.1): configs write learning rates that way."""
+
+
+_ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a YAML config (safe loader; exponent-notation numbers are floats)."""
+    return yaml.load(text, Loader=_ConfigYamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def runner_config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def load_text_dataset(
         trust_remote_code: passed to ``load_dataset`` only when True (recent
             ``datasets`` releases no longer run loading scripts).
     """
-    path_str = os.fspath(path)
+    path_str = os.path.expanduser(os.fspath(path))
     local = Path(path_str)
     if local.is_dir() and (
         (local / "state.json").exists() or (local / "dataset_dict.json").exists()
@@ -64,10 +64,82 @@ def load_text_dataset(
                 f"cannot read dataset file {path_str!r}: unknown suffix {local.suffix!r}; "
                 f"expected one of {sorted(_FILE_BUILDERS)}"
             )
-        return datasets.load_dataset(builder, data_files={split: path_str}, **kwargs)
-    if local.suffix.lower() in _FILE_BUILDERS and not local.exists():
-        raise FileNotFoundError(f"dataset file {path_str!r} does not exist")
+        _check_file_has_rows(local)
+        return _load_local(
+            f"dataset file {path_str!r}", builder, data_files={split: path_str}, **kwargs
+        )
+    if local.is_dir():
+        files = [p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        if not files:
+            raise ValueError(f"dataset folder {path_str!r} is empty: it holds no data files")
+        if all(p.stat().st_size == 0 for p in files):
+            raise ValueError(f"dataset folder {path_str!r} holds only empty (0-byte) files")
+        return _load_local(f"dataset folder {path_str!r}", path_str, **kwargs)
+    if local.suffix.lower() in _FILE_BUILDERS or local.is_absolute() or path_str.startswith("."):
+        # a Hugging Face id is never absolute, relative to "." or named like a file
+        raise FileNotFoundError(f"dataset path {path_str!r} does not exist")
     return datasets.load_dataset(path_str, **kwargs)
+
+
+def _check_file_has_rows(path: Path) -> None:
+    """An empty file is an error naming it (``datasets`` raises a bare
+    ``DatasetGenerationError`` or ``StopIteration`` for one)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"dataset file {str(path)!r} is empty (0 bytes)")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            n_rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
+            raise ValueError(f"dataset file {str(path)!r} is not valid parquet: {e}") from e
+        if n_rows == 0:
+            raise ValueError(f"dataset file {str(path)!r} has no rows")
+    elif size <= _SMALL_FILE_BYTES and not path.read_bytes().strip():
+        raise ValueError(f"dataset file {str(path)!r} is empty (only whitespace)")
+
+
+# text files up to this size are read whole to tell an all-whitespace (empty) file
+_SMALL_FILE_BYTES = 1 << 16
+
+
+def _load_local(what: str, *args: Any, **kwargs: Any) -> HfDataset:
+    """``datasets.load_dataset(*args, **kwargs)`` of a local file or folder, whose
+    failures (a file ``datasets`` cannot parse, no rows) are errors that name it."""
+    try:
+        loaded = datasets.load_dataset(*args, **kwargs)
+        empty = len(loaded) == 0 if isinstance(loaded, Dataset) else _no_first_row(loaded)
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow/pandas raise many kinds
+        raise ValueError(f"cannot read {what}: {_reasons(e)}") from e
+    if empty:
+        raise ValueError(f"{what} has no rows")
+    return loaded
+
+
+def _no_first_row(loaded: Any) -> bool:
+    if not isinstance(loaded, IterableDataset):
+        return False
+    return next(iter(loaded), None) is None
+
+
+# what a message-less exception of `datasets`' builders means
+_BARE_REASONS = {StopIteration: "no rows could be read (StopIteration)"}
+
+
+def _reasons(error: BaseException) -> str:
+    """The messages of an exception and its causes (``datasets`` wraps the parser's
+    error in a generic ``DatasetGenerationError``)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if not isinstance(e, datasets.exceptions.DatasetGenerationError):
+            bare = _BARE_REASONS.get(type(e), type(e).__name__)
+            parts.append(f"{type(e).__name__}: {e}" if str(e) else bare)
+        e = e.__cause__ or e.__context__
+    return "; ".join(parts) or type(error).__name__
 
 
 def _take_split(loaded: Any, split: str, name: str) -> HfDataset:

@@ -103,6 +103,9 @@ class TokenRowSource:
         # data parallelism: this source reads documents i with i % count == index only
         self.doc_shard: tuple[int, int] = (0, 1)
         self._rows: Iterator[torch.Tensor] | None = None
+        # rows given by the pass in progress when it started at the dataset's start
+        # (None for a pass resumed mid-dataset)
+        self._rows_this_pass: int | None = None
 
     # -- reading documents ---------------------------------------------------------------
     def _raw_chunks(self, start: int) -> Iterator[list[tuple[int, Any]]]:
@@ -211,10 +214,28 @@ class TokenRowSource:
                 yield out
 
     def next_row(self) -> torch.Tensor | None:
-        """The next ``[context_size]`` int64 row, or None at the end of a pass."""
+        """The next ``[context_size]`` int64 row, or None at the end of a pass.
+
+        A whole pass that gives no row is an error: every later pass would give none
+        either, and the caller would start new passes forever."""
         if self._rows is None:
             self._rows = self._generate()
+            self._rows_this_pass = 0 if (self.doc_index, self.doc_offset) == (0, 0) else None
         row = next(self._rows, None)
+        if row is not None and self._rows_this_pass is not None:
+            self._rows_this_pass += 1
+        if row is None and self._rows_this_pass == 0:
+            why = {
+                "pack": f"its documents hold fewer than {self.context_size} tokens in all",
+                "truncate": f"every document is shorter than {self.context_size} tokens",
+            }.get(self.mode, "it has no rows")
+            index, count = self.doc_shard
+            if count > 1:
+                why += f" (this replica reads the documents whose index is {index} mod {count})"
+            raise ValueError(
+                f"a whole pass over the dataset (column {self.column!r}) gave no row of "
+                f"context_size={self.context_size} tokens: {why}"
+            )
         if row is None:
             self.epoch += 1
             self.doc_index, self.doc_offset = 0, 0
