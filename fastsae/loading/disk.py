@@ -2,15 +2,22 @@
 (+ optional ``sparsity.safetensors``), read and written byte-compatibly.
 
 Every error names the file and what is wrong with it. Nothing is half-loaded (the
-SAE is built only after every check passed) and nothing is half-written (files are
-written to temporary names and renamed into place, ``cfg.json`` last).
+SAE is built only after every check passed) and nothing is half-written or torn: a save
+writes a complete new folder beside the destination and swaps it in as a whole
+(:mod:`fastsae.loading.atomic_dir`; a reader applies its recovery rule first), so a
+kill or a failed rename at any moment leaves exactly the old SAE or exactly the new one.
+
+A save replaces the files fastsae owns in an SAE folder (:data:`SAE_FILENAMES`, plus
+the ``extra_files`` a writer adds): one it does not write this time (``sparsity`` not
+given) is gone afterwards, never left stale beside the new weights. Everything else a
+user put in the folder (a README, plots, ``metrics.jsonl`` of the run) is carried over
+into the new folder (hard-linked, or copied where links are impossible).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fastsae.loading.atomic_dir import recover_dir, replace_dir
 from fastsae.saes.config import (
     LLM_METADATA_KEYS,
     SAE_LENS_FORMAT_VERSION,
@@ -34,6 +42,12 @@ if TYPE_CHECKING:
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
+# the files of an SAE folder that a save owns: written anew, never carried over
+SAE_FILENAMES = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME)
+# the dtypes SAE weights may be stored in (each widens to the SAE's dtype exactly)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# per-file temporaries of fastsae versions that renamed files one at a time
+_LEGACY_FILE_TMP = re.compile(r"^\..+\.(json|safetensors)(\.[A-Za-z0-9_]+)?\.tmp$")
 
 # A converter reads a directory and returns (cfg_dict, state_dict).
 DiskConverter = Callable[..., tuple[dict[str, Any], dict[str, Tensor]]]
@@ -53,32 +67,90 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, after checking this machine has it: an error
+    names the device (and says CUDA is not available) instead of failing later."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {str(device)!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {str(device)!r}: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {str(device)!r}: this machine has {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
+    elif dev.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - each backend raises its own type
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(
+                f"device {str(device)!r} is not available on this machine ({first})"
+            ) from None
+    return dev
+
+
+def check_weight_dtypes(tensors: dict[str, Tensor], where: str | Path) -> None:
+    """Every tensor is in one of :data:`WEIGHT_DTYPES`: an int8 or bool tensor would
+    otherwise be cast to floats silently. Errors name ``where`` and the tensor."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"{where}: tensor {name!r} has dtype {dtype}; SAE weights must be "
+                "float16, bfloat16, float32 or float64"
+            )
+
+
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Every tensor of a safetensors file; missing, truncated or corrupt files raise naming it."""
+    """Every tensor of a safetensors file of SAE weights (floating point, see
+    :func:`check_weight_dtypes`); a missing, truncated or corrupt file, another dtype
+    or an unusable ``device`` raises naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
+    check_device(device)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    check_weight_dtypes(tensors, path)
+    return tensors
 
 
-def read_log_sparsity(path: Path, device: str | torch.device = "cpu") -> Tensor | None:
-    """``sparsity.safetensors`` -> its ``sparsity`` tensor, or None when the file is absent."""
+def read_log_sparsity(
+    path: Path, device: str | torch.device = "cpu", *, d_sae: int | None = None
+) -> Tensor | None:
+    """``sparsity.safetensors`` -> its ``sparsity`` tensor, or None when the file is absent.
+
+    Given ``d_sae`` (the SAE's), a vector of another shape is an error naming the file.
+    """
     if not path.exists():
         return None
     tensors = read_safetensors(path, device)
     if "sparsity" not in tensors:
         raise ValueError(f"{path}: no 'sparsity' tensor (found {sorted(tensors)})")
-    return tensors["sparsity"]
+    sparsity = tensors["sparsity"]
+    # a [1, d_sae] vector is still that SAE's (the length is what must match)
+    if d_sae is not None and (sparsity.numel() != d_sae or max(sparsity.shape, default=1) != d_sae):
+        raise ValueError(
+            f"{path}: sparsity has shape {list(sparsity.shape)}, but the SAE beside it has "
+            f"d_sae={d_sae} (expected [{d_sae}]); the file belongs to another SAE"
+        )
+    return sparsity
 
 
 def sae_lens_disk_loader(
     path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read a SAELens-format directory: ``(cfg_dict, state_dict)``, config not yet defaulted."""
-    path = Path(path)
+    path = recover_dir(Path(path))
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: SAE directory not found")
     cfg_dict = read_json(path / SAE_CFG_FILENAME)
@@ -206,6 +278,7 @@ def build_sae(
     from fastsae.saes.config import SAEConfig
 
     cfg_dict = dict(cfg_dict)
+    check_weight_dtypes(state_dict, where)
     _fold_scaling_factor(cfg_dict, state_dict, where)
     try:
         cfg = SAEConfig.from_dict(cfg_dict)
@@ -262,7 +335,8 @@ def load_sae_from_disk(
 ) -> SAE:
     """Load an SAE directory: SAELens 6.x or older, or (``converter=None``) any format
     :func:`fastsae.loading.converters.detect_disk_converter` recognises."""
-    path = Path(path)
+    check_device(device)
+    path = recover_dir(Path(path))
     if not path.exists():
         raise FileNotFoundError(f"{path}: SAE directory not found")
     overrides = {"dtype": dtype_to_str(dtype)} if dtype is not None else None
@@ -278,28 +352,26 @@ def load_sae_from_disk(
 
 
 # ---------------------------------------------------------------------------- writing
-def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``target``'s content to a fsynced temporary file beside it; returns that file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return tmp_path
+def _carried_over(name: str) -> bool:
+    """What a save keeps of the folder it replaces: all but the SAE's own files and
+    the per-file temporaries older fastsae versions could leave behind."""
+    return name not in SAE_FILENAMES and not _LEGACY_FILE_TMP.match(name)
 
 
-def save_sae(sae: SAE, path: str | Path, *, sparsity: Tensor | None = None) -> tuple[Path, Path]:
+def save_sae(
+    sae: SAE,
+    path: str | Path,
+    *,
+    sparsity: Tensor | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> tuple[Path, Path]:
     """Write ``sae`` to ``path`` in the SAELens 6.x format; returns (weights path, cfg path).
 
-    Everything is checked and serialised first, then every file is written to a
-    temporary name, and only when all of them are written are they renamed into
-    place, ``cfg.json`` last: a failure never leaves a half-written file, nor new
-    weights beside an old ``cfg.json``.
+    Everything is checked and serialised first; then the folder is replaced as a whole
+    (see the module docstring): a failure or a kill at any moment leaves the previous
+    folder or the new one, never new weights beside an old ``cfg.json``.
+    ``extra_files`` (``{file name: text}``, e.g. a run's config) are written inside the
+    same swap.
     """
     state_dict = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving(state_dict)
@@ -309,6 +381,7 @@ def save_sae(sae: SAE, path: str | Path, *, sparsity: Tensor | None = None) -> t
         sae.cfg.to_dict(),
         d_sae=sae.cfg.d_sae,
         sparsity=sparsity,
+        extra_files=extra_files,
     )
 
 
@@ -319,31 +392,30 @@ def write_sae_dir(
     *,
     d_sae: int,
     sparsity: Tensor | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
-    """The files of an SAELens directory, written as :func:`save_sae` says (temporary
-    names, renamed when all are written, ``cfg.json`` last). ``write_weights(file)``
-    writes ``sae_weights.safetensors``'s content to ``file``."""
+    """The files of an SAELens directory, written as :func:`save_sae` says (a complete
+    folder swapped in as a whole). ``write_weights(file)`` writes
+    ``sae_weights.safetensors``'s content to ``file``."""
     path = Path(path)
     if sparsity is not None and tuple(sparsity.shape) != (d_sae,):
         raise ValueError(f"sparsity must be [d_sae]=[{d_sae}], got {tuple(sparsity.shape)}")
     config_text = json.dumps(cfg_dict)  # a config that cannot be written fails here
-    weights_path = path / SAE_WEIGHTS_FILENAME
-    cfg_path = path / SAE_CFG_FILENAME
-    writes: list[tuple[Path, Callable[[Path], None]]] = [(weights_path, write_weights)]
-    if sparsity is not None:
-        tensors = {"sparsity": sparsity.detach().contiguous().cpu()}
-        writes.append((path / SPARSITY_FILENAME, lambda p: save_file(tensors, str(p))))
-    writes.append((cfg_path, lambda p: p.write_text(config_text)))
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if name in SAE_FILENAMES or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"extra file {name!r}: must be a plain file name, not an SAE file")
+    sparsity_tensors = (
+        {"sparsity": sparsity.detach().contiguous().cpu()} if sparsity is not None else None
+    )
 
-    path.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[Path, Path]] = []
-    try:
-        for target, write in writes:
-            written.append((_write_temp(target, write), target))
-    except BaseException:
-        for tmp_path, _ in written:
-            tmp_path.unlink(missing_ok=True)
-        raise
-    for tmp_path, target in written:  # cfg.json last
-        os.replace(tmp_path, target)
-    return weights_path, cfg_path
+    def write(folder: Path) -> None:
+        write_weights(folder / SAE_WEIGHTS_FILENAME)
+        if sparsity_tensors is not None:
+            save_file(sparsity_tensors, str(folder / SPARSITY_FILENAME))
+        for name, text in extra_files.items():
+            (folder / name).write_text(text)
+        (folder / SAE_CFG_FILENAME).write_text(config_text)
+
+    replace_dir(path, write, carry_over=_carried_over)
+    return path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME

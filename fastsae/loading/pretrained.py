@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from fastsae.loading.atomic_dir import recover_dir
 from fastsae.loading.converters import (
     DICTIONARY_LEARNING_FILENAME,
     GEMMA_SCOPE_FILENAME,
@@ -123,7 +124,7 @@ def _fetch_folder(
     """Make ``folder`` of ``repo_id`` available locally; returns (local folder, format)."""
     local_root = Path(repo_id).expanduser()
     if local_root.is_dir():  # a local directory laid out like a hub repo
-        local = local_root / folder
+        local = recover_dir(local_root / folder)  # finish a swap that a kill interrupted
         if not local.is_dir():
             raise FileNotFoundError(f"{local}: SAE folder not found")
         converter = detect_disk_converter(local)  # raises naming what is missing
@@ -245,7 +246,7 @@ def load_pretrained(
             )
     if fold_W_dec_norm:
         sae.fold_W_dec_norm()
-    log_sparsity = read_log_sparsity(local / SPARSITY_FILENAME, device)
+    log_sparsity = read_log_sparsity(local / SPARSITY_FILENAME, device, d_sae=sae.cfg.d_sae)
     sae._log_sparsity = log_sparsity
     return sae, flat_cfg_dict(sae), log_sparsity
 

@@ -39,6 +39,15 @@ _LN_EPS = 1e-5
 _SPARSE_DECODE_MAX_FRACTION = 32
 
 
+def check_floating_tensor(x: Any, what: str) -> None:
+    """``x`` must be a floating-point tensor (an integer or bool tensor is a mistake, e.g.
+    token ids for activations: casting it would hide that)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks
@@ -150,8 +159,7 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
 
     def _process_sae_in(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """dtype cast, hook_z flatten, ``hook_sae_input``, normalisation, ``- b_dec``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"SAE input must be a torch.Tensor, got {type(x).__name__}")
+        check_floating_tensor(x, "SAE input")  # other floating dtypes are cast, as in SAELens
         sae_in = self.reshape_fn_in(x.to(self.dtype))
         self._check_input(sae_in)
         sae_in = self.hook_sae_input(sae_in)
@@ -202,12 +210,18 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
         return self._encode_dense(sae_in)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
-        """Dense ``[..., d_sae]`` activations -> reconstruction ``[..., d_out]``."""
+        """Dense ``[..., d_sae]`` activations -> reconstruction ``[..., d_out]``.
+
+        Floating-point activations of another dtype are cast to the SAE's, as ``encode``
+        casts its input; integer or bool tensors are a TypeError naming the dtype.
+        """
+        check_floating_tensor(feature_acts, "decode's feature activations")
         if feature_acts.shape[-1] != self.cfg.d_sae:
             raise ValueError(
                 f"decode expects last dimension d_sae={self.cfg.d_sae}, "
                 f"got shape {tuple(feature_acts.shape)}"
             )
+        feature_acts = feature_acts.to(self.dtype)
         return self._finish_decode(self._dense_decoder(feature_acts), self._norm_stats)
 
     def _dense_decoder(self, feature_acts: Tensor) -> Tensor:
@@ -225,6 +239,12 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
     def decode_sparse(self, code: SparseCode) -> Tensor:
         """``SparseCode`` -> reconstruction ``[..., d_out]`` without a dense ``[..., d_sae]`` tensor."""
         code = SparseCode(*code)
+        check_floating_tensor(code.values, "decode_sparse: SparseCode values")
+        if code.indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"decode_sparse: SparseCode indices must be int32 or int64, got dtype "
+                f"{code.indices.dtype}"
+            )
         if code.indices.numel() and (
             int(code.indices.min()) < 0 or int(code.indices.max()) >= self.cfg.d_sae
         ):

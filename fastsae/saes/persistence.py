@@ -30,7 +30,10 @@ class PersistenceMixin:
 
     def save_model(self, path: str | Path, *, sparsity: Tensor | None = None) -> tuple[Path, Path]:
         """Write a SAELens 6.x directory (``cfg.json``, ``sae_weights.safetensors`` and,
-        given ``sparsity [d_sae]``, ``sparsity.safetensors``) atomically.
+        given ``sparsity [d_sae]``, ``sparsity.safetensors``) atomically: the folder is
+        replaced as a whole, so a kill or a failed rename leaves the old SAE or the new
+        one. A ``sparsity.safetensors`` of an earlier save is removed when ``sparsity`` is
+        not given; files of the folder that are not the SAE's (a README) are kept.
 
         Returns ``(weights_path, cfg_path)``.
         """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastsae.saes.base import check_floating_tensor
 from fastsae.saes.config import (
     JumpReLUSkipTranscoderConfig,
     JumpReLUTranscoderConfig,
@@ -44,8 +45,7 @@ class Transcoder(StandardSAE):
         return self.cfg.d_out
 
     def _process_sae_in(self, x: Tensor):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"SAE input must be a torch.Tensor, got {type(x).__name__}")
+        check_floating_tensor(x, "SAE input")
         sae_in = x.to(self.dtype)
         self._check_input(sae_in)
         sae_in = self.hook_sae_input(sae_in)

@@ -7,8 +7,9 @@ Layout of a cache directory::
     shard_00001.safetensors
     ...
 
-``cache_activations`` writes one from an ``ActivationsStore`` (into a temporary sibling
-directory renamed into place at the end, so a cache directory is always complete).
+``cache_activations`` writes one from an ``ActivationsStore`` into a temporary sibling
+folder swapped in as a whole at the end (:mod:`fastsae.loading.atomic_dir`), so a reader
+finds the old cache or the new one, each complete, whenever the writer is killed.
 ``CachedActivationsStore`` (:mod:`fastsae.training.cached_activations_store`) reads one
 back as ``[train_batch_size_tokens, d_in]`` batches.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fastsae.loading.atomic_dir import check_replaceable, commit_dir, new_temp_dir, recover_dir
 from fastsae.saes.config import dtype_to_str, str_to_dtype
 from fastsae.training.activations_store import ActivationsStore
 from fastsae.training.cached_activations_store import (  # noqa: F401 - re-exported
@@ -44,13 +45,23 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_cache_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a cache target that :func:`cache_activations` would refuse, before any work
+    (loading a model, computing activations): a file, a non-empty folder unless
+    ``overwrite``, the current folder or one that holds it. A swap that a kill interrupted
+    is finished first, so its cache counts as there. Returns ``path`` as a ``Path``."""
+    target = Path(path)
+    if not str(path).strip():
+        raise ValueError("cache path is empty; give a folder (use '.' for the current one)")
+    recover_dir(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"cache path {target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(
             f"cache directory {target} is not empty; pass overwrite=True to replace it"
         )
+    check_replaceable(target)
+    return target
 
 
 @torch.no_grad()
@@ -102,11 +113,8 @@ def cache_activations(
     d_in = store.d_in
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     rows_per_shard = shard_size_tokens or max(1, shard_size_bytes // (d_in * itemsize))
-    target = Path(path)
-    _check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    target = check_cache_target(path, overwrite)
+    tmp = new_temp_dir(target)
     try:
         shards: list[dict[str, Any]] = []
         pending: list[Tensor] = []
@@ -151,13 +159,12 @@ def cache_activations(
             "metadata": metadata or {},
         }
         (tmp / CACHE_INFO_FILENAME).write_text(json.dumps(info, indent=2))
-        _check_target(target, overwrite)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        check_cache_target(target, overwrite)  # a cache may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the old cache stays complete until the new one is: never rmtree before the rename
+    commit_dir(tmp, target)
     return target
 
 
@@ -167,21 +174,26 @@ def cache_activations_from_config(
     dataset: Any = None,
     *,
     model_loader: Callable[[Any], Any] | None = None,
+    tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Cache ``cfg.training_tokens`` activations to ``cfg.cached_activations_path``.
 
-    The store is ``ActivationsStore.from_config(model, cfg, dataset)``. The caller owns
-    model loading: pass ``model``, or ``model_loader(cfg) -> model``.
+    The store is ``ActivationsStore.from_config(model, cfg, dataset, tokenizer=tokenizer)``.
+    The caller owns model loading: pass ``model`` (with ``tokenizer`` for a ``transformers``
+    model), or ``model_loader(cfg) -> model`` (the model alone, not
+    :func:`fastsae.training.runner.load_model`'s ``(model, tokenizer)`` pair).
     """
+    path = getattr(cfg, "cached_activations_path", None)
+    if not path:
+        raise ValueError("cfg.cached_activations_path is not set: nowhere to write the cache")
+    # a taken target fails here, not after a model load that can take minutes
+    check_cache_target(path, overwrite)
     if model is None:
         if model_loader is None:
             raise ValueError("cache_activations_from_config needs model= or model_loader=")
         model = model_loader(cfg)
-    path = getattr(cfg, "cached_activations_path", None)
-    if not path:
-        raise ValueError("cfg.cached_activations_path is not set: nowhere to write the cache")
-    store = ActivationsStore.from_config(model, cfg, override_dataset=dataset)
+    store = ActivationsStore.from_config(model, cfg, override_dataset=dataset, tokenizer=tokenizer)
     metadata = {
         k: v
         for k in ("model_name", "model_class_name", "dataset_path")

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from fastsae.loading.atomic_dir import recover_dir
 from fastsae.saes.config import dtype_to_str, str_to_dtype
 
 CACHE_INFO_FILENAME = "cache_info.json"
@@ -27,9 +28,18 @@ _INFO_KEYS = ("d_in", "dtype", "n_tokens", "shards")
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
+def cache_dir_to_read(path: str | os.PathLike) -> Path:
+    """The folder to read for cache ``path``: ``path``, after finishing a swap that a
+    killed :func:`~fastsae.training.activation_cache.cache_activations` left between its
+    two renames (the recovery rule of :mod:`fastsae.loading.atomic_dir`), or the complete
+    new cache where it lies when that swap cannot be finished (a read-only filesystem)."""
+    return recover_dir(Path(path))
+
+
 def read_cache_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``cache_info.json`` of a cache directory, its keys checked."""
-    root = Path(path)
+    """The parsed ``cache_info.json`` of a cache directory, its keys checked (the
+    directory as :func:`cache_dir_to_read` finds it)."""
+    root = cache_dir_to_read(path)
     if not root.exists():
         raise FileNotFoundError(f"activation cache directory {root} does not exist")
     if not root.is_dir():
@@ -146,7 +156,7 @@ class CachedActivationsStore:
             raise ValueError(f"shuffle must be a bool, got {shuffle!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.path = Path(path)
+        self.path = cache_dir_to_read(path)
         self.info = read_cache_info(self.path)
         self.d_in = int(self.info["d_in"])
         self.n_tokens = int(self.info["n_tokens"])

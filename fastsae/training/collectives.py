@@ -5,7 +5,6 @@ process group (``None``: the default one), with buffers on :func:`comm_device`."
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.training.checkpoints import _move_into_place
+from fastsae.loading.atomic_dir import commit_dir, temp_dir_for
 
 
 def _world() -> tuple[int, int]:
@@ -177,12 +176,12 @@ def save_checkpoint_together(
 
     Every rank calls it: ``prepare(tmp)`` on every rank (rank 0 must create ``tmp``),
     a barrier, ``write_parts(tmp)`` on every rank (per-rank files), a barrier, then rank
-    0 runs ``commit(tmp)`` and renames ``tmp`` into place (removing it on failure), and
-    a last barrier. A rank that fails raises; the others then fail at the next
+    0 runs ``commit(tmp)`` and swaps ``tmp`` in as a whole (``commit_dir``; removed on
+    failure), and a last barrier. A rank that fails raises; the others then fail at the next
     collective (after the process group's timeout) naming it.
     """
     rank, world = _world()
-    tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
+    tmp_name = [temp_dir_for(base / name).name]  # rank 0's name is the one used
     if world > 1:
         _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
     tmp, final = base / tmp_name[0], base / name
@@ -198,9 +197,9 @@ def save_checkpoint_together(
     if rank == 0:
         try:
             commit(tmp)
-            _move_into_place(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        commit_dir(tmp, final)  # swapped in as a whole; removes tmp if it fails
     barrier("commit")
     return final

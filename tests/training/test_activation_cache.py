@@ -4,19 +4,29 @@ shuffling, exact resume, atomic writes and errors that name the bad file."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tiny_runs import tiny_config
 
+from fastsae.loading.atomic_dir import PAUSE_ENV, PAUSE_MARKER_ENV
 from fastsae.training.activation_cache import (
     CachedActivationsStore,
     cache_activations,
     cache_activations_from_config,
+    check_cache_target,
+    read_cache_info,
 )
 from fastsae.training.activations_store import ActivationsStore
 
@@ -214,3 +224,177 @@ def test_cache_activations_from_config(tl_model, rows, tmp_path, fresh_acts):
     assert store.next_batch().shape == (16, 16)
     ordered = CachedActivationsStore(path, train_batch_size_tokens=50, shuffle=False)
     torch.testing.assert_close(ordered.next_batch(), fresh_acts[:50], rtol=0, atol=0)
+
+
+# ------------------------------------------------- overwriting a cache: nothing lost on a kill
+# writes ``n`` rows of 4 counting up from ``first`` (row i is first + 4 i .. first + 4 i + 3)
+# to the cache folder argv[1], replacing what is there; the store is a stand-in for an
+# ActivationsStore, so the child needs no model
+CACHE_SCRIPT = """
+import sys, torch
+from types import SimpleNamespace
+from fastsae.training.activation_cache import cache_activations
+path, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rows = iter(torch.arange(first, first + 4 * n, dtype=torch.float32).reshape(n, 4).split(7))
+store = SimpleNamespace(
+    dtype=torch.float32, d_in=4, get_filtered_llm_batch=lambda: next(rows), hook_name="h",
+    hook_head_index=None, context_size=8, seqpos_slice=(None,), prepend_bos=True,
+)
+cache_activations(store, path, n, shard_size_tokens=10, overwrite=True)
+"""
+OLD, NEW = (0, 30), (1000, 45)  # (first, n) of the cache there and of the one replacing it
+
+
+def counting_rows(first: int, n: int) -> torch.Tensor:
+    return torch.arange(first, first + 4 * n, dtype=torch.float32).reshape(n, 4)
+
+
+def write_counting_cache(path, first: int, n: int, env: dict | None = None) -> None:
+    subprocess.run(
+        [sys.executable, "-c", CACHE_SCRIPT, str(path), str(first), str(n)],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+
+
+def assert_cache_holds(path, first: int, n: int) -> None:
+    """The cache at ``path`` is exactly the counting cache (first, n), as both readers see it."""
+    assert read_cache_info(path)["n_tokens"] == n
+    store = CachedActivationsStore(path, train_batch_size_tokens=n, shuffle=False)
+    torch.testing.assert_close(store.next_batch(), counting_rows(first, n), rtol=0, atol=0)
+
+
+def hidden(parent) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if n.startswith("."))
+
+
+@pytest.fixture
+def old_cache(tmp_path):
+    target = tmp_path / "parent" / "acts"
+    write_counting_cache(target, *OLD)
+    assert_cache_holds(target, *OLD)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("point", "winner"),
+    [("before-mark", OLD), ("after-mark", OLD), ("between-renames", NEW),
+     ("before-delete-old", NEW)],
+)  # fmt: skip
+def test_kill_9_while_overwriting_a_cache_leaves_exactly_the_old_or_the_new(
+    point, winner, old_cache, tmp_path
+):
+    """``cache_activations(overwrite=True)`` used to ``rmtree`` the old cache before
+    renaming the new one in: a kill between the two left no cache at all."""
+    marker = tmp_path / "paused"
+    env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CACHE_SCRIPT, str(old_cache), *map(str, NEW)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the writer exited before pausing at {point}: {proc.communicate()[1]}")
+        assert time.monotonic() < deadline, f"the writer never paused at {point}"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    if point == "between-renames":  # the one window without the folder: readers recover it
+        assert not old_cache.exists()
+    assert_cache_holds(old_cache, *winner)
+    write_counting_cache(old_cache, 7, 12)  # the next write cleans the leftovers up
+    assert_cache_holds(old_cache, 7, 12)
+    assert hidden(old_cache.parent) == []
+
+
+def test_a_reader_that_cannot_finish_the_swap_reads_the_new_cache_where_it_lies(
+    old_cache, tmp_path, monkeypatch
+):
+    marker = tmp_path / "paused"
+    env = {**os.environ, PAUSE_ENV: "between-renames", PAUSE_MARKER_ENV: str(marker)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CACHE_SCRIPT, str(old_cache), *map(str, NEW)], env=env
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the writer never paused between the renames"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def read_only(src, dst):
+        raise PermissionError(30, "Read-only file system", str(src))
+
+    monkeypatch.setattr(os, "rename", read_only)
+    assert_cache_holds(old_cache, *NEW)
+    assert not old_cache.exists()
+
+
+def test_a_failed_rename_while_overwriting_leaves_exactly_the_old_cache(
+    tl_model, rows, old_cache, monkeypatch
+):
+    before = {n: (old_cache / n).read_bytes() for n in os.listdir(old_cache)}
+    real_rename = os.rename
+    failures = []
+
+    def failing(src, dst, *args, **kwargs):
+        if Path(dst).name == old_cache.name and not failures:
+            failures.append(dst)
+            raise OSError(5, "Input/output error", str(dst))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        cache_activations(make_store(tl_model, rows), old_cache, 20, overwrite=True)
+    monkeypatch.undo()
+    assert failures
+    assert {n: (old_cache / n).read_bytes() for n in os.listdir(old_cache)} == before
+    assert_cache_holds(old_cache, *OLD)
+    assert hidden(old_cache.parent) == []
+
+
+def test_a_taken_target_is_refused_before_the_model_loads(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    cfg = SimpleNamespace(cached_activations_path=str(target), training_tokens=10)
+    loaded = []
+    with pytest.raises(FileExistsError, match=r"taken is not empty"):
+        cache_activations_from_config(cfg, model_loader=loaded.append)
+    assert loaded == []
+    with pytest.raises(FileExistsError, match="not a directory"):
+        check_cache_target(target / "keep.txt")
+    with pytest.raises(ValueError, match="cache path is empty"):
+        check_cache_target("")
+
+
+def test_the_cache_command_checks_its_target_before_loading_the_model(
+    tmp_path, monkeypatch, capsys
+):
+    """``fastsae cache`` into a non-empty folder used to load the model (minutes for a
+    large one) before finding out it could not write there."""
+    from fastsae import cli
+    from fastsae.training import runner
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a few words\nand a few more\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"sae": {"architecture": "topk", "d_in": 16, "d_sae": 32, "k": 4},
+             "model_name": "tiny-model", "hook_name": "blocks.0.hook_resid_post",
+             "dataset_path": str(docs), "streaming": False, "context_size": 8,
+             "train_batch_size_tokens": 16, "training_tokens": 64, "checkpoint_path": None,
+             "output_path": str(tmp_path / "out")}
+        )
+    )  # fmt: skip
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("user data")
+    loads = []
+    monkeypatch.setattr(runner, "load_model", lambda c: loads.append(c) or (None, None))
+    assert cli.main(["cache", str(cfg), "--out", str(taken)]) == 2
+    assert "taken is not empty" in capsys.readouterr().err
+    assert loads == []
+    assert os.listdir(taken) == ["keep.txt"]

@@ -214,3 +214,27 @@ def test_save_sharded_sae_writes_the_full_saes_directory(tmp_path, world, block_
                 assert torch.equal(got[name], want[name]), (arch, name)
         loaded = TrainingSAE.load_from_disk(got_dir)
         _assert_same(loaded, full)
+
+
+def _failing_save_worker(rank: int, world: int, out: str) -> str | None:
+    from fastsae.training.latent_sharding.save import save_sharded_sae
+
+    shard = shard_sae(_trained_like("topk"), rank, world)
+    try:
+        save_sharded_sae(shard, out, block_bytes=20)
+    except FileExistsError as e:
+        return str(e)
+    return None
+
+
+def test_a_failing_sharded_save_raises_on_the_writer_and_releases_the_other_ranks(tmp_path):
+    """The writing rank cannot write (the destination is a file): it raises, naming the
+    path, after taking part in the broadcasts, so the other ranks return instead of
+    waiting in them."""
+    from spawn_ranks import run_ranks
+
+    out = tmp_path / "a_file"
+    out.write_text("not a folder")
+    results = run_ranks(_failing_save_worker, 2, tmp_path / "ranks", str(out), timeout=120)
+    assert results[0] is not None and "not a folder" in results[0]
+    assert results[1] is None

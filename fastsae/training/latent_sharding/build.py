@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastsae.loading.atomic_dir import recover_dir
 from fastsae.loading.disk import SAE_WEIGHTS_FILENAME
 from fastsae.training.latent_sharding.base import SHARD_DIMS, ShardedTrainingSAE, meta_full
 from fastsae.training.saes.base import TrainingSAEConfig, scale_decoder_rows_
@@ -82,7 +83,7 @@ def load_shard_weights_(shard: ShardedTrainingSAE, path: str | Path) -> None:
     """
     from safetensors import SafetensorError, safe_open
 
-    file = Path(path) / SAE_WEIGHTS_FILENAME
+    file = recover_dir(Path(path)) / SAE_WEIGHTS_FILENAME  # finish an interrupted swap
     if not file.is_file():
         raise FileNotFoundError(f"{file}: file not found")
     state: dict[str, Tensor] = {}

@@ -5,7 +5,9 @@ go straight into ``sae_weights.safetensors``.
 Every rank of the shard group calls :func:`save_sharded_sae` (the same collectives in
 the same order); rank ``dst`` of the group writes. The file is the one
 ``gather_full(...).save_model(...)`` would write (same tensors, dtypes, ``cfg.json``),
-and is written atomically like every SAELens directory here.
+and is written like every SAELens directory here: a complete folder swapped in as a
+whole (:mod:`fastsae.loading.atomic_dir`), or straight into a checkpoint's temporary
+folder.
 """
 
 from __future__ import annotations
@@ -97,13 +99,19 @@ def save_sharded_sae(
     cfg = copy.deepcopy(shard.cfg)
     cfg.device = "cpu"  # as a full SAE gathered into host memory records it
     specs = full_state_specs(shard)
-    write_sae_dir(
-        path,
-        lambda file: write_safetensors_blocks(file, specs, blocks),  # type: ignore[arg-type]
-        cfg.to_dict(),
-        d_sae=cfg.d_sae,
-        sparsity=sparsity,
-    )
+    try:
+        write_sae_dir(
+            path,
+            lambda file: write_safetensors_blocks(file, specs, blocks),  # type: ignore[arg-type]
+            cfg.to_dict(),
+            d_sae=cfg.d_sae,
+            sparsity=sparsity,
+        )
+    except Exception:
+        # take part in the broadcasts the write did not reach, so that the other ranks
+        # return (and this rank's error surfaces) instead of waiting for a timeout
+        deque(blocks, maxlen=0)
+        raise
     return Path(path)
 
 

@@ -352,10 +352,11 @@ class TrainingSAE(SAE):
         metadata (``training_architecture``, ``training_architecture_details``), as
         SAELens records them.
         """
+        from fastsae.loading.atomic_dir import recover_dir
         from fastsae.loading.disk import read_json
         from fastsae.saes.config import dtype_to_str
 
-        path = Path(path)
+        path = recover_dir(Path(path))  # finish a swap that a kill interrupted
         cfg_dict = read_json(path / "cfg.json")
         metadata = dict(cfg_dict.get("metadata") or {})
         arch = metadata.get("training_architecture") or cfg_dict.get("architecture")
@@ -372,9 +373,10 @@ class TrainingSAE(SAE):
 
     def load_weights_from_checkpoint(self, checkpoint_path: str | Path) -> None:
         """Load ``sae_weights.safetensors`` of a checkpoint directory into this SAE."""
+        from fastsae.loading.atomic_dir import recover_dir
         from fastsae.loading.disk import read_safetensors
 
-        path = Path(checkpoint_path) / "sae_weights.safetensors"
+        path = recover_dir(Path(checkpoint_path)) / "sae_weights.safetensors"
         state = read_safetensors(path)
         self.process_state_dict_for_loading(state)
         try:
