@@ -1,6 +1,7 @@
 """Training: SAELens-compatible config, training SAEs, activation store, trainer, runner."""
 
 from fastsae.training.config import LanguageModelSAERunnerConfig, LoggingConfig
+from fastsae.training.nonfinite import NonFiniteLossError
 from fastsae.training.saes import (
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
@@ -43,6 +44,7 @@ def __getattr__(name: str):
 __all__ = [
     "LanguageModelSAERunnerConfig",
     "LoggingConfig",
+    "NonFiniteLossError",
     "SAETrainer",
     "SAETrainingRunner",
     "LanguageModelSAETrainingRunner",

@@ -12,13 +12,16 @@ saved SAE takes raw activations (SAELens does the same).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from fastsae.loading.disk import read_json, read_safetensors
 
 SCALER_FILENAME = "activation_scaler.json"
 WHITENING_FILENAME = "activation_whitening.safetensors"
@@ -56,6 +59,14 @@ class ActivationScaler:
             norms = next(batches).float().norm(dim=-1)
             total += float(norms.sum())
             count += norms.numel()
+        _check_statistic(total, count, n_batches, "expected_average_only_in")
+        if total == 0:
+            raise ValueError(
+                f"expected_average_only_in: the {count} activations of the "
+                f"{n_batches} batches used to estimate the scaling factor "
+                "(n_batches_for_norm_estimate) are all zero, so they cannot be scaled to "
+                "norm sqrt(d_in): check hook_name (a hook that outputs zeros) and the data"
+            )
         self.scaling_factor = d_in**0.5 / (total / count)
         return self.scaling_factor
 
@@ -74,6 +85,7 @@ class ActivationScaler:
             sum_outer += acts.T @ acts
         if count < 2:
             raise ValueError("covariance_whitening needs at least 2 activations to estimate from")
+        _check_statistic(float(sum_outer.trace()), count, n_batches, "covariance_whitening")
         mean = sum_x / count
         cov = (sum_outer - count * torch.outer(mean, mean)) / (count - 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
@@ -105,16 +117,67 @@ class ActivationScaler:
                 str(directory / WHITENING_FILENAME),
             )
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, normalisation: str | None = None) -> None:
+        """Read what :meth:`save` wrote to ``directory``.
+
+        ``normalisation``: the SAE's ``normalize_activations``. When it needs a saved
+        statistic (``expected_average_only_in``: the scaling factor;
+        ``covariance_whitening``: the whitening), a missing file or value raises naming
+        the file: re-estimating it would train the resumed run on differently scaled
+        inputs. Invalid files raise naming the file."""
         path = directory / SCALER_FILENAME
+        needs_factor = normalisation == "expected_average_only_in"
+        needs_whitening = normalisation == "covariance_whitening"
         if not path.is_file():
+            if needs_factor or needs_whitening:
+                raise FileNotFoundError(
+                    f"{path} is missing: the run normalises its inputs ({normalisation}) "
+                    "and resumes exactly only with the statistics it estimated (estimating "
+                    "them again would change the inputs' scale mid-run)"
+                )
             return
-        data = json.loads(path.read_text())
-        self.scaling_factor = data.get("scaling_factor")
-        if data.get("has_whitening"):
+        data = read_json(path)
+        factor = data.get("scaling_factor")
+        if factor is not None and (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not math.isfinite(factor)
+            or factor <= 0
+        ):
+            raise ValueError(
+                f"{path}: scaling_factor must be a positive finite number or null, got {factor!r}"
+            )
+        has_whitening = data.get("has_whitening", False)
+        if not isinstance(has_whitening, bool):
+            raise ValueError(f"{path}: has_whitening must be true or false, got {has_whitening!r}")
+        if needs_factor and factor is None:
+            raise ValueError(
+                f"{path} has no scaling_factor, but the run normalises its inputs with "
+                "expected_average_only_in"
+            )
+        if needs_whitening and not has_whitening:
+            raise ValueError(
+                f"{path} records no whitening, but the run normalises its inputs with "
+                "covariance_whitening"
+            )
+        self.scaling_factor = None if factor is None else float(factor)
+        if has_whitening:
             whitening = directory / WHITENING_FILENAME
             if not whitening.is_file():
                 raise FileNotFoundError(f"{whitening} is missing: the checkpoint whitens inputs")
-            tensors = load_file(str(whitening))
+            tensors = read_safetensors(whitening)
+            missing = [k for k in ("mean", "matrix", "inverse_matrix") if k not in tensors]
+            if missing:
+                raise ValueError(f"{whitening}: missing tensors {missing}")
             self.mean, self.matrix = tensors["mean"], tensors["matrix"]
             self.inverse_matrix = tensors["inverse_matrix"]
+
+
+def _check_statistic(value: float, count: int, n_batches: int, mode: str) -> None:
+    """Raise when the activations a normalisation is estimated from hold NaN/inf."""
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{mode}: the {count} activations of the {n_batches} batches used to estimate "
+            "the normalisation (n_batches_for_norm_estimate) hold non-finite values "
+            "(NaN/inf): check the data and the model that produced them"
+        )

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
+
+from fastsae.training.checkpoints import read_tensors
 
 ACTIVATIONS_STORE_STATE_FILENAME = "activations_store_state.safetensors"  # as SAELens
 
@@ -77,8 +79,15 @@ class StoreStateMixin:
         save_file(self.state_dict(), os.fspath(file_path))
 
     def load(self, file_path: str | os.PathLike) -> None:
-        """Read a file written by ``save`` and ``load_state_dict`` it."""
-        self.load_state_dict(load_file(os.fspath(file_path)))
+        """Read a file written by ``save`` and ``load_state_dict`` it (a missing,
+        truncated or corrupt file, or a state that does not fit, raises naming it)."""
+        path = Path(file_path)
+        try:
+            self.load_state_dict(read_tensors(path, "activations store state"))
+        except ValueError as e:
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: {e}") from e
 
     def save_to_checkpoint(self, checkpoint_path: str | os.PathLike) -> None:
         self.save(Path(checkpoint_path) / ACTIVATIONS_STORE_STATE_FILENAME)

@@ -2,12 +2,14 @@
 writes and reads so that a resumed run continues with exactly the losses of an
 uninterrupted one.
 
-A checkpoint folder (written under a temporary name and renamed into place, so it is
-never half there) holds the SAE in the SAELens format, ``trainer_state.pt`` (optimizer,
-schedules, counters, firing statistics, RNG states), the data position
-(``data_state.pt``, or one ``data_state_replica{i}.pt`` per data-parallel replica when
-each replica draws its own token rows), the activation normalisation, an interrupted
-step's pending batch and the run config. The data-parallel and latent-sharded trainers
+A checkpoint folder (written complete beside its place and swapped in as a whole, so a
+kill or a failed rename at any moment leaves the old checkpoint or the new one: see
+:mod:`fastsae.loading.atomic_dir`, whose recovery rule loading applies) holds the SAE
+in the SAELens format, ``trainer_state.pt`` (optimizer, schedules, counters, firing
+statistics, RNG states), the data position (``data_state.pt``, or one
+``data_state_replica{i}.pt`` per data-parallel replica when each replica draws its own
+token rows), the activation normalisation, an interrupted step's pending batch and the
+run config. The data-parallel and latent-sharded trainers
 override parts of it (:mod:`fastsae.training.distributed`,
 :mod:`fastsae.training.sharded_trainer`).
 """
@@ -17,17 +19,18 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastsae.loading.atomic_dir import clean_stale, recover_dir, replace_dir
+from fastsae.loading.disk import read_json
 from fastsae.training.sharded_data import (
     RankShardedProvider,
     bare_provider_state,
@@ -39,6 +42,16 @@ DATA_STATE_FILENAME = "data_state.pt"
 DATA_REPLICA_FILENAME = "data_state_replica{replica}.pt"
 PENDING_BATCH_FILENAME = "pending_batch.safetensors"
 RUNNER_CFG_FILENAME = "runner_cfg.json"
+# SAE config fields a resume may change: where it runs, and what is only recorded
+_CFG_KEYS_FREE_ON_RESUME = frozenset({"device", "metadata"})
+# runner config fields that change what a run trains (a resume warns when they differ)
+_RUNNER_KEYS_OF_THE_RUN = (
+    "model_name", "hook_name", "hook_head_index", "dataset_path", "context_size",
+    "prepend_bos", "seqpos_slice", "train_batch_size_tokens", "training_tokens", "lr",
+    "adam_beta1", "adam_beta2", "lr_scheduler_name", "lr_warm_up_steps", "lr_end",
+    "lr_decay_steps", "n_restart_cycles", "max_grad_norm", "dead_feature_window",
+    "feature_sampling_window", "seed", "autocast",
+)  # fmt: skip
 
 
 @dataclass
@@ -48,6 +61,7 @@ class TrainerState:
     n_training_steps: int = 0
     n_training_samples: int = 0
     n_frac_active_samples: int = 0
+    n_skipped_batches: int = 0  # non-finite batches skipped (skip_nonfinite_batches)
 
 
 class CheckpointingMixin:
@@ -75,15 +89,14 @@ class CheckpointingMixin:
         training config), the trainer state, the data position and the run config."""
         base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
         final = base / name
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            self.sae.save_model(tmp, sparsity=self.log_feature_sparsity)
-            self._write_trainer_files(tmp)
-            _move_into_place(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        def write(folder: Path) -> None:
+            self.sae.save_model(folder, sparsity=self.log_feature_sparsity)
+            self._write_trainer_files(folder)
+
+        # the whole folder is swapped in: a kill at any moment leaves the old checkpoint
+        # or the new one, complete (fastsae.loading.atomic_dir)
+        replace_dir(final, write)
         return final
 
     @contextlib.contextmanager
@@ -136,17 +149,16 @@ class CheckpointingMixin:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore SAE weights, optimizer, schedules, counters and data position from a
         checkpoint directory written by :meth:`save_checkpoint`."""
-        path = Path(path)
+        path = recover_dir(Path(path))  # finish a swap that a kill interrupted
+        clean_stale(path.parent)  # leftovers of killed writes beside it
         state_file = path / TRAINER_STATE_FILENAME
         if not state_file.is_file():
             raise FileNotFoundError(
                 f"{path} is not a fastsae training checkpoint: {TRAINER_STATE_FILENAME} is missing"
             )
+        self.check_checkpoint_sae_config(path)
         self.sae.load_weights_from_checkpoint(path)
-        try:
-            state = torch.load(state_file, map_location=self.sae.device, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
-            raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
+        state = load_torch_file(state_file, "trainer state", map_location=self.sae.device)
         if state.get("latent_shards"):
             # written by a latent-sharded run: its shards' optimizer states, concatenated
             from fastsae.training.latent_sharding.checkpoint import (
@@ -171,6 +183,34 @@ class CheckpointingMixin:
             setattr(module, attr, value.to(self.sae.device))
         self._load_run_files(path, state)
 
+    def check_checkpoint_sae_config(self, path: Path) -> None:
+        """Raise naming ``<path>/cfg.json`` when the SAE config it records differs from
+        the one this run trains (another ``d_sae``, ``k``, architecture, normalisation,
+        dtype...): a resume continues the run that wrote the checkpoint, so an edit of
+        either is an error, not silently ignored. ``device`` and the metadata may differ."""
+        cfg_file = path / "cfg.json"
+        saved = read_json(cfg_file)
+        metadata = dict(saved.get("metadata") or {})
+        saved_arch = metadata.get("training_architecture") or saved.get("architecture")
+        saved = {**dict(metadata.get("training_architecture_details") or {}), **saved}
+        mine = self.sae.cfg
+        differ = []
+        if saved_arch != mine.architecture():
+            differ.append(f"architecture={saved_arch!r} (this run: {mine.architecture()!r})")
+        ours = json.loads(json.dumps(mine.to_dict(), default=str))
+        for f in fields(mine):
+            if f.name in _CFG_KEYS_FREE_ON_RESUME or f.name not in saved:
+                continue
+            if saved[f.name] != ours.get(f.name):
+                differ.append(f"{f.name}={saved[f.name]!r} (this run: {ours.get(f.name)!r})")
+        if differ:
+            raise ValueError(
+                f"{cfg_file} does not match the SAE config of the run resuming from it: "
+                f"{', '.join(differ)}. A resume continues the run that wrote the checkpoint: "
+                "resume with that run's SAE config (or start a new run, e.g. with "
+                "from_pretrained_path, to train another SAE)"
+            )
+
     def _load_progress(self, state: dict[str, Any]) -> None:
         """Schedules, counters, checkpoint thresholds and the firing statistics
         (``[d_sae]``, or this shard's) of a loaded trainer state."""
@@ -184,17 +224,47 @@ class CheckpointingMixin:
         )
         self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
 
+    def _warn_runner_config_changes(self, path: Path) -> None:
+        """Warn (rank 0) naming ``<path>/runner_cfg.json`` and the fields when the run
+        config that wrote the checkpoint differs from this one in a field that changes
+        what is trained (model, hook, data, batch, optimisation): the resume is then not
+        the run that was interrupted. Paths, devices and logging may differ."""
+        cfg_file = path / RUNNER_CFG_FILENAME
+        to_dict = getattr(self.cfg, "to_dict", None)
+        if not cfg_file.is_file() or not callable(to_dict) or getattr(self, "rank", 0) != 0:
+            return
+        saved = read_json(cfg_file)
+        ours = json.loads(json.dumps(to_dict(), default=str))
+        differ = [
+            f"{key}={saved[key]!r} (this run: {ours.get(key)!r})"
+            for key in _RUNNER_KEYS_OF_THE_RUN
+            if key in saved and key in ours and saved[key] != ours[key]
+        ]
+        if differ:
+            warnings.warn(
+                f"{cfg_file}: the checkpoint was written by a run with {', '.join(differ)}; "
+                "the resumed run continues with this run's values, so it is not the run "
+                "that was interrupted",
+                stacklevel=3,
+            )
+
     def _load_run_files(self, path: Path, state: dict[str, Any]) -> None:
         """The part of a resume every trainer shares: RNG states, normalisation, an
         interrupted step's pending batch, the data position, the metrics file."""
+        self._warn_runner_config_changes(path)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.scaler.load(path)
+        self.scaler.load(path, normalisation=self.sae.cfg.normalize_activations)
         pending = path / PENDING_BATCH_FILENAME
-        self._pending_batch = load_file(str(pending))["batch"] if pending.is_file() else None
+        self._pending_batch = None
+        if pending.is_file():
+            tensors = read_tensors(pending, "pending batch")
+            if "batch" not in tensors:
+                raise ValueError(f"{pending}: no 'batch' tensor (found {sorted(tensors)})")
+            self._pending_batch = tensors["batch"]
         self._load_data_state(path, state)
         self.metrics.truncate_after(self.state.n_training_steps)
 
@@ -229,12 +299,12 @@ class CheckpointingMixin:
                 raise FileNotFoundError(
                     f"{data_file} is missing: the checkpoint has no data position to resume from"
                 )
-            data_state = torch.load(data_file, map_location="cpu", weights_only=False)
+            data_state = load_torch_file(data_file, "data position")
             if is_rank_sharded_state(data_state) and not isinstance(
                 self.data_provider, RankShardedProvider
             ):  # written by a data-parallel run, resumed without one
                 data_state = bare_provider_state(data_state)
-            load(data_state)
+            _load_naming(load, data_state, data_file)
             return
         if saved > 1:
             files = [path / DATA_REPLICA_FILENAME.format(replica=i) for i in range(saved)]
@@ -244,13 +314,13 @@ class CheckpointingMixin:
         if missing:
             raise FileNotFoundError(f"the checkpoint's data positions are missing: {missing}")
         if saved == count:
-            load(torch.load(files[index], map_location="cpu", weights_only=False))
+            _load_naming(load, load_torch_file(files[index], "data position"), files[index])
             return
         from fastsae.training.activations_store import furthest_position
 
         states = []
         for f in files:
-            st = torch.load(f, map_location="cpu", weights_only=False)
+            st = load_torch_file(f, "data position")
             states.append(bare_provider_state(st) if is_rank_sharded_state(st) else st)
         merged, dropped = furthest_position(states, (index, count))
         if getattr(self, "rank", 0) == 0:  # once per run, not once per rank
@@ -263,8 +333,32 @@ class CheckpointingMixin:
         load(merged)
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the fully written folder ``tmp`` (a rename: never half there)."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+def load_torch_file(path: Path, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a checkpoint file (``what`` it holds, for the message); a
+    missing, truncated or corrupt file raises naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
+        raise ValueError(f"{path}: unreadable {what}, truncated or corrupt ({e})") from e
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file of a checkpoint (any dtype; ``what`` it holds,
+    for the message); a missing, truncated or corrupt file raises naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable {what}, truncated or corrupt ({e})") from e
+
+
+def _load_naming(load: Any, state: Any, file: Path) -> None:
+    """``load(state)``; a state that does not fit the data provider raises naming
+    ``file``."""
+    try:
+        load(state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{file}: the data position does not fit this run's data ({e})") from e

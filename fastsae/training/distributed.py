@@ -185,6 +185,12 @@ class DistributedSAETrainer(SAETrainer):
         """Sum ``tensor`` over ranks in place (through the comm device)."""
         return all_reduce_sum_(tensor, self._comm_device, what)
 
+    def _sum_over_ranks(self, values: Tensor, what: str) -> Tensor:
+        """Summed over the ranks (every rank stops or skips a non-finite step alike)."""
+        if not self.distributed:
+            return values
+        return self._all_reduce_(values, what)
+
     def _reduce_gradients(self) -> None:
         """Average every parameter's gradient over ranks: one flat all_reduce per dtype."""
         average_gradients(self.sae.parameters(), None, self.world_size, self._comm_device)

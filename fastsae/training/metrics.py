@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +47,61 @@ class MetricsLogger:
     def __init__(self, directory: str | Path | None, wandb_run: Any = None):
         self.path = Path(directory) / "metrics.jsonl" if directory is not None else None
         self.wandb_run = wandb_run
+        self._tail_checked = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in row.items()}}
         if self.path is not None:
+            if not self._tail_checked:
+                self._drop_torn_tail()
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
     def rows(self) -> list[dict[str, Any]]:
+        """The file's rows. A last line that is not valid JSON is what a kill during a
+        write leaves: it is dropped with a warning. An invalid line before it raises,
+        naming the file and the line."""
         if self.path is None or not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.path.read_text().splitlines(), 1)]
+        lines = [(i, line) for i, line in lines if line.strip()]
+        rows = []
+        for n, (number, line) in enumerate(lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("not a metrics row (a JSON object with an integer step)")
+            except ValueError as e:
+                if n == len(lines) - 1:
+                    warnings.warn(
+                        f"{self.path}: dropping its last line {number}, cut off by an "
+                        f"interrupted write ({e})",
+                        stacklevel=2,
+                    )
+                    break
+                raise ValueError(f"{self.path}, line {number}: corrupt metrics row ({e})") from e
+            rows.append(row)
+        return rows
+
+    def _drop_torn_tail(self) -> None:
+        """Before the first append: cut a last line that a kill left without its newline,
+        so the rows appended next do not run into it."""
+        self._tail_checked = True
+        if self.path is None or not self.path.is_file():
+            return
+        text = self.path.read_text()
+        if not text or text.endswith("\n"):
+            return
+        warnings.warn(
+            f"{self.path}: dropping its last line, cut off by an interrupted write", stacklevel=3
+        )
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text(text[: text.rfind("\n") + 1])
+        tmp.replace(self.path)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past ``step`` (a resumed run rewrites them)."""

@@ -32,14 +32,29 @@ from fastsae.training.trainer import RUNNER_CFG_FILENAME, SAETrainer
 def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``cfg.model_name`` on ``cfg.llm_device``.
 
-    TransformerLens models carry their tokenizer (returned as None here); ``AutoModel``
-    loads ``transformers.AutoModel`` and ``AutoTokenizer`` from a hub id or a folder.
+    TransformerLens models carry their tokenizer (returned as None here):
+    ``HookedTransformer`` (TransformerLens 3) and ``TransformerBridge`` (TransformerLens
+    4, or 3.x with ``model_bridge``; ``TransformerBridge.boot_transformers``, which reads
+    a hub id or a local folder of a ``transformers`` causal LM); each raises an ImportError
+    naming the installed TransformerLens when it lacks the class. ``AutoModel`` loads
+    ``transformers.AutoModel`` and ``AutoTokenizer`` from a hub id or a folder.
     """
+    check_devices_available(cfg)  # `fastsae cache` loads the model without a runner
+    check_local_model_path(cfg.model_name)
     kwargs = dict(cfg.model_from_pretrained_kwargs or {})
     if cfg.model_class_name == "HookedTransformer":
-        from transformer_lens import HookedTransformer
+        from fastsae.tl_compat import require_hooked_transformer
 
-        model = HookedTransformer.from_pretrained(cfg.model_name, device=cfg.llm_device, **kwargs)
+        model = require_hooked_transformer().from_pretrained(
+            cfg.model_name, device=cfg.llm_device, **kwargs
+        )
+        return model.eval(), None
+    if cfg.model_class_name == "TransformerBridge":
+        from fastsae.tl_compat import require_transformer_bridge
+
+        model = require_transformer_bridge().boot_transformers(
+            cfg.model_name, device=cfg.llm_device, **kwargs
+        )
         return model.eval(), None
     if cfg.model_class_name in ("AutoModel", "transformers"):
         from transformers import AutoModel, AutoTokenizer
@@ -47,8 +62,47 @@ def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
         model = AutoModel.from_pretrained(cfg.model_name, **kwargs).to(cfg.llm_device).eval()
         return model, AutoTokenizer.from_pretrained(cfg.model_name)
     raise ValueError(
-        f"model_class_name must be 'HookedTransformer' or 'AutoModel', got {cfg.model_class_name!r}"
+        "model_class_name must be 'HookedTransformer', 'TransformerBridge' or 'AutoModel', "
+        f"got {cfg.model_class_name!r}"
     )
+
+
+def check_local_model_path(model_name: str) -> None:
+    """Raise naming ``model_name`` when it is spelled as a local path (absolute, ``./``,
+    ``../``, ``~``, or more than one ``/``: a hub id has at most one) that does not exist,
+    instead of the hub's "Repo id must be in the form..." error."""
+    name = str(model_name)
+    looks_local = (
+        Path(name).is_absolute()
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model_name={name!r}: no such local model folder "
+            f"({Path(name).expanduser().absolute()} does not exist)"
+        )
+
+
+def check_devices_available(cfg: LanguageModelSAERunnerConfig) -> None:
+    """Raise naming the field when ``device``, ``llm_device`` or ``act_store_device``
+    asks for CUDA that this machine does not have (before any model loads)."""
+    for name in ("device", "llm_device", "act_store_device"):
+        value = getattr(cfg, name, None)
+        if value is None or not str(value).startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name}={value!r}, but CUDA is not available on this machine "
+                f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+                f"set {name}: cpu or run on a machine with a GPU"
+            )
+        index = torch.device(value).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name}={value!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +134,7 @@ class SAETrainingRunner:
             raise TypeError(f"cfg must be a LanguageModelSAERunnerConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.show_progress = show_progress
+        check_devices_available(cfg)
         if cfg.latent_shards > 1:
             from fastsae.training.latent_sharding import sharded_class_for_architecture
 
@@ -157,9 +212,10 @@ class SAETrainingRunner:
         md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
         sae_cfg = cfg.sae
         if cfg.from_pretrained_path is not None:
+            from fastsae.loading.atomic_dir import recover_dir
             from fastsae.loading.disk import read_json
 
-            sae_cfg_dict = read_json(Path(cfg.from_pretrained_path) / "cfg.json")
+            sae_cfg_dict = read_json(recover_dir(Path(cfg.from_pretrained_path)) / "cfg.json")
             sae_cfg = TrainingSAEConfig.from_dict(
                 {**cfg.sae.to_dict(), **sae_cfg_dict, "architecture": cfg.sae.architecture(),
                  "device": cfg.device}
@@ -316,15 +372,16 @@ class SAETrainingRunner:
 
     def save_final_sae(self, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:
         """The trained SAE in the inference SAELens format, with its log sparsity (default:
-        the trainer's) and the runner config, to ``path``."""
+        the trainer's) and the runner config, to ``path``: one folder swap, so the runner
+        config never describes another SAE than the one beside it."""
+        from fastsae.loading.disk import save_sae
+
         path = Path(path)
         inference = self.sae.to_inference_sae()
         if sparsity is None:
             sparsity = self.trainer.log_feature_sparsity
-        inference.save_model(path, sparsity=sparsity)
-        tmp = path / f".{RUNNER_CFG_FILENAME}.tmp"
-        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        tmp.replace(path / RUNNER_CFG_FILENAME)
+        runner_cfg = json.dumps(self.cfg.to_dict(), indent=2)
+        save_sae(inference, path, sparsity=sparsity, extra_files={RUNNER_CFG_FILENAME: runner_cfg})
         return path
 
 

@@ -49,10 +49,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.training.checkpoints import TRAINER_STATE_FILENAME
+from fastsae.loading.atomic_dir import clean_stale, recover_dir
+from fastsae.training.checkpoints import TRAINER_STATE_FILENAME, load_torch_file
 from fastsae.training.collectives import (
     _collective,
     _world,
+    all_reduce_sum_,
     average_buffers_,
     average_gradients,
     comm_device,
@@ -164,8 +166,15 @@ class LatentShardedSAETrainer(SAETrainer):
             return fired, n_tokens
         return sum_fired_counts(fired, n_tokens, self._comm_device, self.mesh.dp_group)
 
-    def _clip_gradients(self, max_norm: float) -> None:
-        clip_grad_norm_sharded(self.sae, max_norm)  # type: ignore[arg-type]
+    def _clip_gradients(self, max_norm: float) -> Tensor:
+        return clip_grad_norm_sharded(self.sae, max_norm)  # type: ignore[arg-type]
+
+    def _sum_over_ranks(self, values: Tensor, what: str) -> Tensor:
+        """Summed over every rank of the mesh (shards and replicas stop or skip a
+        non-finite step together)."""
+        if not self.distributed:
+            return values
+        return all_reduce_sum_(values, self._comm_device, what)
 
     def _after_optimizer_step(self) -> None:
         """Keep float buffers (BatchTopK's threshold EMA, equal within a shard group)
@@ -241,6 +250,7 @@ class LatentShardedSAETrainer(SAETrainer):
             )
             self.sae.cfg.metadata.l0 = l0
             self.sae.cfg.metadata.num_dead_features = int(dead)
+        self.check_weights_finite("the final SAE")
         # normalize_activations is "none" for a sharded SAE: nothing to fold
         if self.cfg.save_final_checkpoint and self.cfg.checkpoint_path is not None:
             self.save_checkpoint(f"final_{self.state.n_training_samples}")
@@ -319,17 +329,16 @@ class LatentShardedSAETrainer(SAETrainer):
     def load_checkpoint(self, path: str | Path) -> None:
         """Every rank loads its latents of a checkpoint written under any layout (a
         latent-sharded run with any number of shards and replicas, or one process)."""
-        path = Path(path)
+        path = recover_dir(Path(path))  # finish a swap that a kill interrupted
+        clean_stale(path.parent)  # leftovers of killed writes beside it
         state_file = path / TRAINER_STATE_FILENAME
         if not state_file.is_file():
             raise FileNotFoundError(
                 f"{path} is not a fastsae training checkpoint: {TRAINER_STATE_FILENAME} is missing"
             )
         sae: ShardedTrainingSAE = self.sae  # type: ignore[assignment]
-        try:
-            state = torch.load(state_file, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
-            raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
+        self.check_checkpoint_sae_config(path)
+        state = load_torch_file(state_file, "trainer state")
         load_shard_weights_(sae, path)  # this shard's latents only
         names = full_parameter_names(sae)
         local = read_latent_range(path, state, names, sae.cfg.d_sae, sae.lo, sae.hi)

@@ -10,6 +10,11 @@ without touching the others:
   ``state_dict``/``load_state_dict`` a checkpoint records its position;
 * the **state** (:class:`TrainerState` + optimizer + schedulers): what a checkpoint
   saves so that a resumed run continues with exactly the losses of an uninterrupted one.
+
+A step whose loss or gradient norm is not finite applies nothing and raises
+:class:`~fastsae.training.nonfinite.NonFiniteLossError` (or, with
+``skip_nonfinite_batches``, is skipped with a warning); non-finite weights are never
+written to a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,10 +40,16 @@ from fastsae.training.checkpoints import (  # noqa: F401 - re-exported names
     TRAINER_STATE_FILENAME,
     CheckpointingMixin,
     TrainerState,
-    _move_into_place,
 )
 from fastsae.training.interrupts import deferred_sigint
 from fastsae.training.metrics import MetricsLogger, step_metrics
+from fastsae.training.nonfinite import (
+    MAX_CONSECUTIVE_SKIPS,
+    NonFiniteLossError,
+    describe_rows,
+    nonfinite_parameters,
+    nonfinite_rows,
+)
 from fastsae.training.optim import CoefficientScheduler, fused_adam_kwargs, get_lr_scheduler
 from fastsae.training.saes.base import (
     TrainCoefficientConfig,
@@ -69,6 +81,11 @@ class SAETrainer(CheckpointingMixin):
         wandb_run: Any = None,
         show_progress: bool = True,
     ):
+        for name in ("lr", "lr_end"):
+            value = getattr(cfg, name, None)
+            if value is not None and not math.isfinite(value):
+                # an infinite step size makes every weight NaN after the first step
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         self.cfg = cfg
         self.sae = sae.to(cfg.device)
         self.data_provider = data_provider
@@ -112,6 +129,8 @@ class SAETrainer(CheckpointingMixin):
         )
         # a batch drawn from the data but not trained on yet (an interrupted step)
         self._pending_batch: Tensor | None = None
+        self._consecutive_skips = 0  # non-finite batches skipped since the last step
+        self._sparsity_checked_at: int | None = None  # the step _maybe_reset_sparsity saw
         self.last_metrics: dict[str, float] = {}
         self.tokens_per_second: float | None = None
 
@@ -152,9 +171,12 @@ class SAETrainer(CheckpointingMixin):
     def step(self, batch: Tensor) -> TrainStepOutput:
         """One optimizer step on a raw ``[batch, d_in]`` activation batch.
 
-        Nothing of the run's state changes until the gradients exist: an exception
-        (e.g. KeyboardInterrupt) raised during the forward/backward leaves the trainer
-        as it was, so the batch can be replayed.
+        Nothing of the run's state changes until the gradients exist and the step's
+        loss and gradient norm are finite: an exception (e.g. KeyboardInterrupt) raised
+        during the forward/backward leaves the trainer as it was, so the batch can be
+        replayed, and a non-finite loss or gradient raises :class:`NonFiniteLossError`
+        (naming the step and the batch rows that hold non-finite activations) with
+        nothing applied.
         """
         if batch.ndim != 2 or batch.shape[-1] != self.sae.cfg.d_in:
             raise ValueError(
@@ -180,6 +202,9 @@ class SAETrainer(CheckpointingMixin):
                     )
                 )
             output.loss.backward()
+            self._after_backward()
+            grad_norm = self._gradient_norm()
+            self._check_step_finite(batch, output.loss, grad_norm)
         except BaseException:
             # undo the step's side effects (BatchTopK's threshold EMA, gradients)
             with torch.no_grad():
@@ -187,7 +212,6 @@ class SAETrainer(CheckpointingMixin):
                     value.copy_(buffers[name])
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        self._after_backward()
         with torch.no_grad():
             fired, n_tokens = self._reduce_fired(output.fired(), batch.shape[0])
             self.n_forward_passes_since_fired += 1
@@ -195,8 +219,6 @@ class SAETrainer(CheckpointingMixin):
             self.act_freq_scores += fired
             self.state.n_frac_active_samples += n_tokens
         self.state.n_training_samples += n_tokens
-        if self.cfg.max_grad_norm is not None:
-            self._clip_gradients(self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
@@ -206,13 +228,106 @@ class SAETrainer(CheckpointingMixin):
         output.weights_updated()
         return output
 
+    def _gradient_norm(self) -> Tensor:
+        """The gradients' global L2 norm, clipped to ``max_grad_norm`` when it is set
+        (clipping computes the norm anyway); else this process's gradients' norm, which
+        is finite exactly when every gradient is."""
+        if self.cfg.max_grad_norm is not None:
+            return self._clip_gradients(self.cfg.max_grad_norm)
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.sae.device)
+        return torch.nn.utils.get_total_norm(grads)
+
+    def _check_step_finite(self, batch: Tensor, loss: Tensor, grad_norm: Tensor) -> None:
+        """Raise :class:`NonFiniteLossError` when the loss or the gradient norm is not
+        finite on any process. The flag is computed on the device from scalars the step
+        has anyway and read once (one host sync per step; with several processes, one
+        one-element all_reduce first, so every rank stops or skips together)."""
+        bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float().reshape(1)
+        bad = self._sum_over_ranks(bad, "all_reduce(non-finite step flag)")
+        if float(bad.item()) > 0:
+            raise self._nonfinite_step_error(batch, loss, grad_norm)
+
+    def _nonfinite_step_error(
+        self, batch: Tensor, loss: Tensor, grad_norm: Tensor
+    ) -> NonFiniteLossError:
+        """The error of a non-finite step: which rows (of which ranks' batches) hold
+        non-finite activations, or that the inputs were finite (an overflow), and whether
+        the SAE's weights are still finite (then the batch can be skipped). Every rank
+        builds it together (one all_reduce)."""
+        rank, world = getattr(self, "rank", 0), getattr(self, "world_size", 1)
+        rows = nonfinite_rows(batch)
+        bad_params = nonfinite_parameters(self.sae)
+        info = torch.zeros(world + 1, dtype=torch.float64, device=self.sae.device)
+        info[rank] = len(rows)
+        info[world] = float(bool(bad_params))
+        info = self._sum_over_ranks(info, "all_reduce(non-finite step details)").tolist()
+        step = self.state.n_training_steps + 1
+        first = self.state.n_training_samples
+        where = f" on rank {rank}" if world > 1 else ""
+        parts = [
+            f"non-finite training step {step} (the batch after {first} training samples): "
+            f"loss={float(loss.detach()):g}, gradient norm={float(grad_norm):g}"
+        ]
+        if rows:
+            parts.append(
+                f"{describe_rows(rows)} of the batch{where} hold non-finite activations "
+                "(NaN/inf): check the data and the model that produced them"
+            )
+        other = [r for r in range(world) if r != rank and info[r] > 0]
+        if other:
+            parts.append(f"ranks {other} have non-finite activations in their batches")
+        if not rows and not other:
+            parts.append(
+                "the batch's activations are finite: the loss or its gradients overflowed "
+                "(check lr, the SAE's initialisation and autocast)"
+            )
+        if bad_params:
+            parts.append(
+                f"the SAE's {', '.join(bad_params)}{where} already hold non-finite values "
+                "(an earlier update overflowed)"
+            )
+        elif info[world] > 0:
+            parts.append("another rank's SAE shard already holds non-finite values")
+        parts.append(
+            "nothing of this step was applied"
+            + (
+                "; set skip_nonfinite_batches: true to skip such batches with a warning"
+                if not getattr(self.cfg, "skip_nonfinite_batches", False)
+                else ""
+            )
+        )
+        return NonFiniteLossError(
+            "; ".join(parts), step=step, rows=rows, weights_finite=info[world] == 0
+        )
+
+    def _sum_over_ranks(self, values: Tensor, what: str) -> Tensor:
+        """``values`` summed over every process of the run (one process: themselves)."""
+        return values
+
+    def check_weights_finite(self, what: str) -> None:
+        """Raise :class:`NonFiniteLossError` (on every rank) when the SAE holds a NaN or
+        an inf, before ``what`` (a checkpoint, the final SAE) is written."""
+        bad = nonfinite_parameters(self.sae)
+        flag = torch.tensor([float(bool(bad))], dtype=torch.float64, device=self.sae.device)
+        if float(self._sum_over_ranks(flag, "all_reduce(non-finite weights)").item()) > 0:
+            names = f"its {', '.join(bad)}" if bad else "another rank's shard"
+            raise NonFiniteLossError(
+                f"not writing {what}: the SAE holds non-finite values ({names}) after "
+                f"step {self.state.n_training_steps}; the checkpoints already written are "
+                "kept",
+                step=self.state.n_training_steps,
+            )
+
     # hooks for data parallelism (fastsae.training.distributed); no-ops on one process
     def _after_backward(self) -> None:
         """Runs once every ``.grad`` is filled, before clipping and the optimizer."""
 
-    def _clip_gradients(self, max_norm: float) -> None:
-        """Clip the gradients' global L2 norm to ``max_norm`` (latent sharding overrides it)."""
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm)
+    def _clip_gradients(self, max_norm: float) -> Tensor:
+        """Clip the gradients' global L2 norm to ``max_norm`` and return that norm (before
+        clipping; latent sharding overrides it)."""
+        return torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm)
 
     def _reduce_fired(self, fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
         """This step's per-latent firing counts ``[d_sae]`` and token count, over all data."""
@@ -249,13 +364,22 @@ class SAETrainer(CheckpointingMixin):
         with deferred_sigint() as interrupted:
             try:
                 while self.state.n_training_samples < self.total_training_samples:
-                    self._maybe_reset_sparsity()
+                    if self.state.n_training_steps != self._sparsity_checked_at:
+                        # once per step: a skipped batch does not close the window twice
+                        self._sparsity_checked_at = self.state.n_training_steps
+                        self._maybe_reset_sparsity()
                     batch = self._pending_batch
                     if batch is None:
                         batch = next(self.data_provider)
                     self._pending_batch = batch
                     samples_before = self.state.n_training_samples
-                    output = self.step(batch)
+                    try:
+                        output = self.step(batch)
+                    except NonFiniteLossError as e:
+                        self._skip_or_raise(e)
+                        self._pending_batch = None
+                        continue
+                    self._consecutive_skips = 0
                     self._pending_batch = None
                     self.state.n_training_steps += 1
                     if self.state.n_training_steps % self.cfg.logger.wandb_log_frequency == 0:
@@ -268,7 +392,9 @@ class SAETrainer(CheckpointingMixin):
             except KeyboardInterrupt:
                 pbar.close()
                 if self.cfg.checkpoint_path is not None:
-                    path = self.save_checkpoint(f"interrupted_{self.state.n_training_samples}")
+                    name = f"interrupted_{self.state.n_training_samples}"
+                    self.check_weights_finite(f"checkpoint {name}")
+                    path = self.save_checkpoint(name)
                     print(f"\nInterrupted: checkpoint saved to {path}")
                 raise
         pbar.close()
@@ -278,10 +404,34 @@ class SAETrainer(CheckpointingMixin):
         self._finish()
         return self.sae
 
+    def _skip_or_raise(self, error: NonFiniteLossError) -> None:
+        """A non-finite step: raise ``error`` unless ``skip_nonfinite_batches`` is set and
+        the SAE's weights are still finite; else count the skipped batch (``TrainerState``,
+        and a ``details/n_skipped_batches`` metrics row) and warn. Every rank decides alike
+        (the error's facts were reduced over the ranks)."""
+        if not getattr(self.cfg, "skip_nonfinite_batches", False) or not error.weights_finite:
+            raise error
+        self._consecutive_skips += 1
+        if self._consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteLossError(
+                f"{MAX_CONSECUTIVE_SKIPS + 1} batches in a row gave non-finite steps "
+                f"(skip_nonfinite_batches skips stray batches, not broken data); last: {error}",
+                step=error.step,
+                rows=error.rows,
+            ) from error
+        self.state.n_skipped_batches += 1
+        self.metrics.log(
+            {"details/n_skipped_batches": self.state.n_skipped_batches},
+            self.state.n_training_steps,
+        )
+        if getattr(self, "rank", 0) == 0:
+            warnings.warn(f"skipped a batch (skip_nonfinite_batches): {error}", stacklevel=3)
+
     def _finish(self) -> None:
         if self.state.n_frac_active_samples > 0:
             self.sae.cfg.metadata.l0 = float(self.feature_sparsity.sum())
             self.sae.cfg.metadata.num_dead_features = int(self.dead_neurons.sum())
+        self.check_weights_finite("the final SAE")
         self.scaler.fold_into(self.sae)
         if self.cfg.save_final_checkpoint and self.cfg.checkpoint_path is not None:
             self.save_checkpoint(f"final_{self.state.n_training_samples}")
@@ -351,9 +501,16 @@ class SAETrainer(CheckpointingMixin):
             self.state.n_frac_active_samples = 0
 
     def _checkpoint_if_needed(self) -> None:
+        """Write the next scheduled checkpoint once the run has passed its threshold.
+
+        The threshold is dropped before the checkpoint is written, so the checkpoint's
+        own list no longer holds it: a run resumed from it writes exactly the
+        checkpoints the uninterrupted run writes after that point."""
         if (
             self.checkpoint_thresholds
             and self.state.n_training_samples > self.checkpoint_thresholds[0]
         ):
-            self.save_checkpoint(str(self.state.n_training_samples))
             self.checkpoint_thresholds.pop(0)
+            name = str(self.state.n_training_samples)
+            self.check_weights_finite(f"checkpoint {name}")
+            self.save_checkpoint(name)

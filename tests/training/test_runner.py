@@ -186,3 +186,33 @@ def test_cli_demo_trains_on_minilm(tmp_path, minilm_path, capsys):
     sae = SAE.load_from_disk(out)
     assert sae.cfg.architecture() == "topk" and sae.cfg.k == 8
     assert (out / "training_curves.png").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("field", ["device", "llm_device", "act_store_device"])
+def test_cuda_on_a_machine_without_it_is_refused_before_the_model_loads(
+    field, tmp_path, monkeypatch
+):
+    import fastsae.training.runner as runner_module
+
+    def load_model(cfg):
+        raise AssertionError("the model was loaded before the device was checked")
+
+    real_load_model = runner_module.load_model
+    monkeypatch.setattr(runner_module, "load_model", load_model)
+    cfg = _cfg(tmp_path, **{field: "cuda"})
+    with pytest.raises(ValueError, match=f"{field}='cuda', but CUDA is not available"):
+        SAETrainingRunner(cfg, show_progress=False)
+    # load_model itself (what `fastsae cache` calls) checks before loading anything
+    with pytest.raises(ValueError, match=f"{field}='cuda', but CUDA is not available"):
+        real_load_model(cfg)
+
+
+@pytest.mark.parametrize("model_class_name", ["AutoModel", "HookedTransformer"])
+@pytest.mark.parametrize("name", ["/nonexistent/model/dir", "./no/such/model", "../nope", "a/b/c"])
+def test_a_nonexistent_local_model_path_is_named(name, model_class_name, tmp_path):
+    from fastsae.training.runner import load_model
+
+    cfg = _cfg(tmp_path, model_name=name, model_class_name=model_class_name)
+    with pytest.raises(FileNotFoundError, match=f"model_name='{name}': no such local model"):
+        load_model(cfg)
