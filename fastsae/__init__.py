@@ -44,10 +44,21 @@ def __getattr__(name: str):
         from fastsae import evals
 
         return getattr(evals, name)
+    # HookedSAETransformer needs TransformerLens 3, SAETransformerBridge a TransformerLens
+    # with TransformerBridge (4, or late 3): each raises an ImportError naming the installed
+    # version where it is missing, while the rest of fastsae works with either.
     if name == "HookedSAETransformer":
         from fastsae.hooked import HookedSAETransformer
 
         return HookedSAETransformer
+    if name == "SAETransformerBridge":
+        from fastsae.sae_bridge import SAETransformerBridge
+
+        return SAETransformerBridge
+    if name in ("has_transformer_bridge", "has_hooked_transformer"):
+        from fastsae import tl_compat
+
+        return getattr(tl_compat, name)
     if name in _TRAINING_NAMES:
         from fastsae import training
 
@@ -65,6 +76,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from fastsae import ops, torch_ops
+    from fastsae.hooked import HookedSAETransformer
+    from fastsae.sae_bridge import SAETransformerBridge
     from fastsae.saes import (
         SAE,
         AbsTopKSAE,
@@ -88,6 +101,7 @@ if TYPE_CHECKING:
         Transcoder,
         TranscoderConfig,
     )
+    from fastsae.tl_compat import has_hooked_transformer, has_transformer_bridge
 
 __all__ = [
     "__version__",
@@ -116,6 +130,9 @@ __all__ = [
     "JumpReLUSkipTranscoder",
     "JumpReLUSkipTranscoderConfig",
     "HookedSAETransformer",
+    "SAETransformerBridge",
+    "has_hooked_transformer",
+    "has_transformer_bridge",
     "run_evals",
     "EvalConfig",
     "get_eval_everything_config",

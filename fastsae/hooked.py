@@ -19,27 +19,26 @@ manager, ``acts_to_saes``), for fastsae SAEs of every architecture:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from fastsae.sae_splice import (
-    _SPECIAL_TOKEN_ATTRS,
-    _get_module,
-    _hook_names,
-    _run_mlp_hook_in,
-    _SAESplice,
-    _set_module,
+    SPECIAL_TOKEN_ATTRS,
+    SAEs,
+    SAESplice,
+    SAESplices,
+    run_mlp_hook_in,
 )
+from fastsae.tl_compat import require_hooked_transformer
+
+HookedTransformer = require_hooked_transformer()
 
 __all__ = ["HookedSAETransformer"]
-
-SAEs = nn.Module | Sequence[nn.Module] | None
 
 
 class HookedSAETransformer(HookedTransformer):
@@ -57,8 +56,8 @@ class HookedSAETransformer(HookedTransformer):
             mlp = getattr(block, "mlp", None)
             if mlp is not None and not hasattr(mlp, "hook_in"):
                 mlp.hook_in = HookPoint()
-                mlp.register_forward_pre_hook(_run_mlp_hook_in)
-        self._acts_to_saes: dict[str, _SAESplice] = {}
+                mlp.register_forward_pre_hook(run_mlp_hook_in)
+        self._sae_splices = SAESplices(self)
         # the token ids embedded so far while ``generate`` runs (see _token_masks)
         self._generated_tokens: list[Tensor] | None = None
         self.setup()
@@ -67,7 +66,7 @@ class HookedSAETransformer(HookedTransformer):
     @property
     def acts_to_saes(self) -> dict[str, nn.Module]:
         """``{hook_name: sae}`` for every attached SAE (keyed by its input hook)."""
-        return {name: splice.sae for name, splice in self._acts_to_saes.items()}
+        return self._sae_splices.acts_to_saes()
 
     def add_sae(
         self,
@@ -93,83 +92,31 @@ class HookedSAETransformer(HookedTransformer):
             ValueError: the SAE's hook is not a hook point of this model, or another
                 SAE already writes at its output hook.
         """
-        in_name, out_name = _hook_names(sae)
-        self._check_attachable(in_name, out_name)
-        if use_error_term is None:
-            use_error_term = bool(getattr(sae, "use_error_term", False))
-        splice = _SAESplice(sae, in_name, out_name, use_error_term, exclude_special_tokens)
-        if in_name in self._acts_to_saes:
-            self._detach(in_name)
-        self._attach(splice)
-
-    def _check_attachable(self, in_name: str, out_name: str) -> None:
-        writers = {s.out_name: s.in_name for s in self._acts_to_saes.values()}
-
-        for role, name in (("hook_name", in_name), ("hook_name_out", out_name)):
-            inside = next((w for w in writers if name.startswith(w + ".")), None)
-            if inside is not None:
-                # the SAE calls its own hook points, so a splice there would never run
-                raise ValueError(
-                    f"cannot attach SAE: {role} {name!r} is a hook of the SAE attached at "
-                    f"{writers[inside]!r}, not of the model"
-                )
-            if name not in self.hook_dict and name not in writers:
-                raise ValueError(
-                    f"cannot attach SAE: {role} {name!r} is not a hook point of this model "
-                    "(see model.hook_dict for the available names)"
-                )
-        writer = writers.get(out_name)
-        if writer is not None and writer != in_name:
-            raise ValueError(
-                f"cannot attach SAE writing at {out_name!r}: the SAE attached at {writer!r} "
-                f"already writes there; reset_saes({writer!r}) first"
-            )
-
-    def _attach(self, splice: _SAESplice) -> None:
-        splice.__dict__["_replaced"] = _get_module(self, splice.out_name)
-        _set_module(self, splice.out_name, splice)
-        self._acts_to_saes[splice.in_name] = splice
-        self._sync_captures()
-        self.setup()
-
-    def _detach(self, act_name: str) -> _SAESplice:
-        splice = self._acts_to_saes.pop(act_name)
-        splice.release_capture()
-        _set_module(self, splice.out_name, splice.__dict__["_replaced"])
-        splice.__dict__["_replaced"] = None
-        splice.restore_hook_names()
-        self._sync_captures()
-        self.setup()
-        return splice
-
-    def _sync_captures(self) -> None:
-        """Point each transcoder's input capture at the module now at its input hook."""
-        for splice in self._acts_to_saes.values():
-            if splice.is_transcoder:
-                splice.capture_from(_get_module(self, splice.in_name))
-
-    def _reset_sae(self, act_name: str, prev_splice: _SAESplice | None = None) -> None:
-        """Remove the SAE at ``act_name``; then re-attach ``prev_splice`` if given."""
-        if act_name in self._acts_to_saes:
-            self._detach(act_name)
-        elif prev_splice is None:
-            warnings.warn(
-                f"No SAE is attached to {act_name!r}; there is nothing to reset.", stacklevel=3
-            )
-        if prev_splice is not None:
-            self._attach(prev_splice)
+        self._sae_splices.add(sae, use_error_term, exclude_special_tokens)
 
     def reset_saes(self, act_names: str | list[str] | None = None) -> None:
         """Remove the SAEs attached at ``act_names`` (their input hooks), or all of them.
 
         The model's original hook points come back (with any hooks they had).
         """
-        if isinstance(act_names, str):
-            act_names = [act_names]
-        elif act_names is None:
-            act_names = list(self._acts_to_saes)
-        for act_name in act_names:
-            self._reset_sae(act_name)
+        self._sae_splices.reset(act_names)
+
+    # SpliceHost: a HookedTransformer names hooks by module path; setup() re-indexes them
+    def splice_targets(self) -> Collection[str]:
+        """The hook names an SAE may attach at (:class:`fastsae.sae_splice.SpliceHost`)."""
+        return self.hook_dict.keys()
+
+    def splice_path(self, hook_name: str) -> str:
+        """The module path of a hook: its name."""
+        return hook_name
+
+    def splice_attached(self, splice: SAESplice) -> None:
+        """Re-index the hook points once a splice is in (its hooks join ``hook_dict``)."""
+        self.setup()
+
+    def splice_detached(self, splice: SAESplice) -> None:
+        """Re-index the hook points once the original hook point is back."""
+        self.setup()
 
     # ------------------------------------------------------------------ special tokens
     def _compute_exclusion_mask(
@@ -186,7 +133,7 @@ class HookedSAETransformer(HookedTransformer):
             )
             token_ids = []
         else:
-            ids = (getattr(self.tokenizer, attr, None) for attr in _SPECIAL_TOKEN_ATTRS)
+            ids = (getattr(self.tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS)
             token_ids = sorted({i for i in ids if i is not None})
         if not token_ids:
             return torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
@@ -195,7 +142,7 @@ class HookedSAETransformer(HookedTransformer):
     @contextmanager
     def _token_masks(self, input: Any, kwargs: dict[str, Any]) -> Iterator[None]:
         """Set each masked splice's exclusion mask for one forward pass."""
-        masked = [s for s in self._acts_to_saes.values() if s.exclude_special_tokens is not False]
+        masked = self._sae_splices.masked()
         if masked:
             tokens = kwargs.get("tokens")
             if isinstance(input, Tensor):
@@ -242,7 +189,7 @@ class HookedSAETransformer(HookedTransformer):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``HookedTransformer.generate``; SAEs with ``exclude_special_tokens`` still
         bypass those tokens (the prompt's and the generated ones)."""
-        if not any(s.exclude_special_tokens is not False for s in self._acts_to_saes.values()):
+        if not self._sae_splices.masked():
             return super().generate(*args, **kwargs)
         seen: list[Tensor] = []
 
@@ -260,8 +207,7 @@ class HookedSAETransformer(HookedTransformer):
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """``HookedTransformer.forward`` with the SAEs' per-pass state set up."""
-        for splice in self._acts_to_saes.values():
-            splice.clear_captured()
+        self._sae_splices.clear_captured()
         with self._token_masks(input, kwargs):
             return super().forward(input, *args, **kwargs)
 
@@ -280,27 +226,10 @@ class HookedSAETransformer(HookedTransformer):
         they displaced come back as they were. ``use_error_term`` / ``exclude_special_tokens``
         apply to the SAEs attached here, as in :meth:`add_sae`.
         """
-        if saes is None:
-            saes = []
-        elif isinstance(saes, nn.Module):
-            saes = [saes]
-        restore: list[tuple[str, _SAESplice | None]] = []
-        try:
-            for sae in saes:
-                act_name = _hook_names(sae)[0]
-                prev = self._acts_to_saes.get(act_name)
-                self.add_sae(
-                    sae,
-                    use_error_term=use_error_term,
-                    exclude_special_tokens=exclude_special_tokens,
-                )
-                restore.append((act_name, prev))
+        with self._sae_splices.attached(
+            saes, reset_saes_end, use_error_term, exclude_special_tokens
+        ):
             yield self
-        finally:
-            if reset_saes_end:
-                # newest first, so an SAE attached twice at one hook unwinds correctly
-                for act_name, prev in reversed(restore):
-                    self._reset_sae(act_name, prev)
 
     def run_with_saes(
         self,
