@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from fastsae import bench as bench_engine
+
+MINILM_LAYERS = 6  # all-MiniLM-L6-v2: encoder.layer.0 .. encoder.layer.5
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def nonempty_path(text: str) -> str:
+    """An argparse ``type``: a path that is not empty (an empty one means the current
+    folder, where a typo'd or unset shell variable would write or read by accident)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a folder (use '.' for the current one)")
+    return text
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -56,7 +79,10 @@ def train(args: argparse.Namespace) -> int:
 
 def cache(args: argparse.Namespace) -> int:
     """Write a config's activations to disk as safetensors shards."""
-    from fastsae.training.activation_cache import cache_activations_from_config
+    from fastsae.training.activation_cache import (
+        cache_activations_from_config,
+        check_cache_target,
+    )
     from fastsae.training.config import LanguageModelSAERunnerConfig
     from fastsae.training.runner import load_model
 
@@ -65,19 +91,43 @@ def cache(args: argparse.Namespace) -> int:
         cfg.cached_activations_path = args.out
     if not cfg.cached_activations_path:
         raise ValueError("no cached_activations_path in the config and no --out given")
-    path = cache_activations_from_config(cfg, model_loader=load_model)
+    check_cache_target(cfg.cached_activations_path)  # before a model load of minutes
+    # load_model gives (model, tokenizer): a transformers model needs its tokenizer
+    model, tokenizer = load_model(cfg)
+    path = cache_activations_from_config(cfg, model, tokenizer=tokenizer)
     print(f"cached {cfg.training_tokens:,} activations of {cfg.hook_name} to {path}")
     return 0
 
 
-def convert(args: argparse.Namespace) -> int:
-    """Load any supported SAE folder and write it in the SAELens 6.x format."""
-    from fastsae import SAE
+def check_not_same_folder(src: str, dst: str) -> None:
+    """Refuse ``dst`` naming the folder ``src`` is (under any spelling or symlink):
+    writing there would overwrite the source's files."""
+    src_path, dst_path = Path(src), Path(dst)
+    same = src_path.resolve() == dst_path.resolve()
+    if not same and dst_path.exists() and src_path.exists():
+        same = os.path.samefile(src_path, dst_path)  # e.g. a bind mount or hard link
+    if same:
+        raise ValueError(
+            f"DST {dst!r} is the source folder {src!r}: converting in place would overwrite "
+            "the source; give another output folder"
+        )
 
-    sae = SAE.load_from_disk(args.src, dtype=args.dtype, validate=True)
-    weights, cfg = sae.save_model(args.dst)
+
+def convert(args: argparse.Namespace) -> int:
+    """Load any supported SAE folder and write it in the SAELens 6.x format, with the
+    source's ``sparsity.safetensors`` (log feature sparsity) when it has one."""
+    from fastsae import SAE
+    from fastsae.loading.disk import SPARSITY_FILENAME, read_log_sparsity
+
+    check_not_same_folder(args.src, args.dst)
+    src = Path(args.src)
+    sae = SAE.load_from_disk(src, dtype=args.dtype, validate=True)
+    sparsity_file = src / SPARSITY_FILENAME
+    sparsity = read_log_sparsity(sparsity_file, d_sae=sae.cfg.d_sae) if src.is_dir() else None
+    weights, cfg = sae.save_model(args.dst, sparsity=sparsity)
+    carried = " with its sparsity" if sparsity is not None else ""
     print(f"{args.src} -> {type(sae).__name__} (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) "
-          f"written to {weights.parent}")  # fmt: skip
+          f"written to {weights.parent}{carried}")  # fmt: skip
     return 0
 
 
@@ -93,33 +143,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="train a TopK SAE on real all-MiniLM-L6-v2 activations, offline"
     )
-    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens")
-    p.add_argument("--expansion-factor", type=int, default=8)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--layer", type=int, default=3, help="MiniLM layer 0-5 (encoder.layer.N)")
-    p.add_argument("--batch-tokens", type=int, default=1024)
+    # checked here: a bad value would otherwise fail only after the corpus and model load
+    # (--layer), or in the demo's schedule arithmetic (--batch-tokens 0)
+    p.add_argument("--tokens", type=positive_int, default=1_000_000, help="training tokens")
+    p.add_argument("--expansion-factor", type=positive_int, default=8)
+    p.add_argument("--k", type=positive_int, default=32)
+    p.add_argument("--layer", type=int, default=3, choices=range(MINILM_LAYERS),
+                   metavar=f"{{0..{MINILM_LAYERS - 1}}}",
+                   help="MiniLM layer (encoder.layer.N)")  # fmt: skip
+    p.add_argument("--batch-tokens", type=positive_int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="fastsae-demo", help="output folder")
+    p.add_argument("--out", type=nonempty_path, default="fastsae-demo", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=demo)
 
     p = sub.add_parser("train", help="train an SAE from a YAML/JSON runner config")
     p.add_argument("config", help="LanguageModelSAERunnerConfig as .yaml/.yml/.json")
-    p.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    p.add_argument(
+        "--resume", type=nonempty_path, default=None, help="checkpoint folder to resume from"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=train)
 
     p = sub.add_parser("cache", help="cache a config's activations as safetensors shards")
     p.add_argument("config", help="LanguageModelSAERunnerConfig as .yaml/.yml/.json")
-    p.add_argument("--out", default=None, help="folder (default: cached_activations_path)")
+    p.add_argument(
+        "--out", type=nonempty_path, default=None, help="folder (default: cached_activations_path)"
+    )
     p.set_defaults(func=cache)
 
     p = sub.add_parser(
         "convert", help="convert an SAE folder (any supported format) to SAELens format"
     )
-    p.add_argument("src", help="folder: SAELens, Gemma Scope, sparsify or dictionary_learning")
-    p.add_argument("dst", help="output folder")
+    p.add_argument(
+        "src",
+        type=nonempty_path,
+        help="folder: SAELens, Gemma Scope, sparsify or dictionary_learning",
+    )
+    p.add_argument("dst", type=nonempty_path, help="output folder (not SRC)")
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: as stored)")
     p.set_defaults(func=convert)
 

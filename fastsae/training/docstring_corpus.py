@@ -84,6 +84,7 @@ def local_text_dataset(
     min_chars: int = 200,
     seed: int = 0,
     packages: Sequence[str] | None = None,
+    max_chars: int | None = None,
 ) -> Dataset:
     """A text dataset that needs no network: docstrings of installed packages.
 
@@ -95,7 +96,11 @@ def local_text_dataset(
     (packages, seed, min_chars) and ``n_docs=k`` gives the first k documents of
     ``n_docs=None``. The default packages (stdlib, numpy, torch, datasets) give about
     10k documents, ~8M characters, ~2.2M all-MiniLM-L6-v2 tokens, in 15-20 s on one
-    core (parsing is the cost; ``n_docs`` stops early).
+    core (parsing is the cost; ``n_docs`` and ``max_chars`` stop early).
+
+    ``max_chars``: stop after the first document that brings the total to at least this
+    many characters (no more files are parsed); like ``n_docs``, the result is a prefix
+    of the whole corpus, documents in the same order, just fewer.
 
     Returns:
         a ``datasets.Dataset`` with columns ``text`` (the docstring) and ``source``
@@ -103,6 +108,10 @@ def local_text_dataset(
     """
     if n_docs is not None and (isinstance(n_docs, bool) or n_docs <= 0):
         raise ValueError(f"n_docs must be a positive int or None, got {n_docs!r}")
+    if max_chars is not None and (
+        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0
+    ):
+        raise ValueError(f"max_chars must be a positive int or None, got {max_chars!r}")
     if min_chars < 1:
         raise ValueError(f"min_chars must be >= 1, got {min_chars!r}")
     names = list(DEFAULT_DOC_PACKAGES if packages is None else packages)
@@ -117,6 +126,7 @@ def local_text_dataset(
     texts: list[str] = []
     sources: list[str] = []
     seen: set[str] = set()
+    n_chars = 0
     for name, base, path in files:
         for qualname, doc in _file_docstrings(path, min_chars):
             if doc in seen:
@@ -124,7 +134,10 @@ def local_text_dataset(
             seen.add(doc)
             texts.append(doc)
             sources.append(f"{name}/{_relative(path, base)}:{qualname}")
-            if n_docs is not None and len(texts) >= n_docs:
+            n_chars += len(doc)
+            if (n_docs is not None and len(texts) >= n_docs) or (
+                max_chars is not None and n_chars >= max_chars
+            ):
                 return Dataset.from_dict({"text": texts, "source": sources})
     if not texts:
         raise ValueError(f"no docstrings of >= {min_chars} characters found in {names}")
