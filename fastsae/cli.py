@@ -1,4 +1,5 @@
-"""``fastsae`` command line: ``demo``, ``train``, ``cache``, ``convert`` and ``bench``."""
+"""``fastsae`` command line: ``demo``, ``train``, ``cache``, ``convert``, ``bench`` and
+``tune``."""
 
 from __future__ import annotations
 
@@ -136,6 +137,40 @@ def bench(args: argparse.Namespace) -> int:
     return bench_engine.run(args)
 
 
+def tune(args: argparse.Namespace) -> int:
+    """Pre-tune ``impl="auto"``'s path choice over a grid of shapes and print the decisions
+    (cached in ``fastsae.tuning.cache_dir()``, so later runs start tuned)."""
+    import itertools
+
+    import torch
+
+    from fastsae import tuning
+
+    if not torch.cuda.is_available():
+        print("fastsae tune: error: needs a CUDA device (impl='auto' tunes only on CUDA; "
+              "CPU tensors always take the torch path)", file=sys.stderr)  # fmt: skip
+        return 2
+    if not tuning.tuning_enabled():
+        print(f"fastsae tune: error: {tuning.TUNE_ENV}=0 turns tuning off; unset it to tune",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    shapes = [bench_engine.parse_shape(s) for s in args.shapes] if args.shapes else list(
+        dict.fromkeys(bench_engine.GPU_SHAPES + bench_engine.GEMMA_SCOPE_SHAPES))  # fmt: skip
+    dtypes = []
+    for name in args.dtype:
+        if name not in bench_engine.DTYPES:
+            raise ValueError(f"--dtype: unknown {name!r}; expected one of fp32, bf16, fp16")
+        dtypes.append(bench_engine.DTYPES[name])
+    cache = tuning.active_tuner().cache.path
+    print(f"tuning on {torch.cuda.get_device_name()}; decisions cached in {cache}")
+    for dtype, (d_in, d_sae), rows, k in itertools.product(dtypes, shapes, args.rows, args.k):
+        point = tuning.GridPoint(d_in, d_sae, rows, k, dtype)
+        paths = tuning.pretune(point)
+        print(f"{d_in}x{d_sae} rows={rows} k={k} {bench_engine.DTYPE_NAMES[dtype]}: "
+              f"{tuning.describe_paths(paths)}", flush=True)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_engine.add_arguments(p)
     p.set_defaults(func=bench)
+
+    p = sub.add_parser(
+        "tune", help="pre-tune impl='auto' dispatch (fastest path per shape) on this CUDA GPU"
+    )
+    p.add_argument("--shapes", nargs="+", default=None, metavar="D_INxD_SAE",
+                   help="encoder shapes (default: fastsae bench's GPU shapes)")  # fmt: skip
+    p.add_argument("--rows", nargs="+", type=positive_int,
+                   default=list(bench_engine.GPU_BATCHES), help="batch sizes (tokens)")  # fmt: skip
+    p.add_argument("--k", nargs="+", type=positive_int, default=[bench_engine.K],
+                   help="TopK k (JumpReLU aims at a mean L0 of 1.5 k)")  # fmt: skip
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], help="fp32, bf16, fp16")
+    p.set_defaults(func=tune)
     return parser
 
 

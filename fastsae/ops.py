@@ -1,23 +1,42 @@
 """Dispatch layer: one function per op, ``impl="auto" | "triton" | "torch"``.
 
-``auto`` picks the Triton kernels when the tensors are on a CUDA device, Triton
-imports and ``FASTSAE_DISABLE_TRITON`` is unset; otherwise the pure-torch path in
-``fastsae.torch_ops``. ``FASTSAE_DISABLE_TRITON=1`` forces torch. ``impl="triton"``
-never falls back silently: when Triton is disabled, missing, or cannot run on the
+``auto`` may take a Triton path when the tensors are on a CUDA device, Triton imports
+and ``FASTSAE_DISABLE_TRITON`` is unset; otherwise (CPU tensors included) it takes the
+pure-torch path in ``fastsae.torch_ops``, untimed. ``FASTSAE_DISABLE_TRITON=1`` forces
+torch. ``impl="triton"`` never falls back silently: when Triton is disabled, missing, or cannot run on the
 tensors it raises (CPU tensors are allowed under ``TRITON_INTERPRET=1``, for
 tests). Leading batch dimensions are flattened here, so the implementations see
-2-D inputs. ``topk_encode`` on CUDA picks its pairs with the fused kernel for small
-batches and with chunked cuBLAS matmuls for large ones (``topk_selection``).
+2-D inputs.
+
+On CUDA, ``auto`` chooses among an op's paths by measurement (``fastsae.tuning``): the
+first call for a (device, op, dtype, shape bucket) times them and caches the fastest.
+The torch path is always a candidate, so ``auto`` is slower than it by at most the
+measurement noise (and the bucket's spread).
+The paths, and the default taken when tuning is off (``FASTSAE_TUNE=0``) or impossible
+(inside a CUDA graph capture or a ``torch.compile`` trace, before a decision is cached):
+
+- ``topk_encode``: ``"fused"`` (the fused Triton encoder, k <= 1024), ``"chunked"`` (cuBLAS
+  matmuls over latent chunks + ``torch.topk`` + the Triton sparse backward) and ``"torch"``
+  (dense pre-activations). Default ``"chunked"``: its speed is cuBLAS's (tensor cores,
+  autocast-aware), never far from SAELens's dense path, and it forms no ``[B, d_sae]``
+  tensor, while the fused encoder has not been timed on any GPU yet.
+  ``FASTSAE_TOPK_SELECT=fused|chunked`` forces a selection (no tuning).
+- ``jumprelu_encode``: ``"triton"`` (fused encoder + threshold) and ``"torch"`` (a cuBLAS
+  matmul + threshold, SAELens's own maths). Default ``"torch"``, for the same reason.
+- ``sparse_decode``: ``"triton"`` and ``"torch"``. Default ``"triton"``: a gather bound by
+  memory bandwidth, where the kernel reads each selected row once.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
-from fastsae import torch_ops
+from fastsae import torch_ops, tuning
 from fastsae.sparse_code import SparseCode
 
 IMPLS = ("auto", "triton", "torch")
@@ -37,24 +56,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
-# topk_encode with impl="auto" on CUDA: the fused kernel (no [B, d_sae] tensor, one
-# pass over W_enc per 16 rows, fp32 IEEE dots) for up to this many rows; above it,
-# cuBLAS matmuls over latent chunks + torch.topk (tensor cores, autocast-aware) pick
-# the pairs and the Triton sparse backward stays. A choice made on arithmetic, not
-# yet on GPU timings (benchmarks/test_bench_train_step.py times both).
-FUSED_TOPK_MAX_ROWS = 256
 TOPK_SELECTIONS = ("auto", "fused", "chunked")
+TOPK_PATHS = ("fused", "chunked", "torch")
+# the fused TopK kernel keeps a running top-k in registers: k up to this
+FUSED_TOPK_MAX_K = 1024
+# the untuned defaults (see the module docstring for why)
+DEFAULT_PATHS = {"topk_encode": "chunked", "jumprelu_encode": "torch", "sparse_decode": "triton"}
 
 
-def topk_selection(n_rows: int) -> str:
-    """``"fused"`` or ``"chunked"``: how ``topk_encode(impl="auto")`` picks a CUDA batch
-    of ``n_rows`` rows (``FASTSAE_TOPK_SELECT=fused|chunked`` overrides)."""
+def topk_selection_override() -> str | None:
+    """``"fused"`` or ``"chunked"`` when ``FASTSAE_TOPK_SELECT`` forces one, else None."""
     choice = os.environ.get("FASTSAE_TOPK_SELECT", "auto") or "auto"
     if choice not in TOPK_SELECTIONS:
         raise ValueError(f"FASTSAE_TOPK_SELECT must be one of {TOPK_SELECTIONS}, got {choice!r}")
-    if choice != "auto":
-        return choice
-    return "fused" if n_rows <= FUSED_TOPK_MAX_ROWS else "chunked"
+    return None if choice == "auto" else choice
+
+
+def topk_selection(n_rows: int) -> str:
+    """``"fused"`` or ``"chunked"``: the Triton selection ``topk_encode(impl="auto")`` takes
+    on a CUDA batch of ``n_rows`` rows without a tuned decision (``FASTSAE_TOPK_SELECT``
+    overrides; ``n_rows`` is kept for callers that ask per batch)."""
+    return topk_selection_override() or DEFAULT_PATHS["topk_encode"]
 
 
 def auto_uses_triton(*tensors: Tensor | None) -> bool:
@@ -67,9 +89,11 @@ def _use_triton(op: str, impl: str, tensors: tuple[Tensor | None, ...], has_kern
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if impl == "auto":
-        return has_kernel and on_cuda and triton_available() and not triton_disabled()
+        # the active tuner says which devices count as CUDA (injectable for tests)
+        on_device = tuning.active_tuner().device_name(tensors) is not None
+        return has_kernel and on_device and triton_available() and not triton_disabled()
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     # impl == "triton": explicit, so every reason it cannot run is an error
     if not has_kernel:
         raise NotImplementedError(f"{op}: no Triton kernel yet; use impl='torch' or 'auto'")
@@ -118,6 +142,76 @@ def _unflat(code: SparseCode, lead: tuple[int, ...]) -> SparseCode:
     return SparseCode(code.values.reshape(*lead, k), code.indices.reshape(*lead, k))
 
 
+def _detached(*tensors: Tensor | None) -> tuple[Any, ...]:
+    return tuple(t.detach() if t is not None else None for t in tensors)
+
+
+# what _auto_target returns when Triton may run but not on a tunable device: only where a
+# test points impl="auto" at the kernels on CPU tensors (the interpreter lane patches
+# _use_triton); nothing can be timed there, so the Triton kernel itself runs
+UNTUNABLE = "untunable"
+
+
+def _auto_target(op: str, tensors: tuple[Tensor | None, ...]) -> str | None:
+    """For ``impl="auto"``: None when the torch path must run (CPU tensors, Triton missing
+    or disabled), without any timing; else the tunable device's name (or ``UNTUNABLE``)."""
+    if not _use_triton(op, "auto", tensors, has_kernel=True):
+        return None
+    return tuning.active_tuner().device_name(tensors) or UNTUNABLE
+
+
+def _choose(key: tuning.TuneKey, candidates: dict[str, Callable[[], Any]], default: str) -> str:
+    return tuning.active_tuner().choose(key, candidates, default)
+
+
+def _topk_run(
+    path: str,
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dec_norm: Tensor | None,
+    abs_select: bool,
+) -> SparseCode:
+    """One ``topk_encode`` path on 2-D ``x``."""
+    if path == "torch":
+        return torch_ops.topk_encode(x, W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select)
+    from fastsae.kernels.autograd import TopKEncodeFunction
+
+    select = torch_ops.topk_select_chunked if path == "chunked" else None
+    return SparseCode(*TopKEncodeFunction.apply(x, W_enc, b_enc, dec_norm, k, abs_select, select))
+
+
+def topk_auto_path(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    dec_norm: Tensor | None = None,
+    abs_select: bool = False,
+) -> str:
+    """The path ``topk_encode(impl="auto")`` takes on these tensors (``TOPK_PATHS``),
+    tuning it first when the key has no decision yet (``x`` is 2-D or batched)."""
+    device = _auto_target("topk_encode", (x, W_enc, b_enc, dec_norm))
+    if device is None:
+        return "torch"
+    forced = topk_selection_override()
+    if forced is not None:
+        # the fused kernel's register top-k stops at FUSED_TOPK_MAX_K
+        return "torch" if forced == "fused" and k > FUSED_TOPK_MAX_K else forced
+    if device == UNTUNABLE:
+        return "fused" if k <= FUSED_TOPK_MAX_K else "chunked"
+    xf, W, b, dn = _detached(_flat(x), W_enc, b_enc, dec_norm)
+    names = [p for p in TOPK_PATHS if p != "fused" or k <= FUSED_TOPK_MAX_K]
+    candidates = {n: (lambda n=n: _topk_run(n, xf, W, b, k, dn, abs_select)) for n in names}
+    key = tuning.TuneKey.make(
+        device, "topk_encode", tuning.dtype_tag(x.dtype, W_enc.dtype), xf.shape[0],
+        tuple(W_enc.shape), k,
+    )  # fmt: skip
+    return _choose(key, candidates, DEFAULT_PATHS["topk_encode"])
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -139,21 +233,14 @@ def topk_encode(
     if not 0 < k <= W_enc.shape[1]:
         raise ValueError(f"topk_encode: k must be in [1, d_sae={W_enc.shape[1]}], got {k}")
     _check_dec_norm(dec_norm, W_enc, "topk_encode")
-    # the fused kernel keeps a running top-k in registers: k up to 1024; the chunked
-    # selection (impl="auto" only) has no such limit
-    chunked = impl == "auto" and topk_selection(_n_rows(x)) == "chunked"
-    tensors = (x, W_enc, b_enc, dec_norm)
-    if _use_triton("topk_encode", impl, tensors, has_kernel=k <= 1024 or chunked):
-        from fastsae.kernels.autograd import TopKEncodeFunction
-
-        select = torch_ops.topk_select_chunked if chunked else None
-        code = SparseCode(
-            *TopKEncodeFunction.apply(_flat(x), W_enc, b_enc, dec_norm, k, abs_select, select)
-        )
+    if impl == "auto":
+        path = topk_auto_path(x, W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select)
     else:
-        code = torch_ops.topk_encode(
-            _flat(x), W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select
-        )
+        tensors = (x, W_enc, b_enc, dec_norm)
+        fused = _use_triton("topk_encode", impl, tensors, has_kernel=k <= FUSED_TOPK_MAX_K)
+        path = "fused" if fused else "torch"
+    tuning.note_path("topk_encode", path)
+    code = _topk_run(path, _flat(x), W_enc, b_enc, k, dec_norm, abs_select)
     return _unflat(code, tuple(x.shape[:-1]))
 
 
@@ -187,19 +274,23 @@ def batch_topk_encode(
     if n_select > 0 and _use_triton("batch_topk_encode", impl, tensors, has_kernel=True):
         from fastsae.kernels.autograd import TopKEncodeFunction
 
+        tuning.note_path("batch_topk_encode", "chunked")
         select = torch_ops.batch_topk_select_chunked
         return SparseCode(
             *TopKEncodeFunction.apply(x, W_enc, b_enc, dec_norm, n_select, False, select)
         )
+    tuning.note_path("batch_topk_encode", "torch")
     return torch_ops.batch_topk_encode(x, W_enc, b_enc, n_select, dec_norm=dec_norm)
 
 
 def topk_encode_is_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int) -> bool:
-    """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) takes the Triton
-    path on these tensors (the fused kernel, or the chunked selection for large
-    batches): either way no ``[batch, d_sae]`` pre-activations are formed."""
-    chunked = topk_selection(_n_rows(x)) == "chunked"
-    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=k <= 1024 or chunked)
+    """Whether ``topk_encode(x, W_enc, b_enc, k)`` (``impl="auto"``) may take a Triton path
+    on these tensors (the fused kernel or the chunked selection, neither of which forms
+    ``[batch, d_sae]`` pre-activations). Tuning may still pick the torch path for a shape
+    where it measured faster; it returns the same code."""
+    forced_fused = topk_selection_override() == "fused"
+    has_kernel = k <= FUSED_TOPK_MAX_K or not forced_fused
+    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=has_kernel)
 
 
 def jumprelu_encode(
@@ -221,17 +312,51 @@ def jumprelu_encode(
         raise ValueError(
             f"jumprelu_encode: threshold must be [d_sae], got {tuple(threshold.shape)}"
         )
-    if _use_triton("jumprelu_encode", impl, (x, W_enc, b_enc, threshold), has_kernel=True):
-        from fastsae.kernels.autograd import JumpReLUEncodeFunction
-
-        out = JumpReLUEncodeFunction.apply(_flat(x), W_enc, b_enc, threshold, sparse)
-        out = SparseCode(*out) if sparse else out
+    tensors = (x, W_enc, b_enc, threshold)
+    if impl == "auto":
+        path = "torch"
+        device = _auto_target("jumprelu_encode", tensors)
+        if device == UNTUNABLE:
+            path = "triton"
+        elif device is not None:
+            xf, W, b, thr = _detached(_flat(x), W_enc, b_enc, threshold)
+            candidates = {
+                n: (lambda n=n: _jumprelu_run(n, xf, W, b, thr, sparse))
+                for n in ("triton", "torch")
+            }
+            op = "jumprelu_encode:" + ("sparse" if sparse else "dense")
+            dtype = tuning.dtype_tag(x.dtype, W_enc.dtype)
+            key = tuning.TuneKey.make(device, op, dtype, xf.shape[0], tuple(W_enc.shape))
+            path = _choose(key, candidates, DEFAULT_PATHS["jumprelu_encode"])
     else:
-        out = torch_ops.jumprelu_encode(_flat(x), W_enc, b_enc, threshold, sparse=sparse)
+        path = "triton" if _use_triton("jumprelu_encode", impl, tensors, True) else "torch"
+    tuning.note_path("jumprelu_encode", path)
+    out = _jumprelu_run(path, _flat(x), W_enc, b_enc, threshold, sparse)
     lead = tuple(x.shape[:-1])
     if sparse:
         return _unflat(out, lead)
     return out.reshape(*lead, W_enc.shape[1])
+
+
+def _jumprelu_run(
+    path: str, x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, sparse: bool
+) -> Tensor | SparseCode:
+    """One ``jumprelu_encode`` path on 2-D ``x``."""
+    if path == "torch":
+        return torch_ops.jumprelu_encode(x, W_enc, b_enc, threshold, sparse=sparse)
+    from fastsae.kernels.autograd import JumpReLUEncodeFunction
+
+    out = JumpReLUEncodeFunction.apply(x, W_enc, b_enc, threshold, sparse)
+    return SparseCode(*out) if sparse else out
+
+
+def _decode_run(path: str, code: SparseCode, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """One ``sparse_decode`` path on a 2-D code."""
+    if path == "torch":
+        return torch_ops.sparse_decode(code, W_dec, b_dec)
+    from fastsae.kernels.autograd import SparseDecodeFunction
+
+    return SparseDecodeFunction.apply(code.values, code.indices, W_dec, b_dec)
 
 
 def sparse_decode(
@@ -258,10 +383,25 @@ def sparse_decode(
     lead = tuple(values.shape[:-1])
     k = values.shape[-1]
     flat = SparseCode(values.reshape(-1, k), indices.reshape(-1, k))
-    if _use_triton("sparse_decode", impl, (values, indices, W_dec, b_dec), has_kernel=True):
-        from fastsae.kernels.autograd import SparseDecodeFunction
-
-        out = SparseDecodeFunction.apply(flat.values, flat.indices, W_dec, b_dec)
+    tensors = (values, indices, W_dec, b_dec)
+    if impl == "auto":
+        path = "torch"
+        device = _auto_target("sparse_decode", tensors)
+        if device == UNTUNABLE:
+            path = "triton"
+        elif device is not None:
+            v, i, W, b = _detached(flat.values, flat.indices, W_dec, b_dec)
+            candidates = {
+                n: (lambda n=n: _decode_run(n, SparseCode(v, i), W, b)) for n in ("triton", "torch")
+            }
+            dtype = tuning.dtype_tag(values.dtype, W_dec.dtype)
+            # a JumpReLU code's width follows the data: bucket it like the rows
+            key = tuning.TuneKey.make(
+                device, "sparse_decode", dtype, v.shape[0], tuple(W_dec.shape), tuning.bucket(k)
+            )
+            path = _choose(key, candidates, DEFAULT_PATHS["sparse_decode"])
     else:
-        out = torch_ops.sparse_decode(flat, W_dec, b_dec)
+        path = "triton" if _use_triton("sparse_decode", impl, tensors, has_kernel=True) else "torch"
+    tuning.note_path("sparse_decode", path)
+    out = _decode_run(path, flat, W_dec, b_dec)
     return out.reshape(*lead, W_dec.shape[1])

@@ -205,11 +205,11 @@ def test_topk_select_chunked_matches_one_topk(abs_select, use_dec_norm, max_chun
 
 
 def test_topk_selection_rule(monkeypatch):
-    """Large CUDA batches use the chunked selection, small ones the fused kernel;
-    FASTSAE_TOPK_SELECT overrides, and a bad value is named."""
+    """Untuned, every CUDA batch uses the chunked (cuBLAS) selection; FASTSAE_TOPK_SELECT
+    overrides, and a bad value is named."""
     monkeypatch.delenv("FASTSAE_TOPK_SELECT", raising=False)
-    assert ops.topk_selection(ops.FUSED_TOPK_MAX_ROWS) == "fused"
-    assert ops.topk_selection(ops.FUSED_TOPK_MAX_ROWS + 1) == "chunked"
+    assert ops.topk_selection(1) == "chunked"
+    assert ops.topk_selection(10**6) == "chunked"
     monkeypatch.setenv("FASTSAE_TOPK_SELECT", "fused")
     assert ops.topk_selection(10**6) == "fused"
     monkeypatch.setenv("FASTSAE_TOPK_SELECT", "chunked")
@@ -247,3 +247,24 @@ def test_batch_topk_encode_checks_and_empty_selection():
     assert code.values.shape == (4, 1) and not code.values.any()
     code.values.sum().backward()  # still attached to the graph, as SAELens's
     assert W_enc.grad is not None
+
+
+def test_auto_pointed_at_triton_off_a_tunable_device_runs_the_kernels(monkeypatch):
+    """Where a test points ``impl="auto"`` at the kernels on CPU tensors (the interpreter
+    lane's fixture patches ``_use_triton``), auto takes the Triton kernels without timing:
+    the fused TopK encoder (the chunked selection above its k limit), the JumpReLU and
+    decode kernels; FASTSAE_TOPK_SELECT still forces a selection."""
+    from fastsae import tuning
+
+    def no_timer(name, fn):
+        raise AssertionError(f"timed {name!r}")
+
+    monkeypatch.delenv("FASTSAE_TOPK_SELECT", raising=False)
+    monkeypatch.setattr(ops, "_use_triton", lambda op, impl, tensors, has_kernel: True)
+    x, W_enc = torch.randn(3, 4), torch.randn(4, 2048)
+    with tuning.use_tuner(tuning.Tuner(tuning.DecisionCache(None), no_timer)) as tuner:
+        assert ops.topk_auto_path(x, W_enc, torch.zeros(2048), 8) == "fused"
+        assert ops.topk_auto_path(x, W_enc, torch.zeros(2048), 1100) == "chunked"
+        monkeypatch.setenv("FASTSAE_TOPK_SELECT", "chunked")
+        assert ops.topk_auto_path(x, W_enc, torch.zeros(2048), 8) == "chunked"
+    assert tuner.cache.memory == {}

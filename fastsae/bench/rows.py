@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fastsae import ops
+from fastsae import ops, tuning
 from fastsae.bench.cases import (
     COPY_BYTES,
     REFERENCE_PROVIDER,
@@ -61,6 +61,7 @@ def _row(cfg: Config, op: str, provider: str, **fields: Any) -> dict[str, Any]:
         "peak_mem_mb": None,
         "rel_err": None,
         "sel_diff": None,
+        "path": None,  # fastsae providers: the ops' paths taken, e.g. "topk_encode=chunked"
     }
     row.update(fields)
     return row
@@ -72,7 +73,7 @@ def run_case(prob: Problem, provider: str, op: str, repeats: int) -> dict[str, A
     info: dict[str, Any] = {"k": round(prob.k_eff, 1) if op != "matmul" else None}
     if cfg.arch == "jumprelu" and op != "matmul":
         info.update(l0_max=prob.l0_max, code_width=prob.code_width)
-    with provider_env(provider):
+    with provider_env(provider), tuning.record_paths() as taken:
         if provider == "fastsae-triton" and not ops.auto_uses_triton(prob.xs[0]):
             raise RuntimeError("fastsae-triton: ops would not pick the Triton kernels here")
         runner = make_runner(prob, provider, op)
@@ -96,6 +97,7 @@ def run_case(prob: Problem, provider: str, op: str, repeats: int) -> dict[str, A
         tflops=flops / ms / 1e9 if flops else None,
         gbps=nbytes / ms / 1e6 if nbytes else None,
         peak_mem_mb=mem,
+        path=tuning.describe_paths(taken) if taken else None,
         **numerics,
         **info,
     )
