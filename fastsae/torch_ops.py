@@ -254,7 +254,7 @@ class _TopKEncode(torch.autograd.Function):
             d_x = gather_weighted_sum(d_h, indices, W_enc.T.contiguous()).to(x.dtype)
         d_w = None
         if need_w:
-            d_w = scatter_rows(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype)
+            d_w = segment_rows_sum(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype)
         d_b = None
         if need_b:
             d_b = torch.zeros_like(b_enc).index_add_(
@@ -273,7 +273,7 @@ def _embedding_bag_grads(
 ) -> tuple[Tensor | None, Tensor | None]:
     """Both sparse products as the backward of ``embedding_bag(indices, rows, weights)``
     under the output gradient ``G [B, D]``: ``(gather_dot(G, indices, rows) [B, K],
-    scatter_rows(weights, indices, G, N) [N, D])``, in fp32 or wider.
+    segment_rows_sum(weights, indices, G, N) [N, D])``, in fp32 or wider.
 
     torch's embedding_bag backward is a sorted segment sum: 62 ms for both at B=2048,
     K=64, D=768, N=24576 on 2 CPU cores, vs 158 ms for the chunked gathers.
@@ -324,7 +324,7 @@ def gather_weighted_sum(weights: Tensor, indices: Tensor, rows: Tensor) -> Tenso
     return out
 
 
-def scatter_rows(weights: Tensor, indices: Tensor, X: Tensor, n_rows: int) -> Tensor:
+def segment_rows_sum(weights: Tensor, indices: Tensor, X: Tensor, n_rows: int) -> Tensor:
     """``out[n] = sum over (b, j) with indices[b, j] == n of weights[b, j] * X[b]`` -> ``[n_rows, D]``.
 
     Accumulates in at least fp32: a popular latent sums thousands of rows, which bf16
@@ -438,7 +438,7 @@ class _SparseDecode(torch.autograd.Function):
         d_values = gather_dot(grad_out, indices, W_dec).to(values.dtype) if need_values else None
         d_w = None
         if need_w:
-            d_w = scatter_rows(values, indices, grad_out, W_dec.shape[0]).to(W_dec.dtype)
+            d_w = segment_rows_sum(values, indices, grad_out, W_dec.shape[0]).to(W_dec.dtype)
         return d_values, None, d_w
 
 

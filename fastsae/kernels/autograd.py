@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_backward import group_by_latent, segment_rows_sum, sparse_dot
+from .sparse_backward import gather_dot, group_by_latent, segment_rows_sum
 from .sparse_decode import sparse_decode
 
 
@@ -26,7 +26,7 @@ class SparseDecodeFunction(torch.autograd.Function):
         values, indices, W_dec = ctx.saved_tensors
         need_values, _, need_w, need_b = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
-        d_values = sparse_dot(grad_out, indices, W_dec, values.dtype) if need_values else None
+        d_values = gather_dot(grad_out, indices, W_dec, values.dtype) if need_values else None
         d_w = None
         if need_w:
             order, offsets = group_by_latent(indices, W_dec.shape[0], keep=values != 0)

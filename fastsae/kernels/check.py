@@ -202,7 +202,7 @@ def build_cases(dtypes: Sequence[str] = DTYPE_NAMES) -> list[Case]:
     """Every launcher call the dispatcher makes, forward and backward, per dtype.
 
     Backward calls mirror ``fastsae.kernels.autograd``: the decoder's gradients
-    (``sparse_dot``, ``segment_rows_sum`` of the values) in the model dtype, and the
+    (``gather_dot``, ``segment_rows_sum`` of the values) in the model dtype, and the
     encoder's sparse gradients (TopK, BatchTopK, sparse JumpReLU) from an fp32 ``d_h``:
     ``dx`` by ``sparse_decode`` through ``W_enc.T`` and ``dW_enc`` by a transposed
     ``segment_rows_sum``.
@@ -261,7 +261,7 @@ def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
         lambda: jr.jumprelu_encode_sparse(x, w_enc, b_enc, thr),
     )
     add("sparse_decode", "forward", "bias", lambda: sd.sparse_decode(vals, idx, w_dec, b_dec))
-    add("sparse_decode", "backward", "d_values", lambda: sb.sparse_dot(grad_out, idx, w_dec, dt))
+    add("sparse_decode", "backward", "d_values", lambda: sb.gather_dot(grad_out, idx, w_dec, dt))
     add(
         "sparse_decode",
         "backward",

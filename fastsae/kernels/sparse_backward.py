@@ -1,6 +1,6 @@
 """Backward kernels of a sparse code, all without atomics.
 
-- ``sparse_dot``: ``out[b, j] = <G[b], W[idx[b, j]]>`` (the gradient of the code's
+- ``gather_dot``: ``out[b, j] = <G[b], W[idx[b, j]]>`` (the gradient of the code's
   values, given the gradient ``G`` of the decoder output).
 - ``segment_rows_sum``: ``out[n] = sum over (b, j) with idx[b, j] == n of
   weight[b, j] * X[b]`` -- dW_dec (weights = values, X = dOut) and, transposed,
@@ -20,7 +20,7 @@ from ._common import block_size, check_dtype, check_index_dtype, check_same_devi
 
 
 @triton.jit
-def _sparse_dot_kernel(
+def _gather_dot_kernel(
     g_ptr,  # [B, D] gradient rows
     idx_ptr,  # [B, K] latent ids
     w_ptr,  # [N, D] rows (any strides)
@@ -50,7 +50,7 @@ def _sparse_dot_kernel(
     tl.store(out_ptr + row * K + offs_k, acc.to(out_ptr.dtype.element_ty), mask=mask_k)
 
 
-def sparse_dot(
+def gather_dot(
     G: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """``G [B, D]``, ``indices [B, K]``, ``W [N, D]`` -> ``[B, K]`` of ``<G[b], W[idx[b, j]]>``."""
@@ -61,7 +61,7 @@ def sparse_dot(
     B, K = indices.shape
     D = W.shape[1]
     if G.shape != (B, D):
-        raise ValueError(f"sparse_dot: G must be [{B}, {D}], got {tuple(G.shape)}")
+        raise ValueError(f"gather_dot: G must be [{B}, {D}], got {tuple(G.shape)}")
     G, indices = G.contiguous(), indices.contiguous()
     out = torch.empty(B, K, dtype=out_dtype, device=G.device)
     if B == 0 or K == 0:
@@ -69,7 +69,7 @@ def sparse_dot(
     BLOCK_K = block_size(K, 1, 32)
     BLOCK_D = block_size(D, 16, 128)
     grid = (B, triton.cdiv(K, BLOCK_K))
-    _sparse_dot_kernel[grid](
+    _gather_dot_kernel[grid](
         G, indices, W, out, K, D, W.stride(0), W.stride(1), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D
     )
     return out

@@ -9,11 +9,10 @@ broken differently from float64.
 
 import pytest
 import torch
+from oracles import TOL, encoder_preacts64, leaves64
 from sae_testing import rel_err
 
 from fastsae import ops
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def _inputs(batch, d_in, d_sae, dtype, device, seed):
@@ -44,12 +43,8 @@ def test_topk_encode(impl, dtype, k, abs_select, use_dec_norm, device, batch_siz
         # k distinct latents per row
         assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
 
-        x64, w64, b64, dn64 = (
-            t.detach().double().requires_grad_() for t in (x, W_enc, b_enc, dec_norm)
-        )
-        h = x64 @ w64 + b64
-        if use_dec_norm:
-            h = h * dn64
+        x64, w64, b64, dn64 = leaves64(x, W_enc, b_enc, dec_norm)
+        h = encoder_preacts64(x64, w64, b64, dn64 if use_dec_norm else None)
         key = h.abs() if abs_select else h
         chosen = torch.zeros_like(h, dtype=torch.bool).scatter_(1, indices, True)
         kth = key.masked_fill(~chosen, float("inf")).amin(-1)
@@ -84,7 +79,7 @@ def test_topk_encode_many_tiles_and_splits(device, poison_outputs):
     x, W_enc, b_enc, _ = _inputs(9, 37, 2500, torch.float32, device, seed=5)
     for splits in (1, 4):
         values, indices = topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), 13, splits=splits)
-        h = x.detach().double() @ W_enc.detach().double() + b_enc.detach().double()
+        h = encoder_preacts64(x.detach(), W_enc.detach(), b_enc.detach())
         ref_vals, ref_idx = h.topk(13, dim=-1)
         assert torch.equal(indices.sort(-1).values, ref_idx.sort(-1).values)
         assert rel_err(values.sort(-1).values, ref_vals.relu().sort(-1).values) < 1e-5

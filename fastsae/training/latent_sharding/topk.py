@@ -41,7 +41,7 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.sparse_code import SparseCode
-from fastsae.torch_ops import encoder_preacts, gather_weighted_sum, scatter_rows
+from fastsae.torch_ops import encoder_preacts, gather_weighted_sum, segment_rows_sum
 from fastsae.training.latent_sharding.base import (
     ShardedTrainingSAE,
     _all_gather,
@@ -79,7 +79,9 @@ class _SelectedEncode(torch.autograd.Function):
         d_x = (
             gather_weighted_sum(d_h, indices, W_enc.T.contiguous()).to(x.dtype) if need_x else None
         )
-        d_w = scatter_rows(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype) if need_w else None
+        d_w = (
+            segment_rows_sum(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype) if need_w else None
+        )
         d_b = None
         if need_b:
             d_b = torch.zeros_like(b_enc).index_add_(
