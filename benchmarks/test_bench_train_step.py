@@ -12,8 +12,9 @@ d_sae 1,048,576 / batch 4096 (the width target); timed with CUDA synchronisation
 Providers:
   fastsae        ``fastsae.training.TopKTrainingSAE``: sparse step (encode + top-k without a
                  ``[batch, d_sae]`` tensor, sparse decode, sparse backward), fused Adam
-                 (what SAETrainer uses); on CUDA at these batches the pairs are picked
-                 with cuBLAS matmuls over latent chunks (``fastsae.ops.topk_selection``)
+                 (what SAETrainer uses); on CUDA the pairs are picked by the path
+                 ``impl="auto"`` measured fastest at this shape (``fastsae.tuning``: fused
+                 kernel, cuBLAS matmuls over latent chunks, or dense torch)
   fastsae-fused  the same with the fused Triton encode+top-k kernel forced
                  (``FASTSAE_TOPK_SELECT=fused``; CUDA only), to compare the two selections
   fastsae-trainer  ``SAETrainer.step``: the same plus gradient clipping, LR/coefficient
