@@ -7,7 +7,6 @@ a user put beside an SAE survive a save, fastsae's own stale files do not."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kill_points import kill_9, start_paused
 
 import fastsae
 from fastsae.loading import atomic_dir, disk
 from fastsae.loading.atomic_dir import (
     FOREIGN_STALE_AFTER_S,
-    PAUSE_ENV,
-    PAUSE_MARKER_ENV,
     clean_stale,
     recover_dir,
     replace_dir,
@@ -58,36 +56,6 @@ def assert_same_sae(loaded: fastsae.SAE, expected: fastsae.SAE) -> None:
 
 def hidden_entries(parent: Path) -> list[str]:
     return sorted(n for n in os.listdir(parent) if n.startswith("."))
-
-
-def start_paused(script: str, args: list[str], point: str, marker: Path) -> subprocess.Popen:
-    """Start ``python -c script *args`` with the pause hook at ``point``; return once it
-    waits there (its marker file exists)."""
-    env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"the writer exited ({proc.returncode}) before pausing at {point}: {err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.communicate()
-            pytest.fail(f"the writer never paused at {point}")
-        time.sleep(0.02)
-    return proc
-
-
-def kill_9(proc: subprocess.Popen) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture

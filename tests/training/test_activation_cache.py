@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,10 +15,10 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from kill_points import kill_9, start_paused
 from safetensors.torch import load_file, save_file
 from tiny_runs import tiny_config
 
-from fastsae.loading.atomic_dir import PAUSE_ENV, PAUSE_MARKER_ENV
 from fastsae.training.activation_cache import (
     CachedActivationsStore,
     cache_activations,
@@ -286,20 +284,8 @@ def test_kill_9_while_overwriting_a_cache_leaves_exactly_the_old_or_the_new(
     """``cache_activations(overwrite=True)`` used to ``rmtree`` the old cache before
     renaming the new one in: a kill between the two left no cache at all."""
     marker = tmp_path / "paused"
-    env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CACHE_SCRIPT, str(old_cache), *map(str, NEW)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the writer exited before pausing at {point}: {proc.communicate()[1]}")
-        assert time.monotonic() < deadline, f"the writer never paused at {point}"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    proc = start_paused(CACHE_SCRIPT, [str(old_cache), *map(str, NEW)], point, marker, 300)
+    kill_9(proc)
     if point == "between-renames":  # the one window without the folder: readers recover it
         assert not old_cache.exists()
     assert_cache_holds(old_cache, *winner)
@@ -312,16 +298,10 @@ def test_a_reader_that_cannot_finish_the_swap_reads_the_new_cache_where_it_lies(
     old_cache, tmp_path, monkeypatch
 ):
     marker = tmp_path / "paused"
-    env = {**os.environ, PAUSE_ENV: "between-renames", PAUSE_MARKER_ENV: str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CACHE_SCRIPT, str(old_cache), *map(str, NEW)], env=env
+    proc = start_paused(
+        CACHE_SCRIPT, [str(old_cache), *map(str, NEW)], "between-renames", marker, 300
     )
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), "the writer never paused between the renames"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9(proc)
 
     def read_only(src, dst):
         raise PermissionError(30, "Read-only file system", str(src))

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import tiny_runs
 import torch
+from kill_points import kill_9, start_paused
 
 from fastsae import SAE
 from fastsae.loading import atomic_dir
-from fastsae.loading.atomic_dir import PAUSE_ENV, PAUSE_MARKER_ENV
 from fastsae.training import SAETrainingRunner
 from fastsae.training.saes import TopKTrainingSAE
 from fastsae.training.trainer import TRAINER_STATE_FILENAME
@@ -81,24 +78,7 @@ def final_weights(run_dir: Path) -> bytes:
 def kill_9_at(point: str, run_dir: Path, lr: float, n_checkpoints: int, marker: Path) -> None:
     """Run ``run(run_dir, lr)`` in a child process, held by the pause hook at ``point`` of
     its first folder swap, and ``kill -9`` it there."""
-    env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_SCRIPT, str(run_dir), str(lr), str(n_checkpoints)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"the run exited ({proc.returncode}) before pausing at {point}: {err}")
-        assert time.monotonic() < deadline, "the run never paused"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9(start_paused(RUN_SCRIPT, [str(run_dir), str(lr), str(n_checkpoints)], point, marker))
 
 
 @pytest.fixture(scope="module")
