@@ -25,7 +25,7 @@ from fastsae.bench.report import (
     target_ratios,
     targets_table,
 )
-from fastsae.bench.rows import _guarded_case, copy_row
+from fastsae.bench.rows import copy_row, run_case_guarded
 
 
 def run(args: Any) -> int:
@@ -60,10 +60,10 @@ def run(args: Any) -> int:
             key = (cfg.d_in, cfg.d_sae, cfg.batch, cfg.dtype)
             if key not in matmuls_done:
                 matmuls_done.add(key)
-                rows.append(_guarded_case(prob, REFERENCE_PROVIDER, "matmul", plan.repeats))
+                rows.append(run_case_guarded(prob, REFERENCE_PROVIDER, "matmul", plan.repeats))
             for op in (o for o in OPS if o in plan.ops):
                 for provider in providers:
-                    rows.append(_guarded_case(prob, provider, op, plan.repeats))
+                    rows.append(run_case_guarded(prob, provider, op, plan.repeats))
                     r = rows[-1]
                     print(f"    {op:16s} {provider:15s} {fmt(r['ms'], 'num'):>8s} ms "
                           f"{r['status']}", file=sys.stderr, flush=True)  # fmt: skip

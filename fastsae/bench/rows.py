@@ -103,7 +103,7 @@ def run_case(prob: Problem, provider: str, op: str, repeats: int) -> dict[str, A
     )
 
 
-def _guarded_case(prob: Problem, provider: str, op: str, repeats: int) -> dict[str, Any]:
+def run_case_guarded(prob: Problem, provider: str, op: str, repeats: int) -> dict[str, Any]:
     """``run_case``, with any exception (out of memory, a kernel that fails to compile)
     recorded as an ``error`` row: one broken case must not lose a long GPU run's report."""
     try:

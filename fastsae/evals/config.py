@@ -8,15 +8,6 @@ from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-# tokenizer attributes whose ids run_evals leaves out with exclude_special_tokens=True
-_SPECIAL_TOKEN_ATTRS = (
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "sep_token_id",
-    "decoder_start_token_id",
-)
-
 
 def get_library_version() -> str:
     try:

@@ -11,36 +11,36 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastsae.evals.splice import (
-    _encode_decode,
-    _predict,
-    _ratio,
-    _read,
-    _Scaler,
-    _Splice,
-    _splice,
-    _stop_at_layer,
-    _token_mask,
-    _write,
+    EvalScaler,
+    Splice,
+    find_splice,
+    ratio_or_nan,
+    read_hook_acts,
+    sae_encode_decode,
+    sae_prediction,
+    stop_layer,
+    token_mask,
+    write_hook_acts,
 )
 from fastsae.sparse_code import SparseCode
 
 
 @torch.no_grad()
-def _recons_loss(
+def recons_loss_per_token(
     sae: nn.Module,
     model: Any,
-    scaler: _Scaler,
+    scaler: EvalScaler,
     tokens: Tensor,
-    splice: _Splice,
+    splice: Splice,
     ignore_tokens: list[int] | None,
     model_kwargs: Mapping[str, Any],
     predict: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``predict``: the SAE's output for an input (default: its inference forward)."""
-    predict = predict if predict is not None else (lambda x: _predict(sae, x))
+    predict = predict if predict is not None else (lambda x: sae_prediction(sae, x))
     clean_logits, clean_ce = model(tokens, return_type="both", loss_per_token=True, **model_kwargs)
     device = sae.W_dec.device
-    mask = _token_mask(tokens, ignore_tokens).to(device)
+    mask = token_mask(tokens, ignore_tokens).to(device)
     captured: dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook: Any) -> None:
@@ -48,16 +48,16 @@ def _recons_loss(
 
     def replace(act: Tensor, hook: Any) -> Tensor:
         x = captured.pop("x") if splice.transcoder else act
-        x = _read(x, splice.in_head, splice.in_hook).to(device)
-        target = _read(act, splice.out_head, splice.out_hook)
+        x = read_hook_acts(x, splice.in_head, splice.in_hook).to(device)
+        target = read_hook_acts(act, splice.out_head, splice.out_hook)
         new = predict(scaler.scale(x)).to(target.dtype)
         new = scaler.unscale(new)
         new = torch.where(mask[..., None], new, target.to(device))
-        return _write(act, new.to(act.device), splice.out_head)
+        return write_hook_acts(act, new.to(act.device), splice.out_head)
 
     def zero(act: Tensor, hook: Any) -> Tensor:
-        zeros = torch.zeros_like(_read(act, splice.out_head, splice.out_hook))
-        return _write(act, zeros, splice.out_head)
+        zeros = torch.zeros_like(read_hook_acts(act, splice.out_head, splice.out_hook))
+        return write_hook_acts(act, zeros, splice.out_head)
 
     hooks = [(splice.out_hook, replace)]
     if splice.transcoder:
@@ -102,9 +102,9 @@ def get_recons_loss(
     """Per-token KL ``[batch, pos]`` and CE ``[batch, pos - 1]`` of the model on
     ``batch_tokens [batch, pos]`` clean, with the SAE spliced in (ignored tokens keep
     their clean activations) and with the hook zero-ablated (SAELens's function)."""
-    splice = _splice(sae, hook_name)
-    res = _recons_loss(
-        sae, model, _Scaler(activation_scaler), batch_tokens, splice, ignore_tokens,
+    splice = find_splice(sae, hook_name)
+    res = recons_loss_per_token(
+        sae, model, EvalScaler(activation_scaler), batch_tokens, splice, ignore_tokens,
         model_kwargs or {},
     )  # fmt: skip
     keep = ([] if not compute_kl else ["kl_div_with_sae", "kl_div_with_ablation"]) + (
@@ -136,7 +136,7 @@ def get_downstream_reconstruction_metrics(
             sae, model, activation_scaler, tokens, compute_kl, compute_ce_loss,
             ignore_tokens, model_kwargs,
         )  # fmt: skip
-        mask = _token_mask(tokens, ignore_tokens) if ignore_tokens else None
+        mask = token_mask(tokens, ignore_tokens) if ignore_tokens else None
         for name, value in values.items():
             if mask is not None:
                 # the CE of position i predicts token i + 1: mask by the input token
@@ -147,10 +147,10 @@ def get_downstream_reconstruction_metrics(
     metrics = {name: torch.cat(v).mean().item() for name, v in per_token.items()}
     if compute_kl:
         kl_zero, kl_sae = metrics["kl_div_with_ablation"], metrics["kl_div_with_sae"]
-        metrics["kl_div_score"] = _ratio(kl_zero - kl_sae, kl_zero)
+        metrics["kl_div_score"] = ratio_or_nan(kl_zero - kl_sae, kl_zero)
     if compute_ce_loss:
         ce_zero, ce_sae = metrics["ce_loss_with_ablation"], metrics["ce_loss_with_sae"]
-        metrics["ce_loss_score"] = _ratio(
+        metrics["ce_loss_score"] = ratio_or_nan(
             ce_zero - ce_sae, ce_zero - metrics["ce_loss_without_sae"]
         )
     return metrics
@@ -159,7 +159,7 @@ def get_downstream_reconstruction_metrics(
 # ----------------------------------------------------------------------------------------
 # reconstruction, sparsity and density statistics, streamed over batches
 # ----------------------------------------------------------------------------------------
-class _ActivationStats:
+class ActivationStats:
     """Running sums for the reconstruction/sparsity metrics of ``[b, pos, d]`` batches."""
 
     _PER_TOKEN = (
@@ -234,7 +234,7 @@ class _ActivationStats:
 
     def mean(self, name: str) -> float:
         if name == "relative_reconstruction_bias":
-            return _ratio(self.rrb_sum, self.n_batches)
+            return ratio_or_nan(self.rrb_sum, self.n_batches)
         return self.sums[name] / self.n_tokens if self.n_tokens else float("nan")
 
     def explained_variance(self) -> float:
@@ -270,10 +270,10 @@ def get_sparsity_and_variance_metrics(
     Returns ``(metrics, feature_metrics)``; as in SAELens, ``feature_metrics`` always
     holds ``feature_density`` and ``consistent_activation_heuristic`` (NaN lists unless
     ``compute_featurewise_density_statistics``)."""
-    splice = _splice(sae)
-    scaler = _Scaler(activation_scaler)
+    splice = find_splice(sae)
+    scaler = EvalScaler(activation_scaler)
     device = sae.W_dec.device
-    stats = _ActivationStats(sae.cfg.d_sae, device)
+    stats = ActivationStats(sae.cfg.d_sae, device)
     names = list(dict.fromkeys([splice.in_hook, splice.out_hook]))
     batches = range(n_batches)
     for _ in (
@@ -282,14 +282,14 @@ def get_sparsity_and_variance_metrics(
         tokens = activation_store.get_batch_tokens(eval_batch_size_prompts)
         _, cache = model.run_with_cache(
             tokens, prepend_bos=False, names_filter=names,
-            stop_at_layer=_stop_at_layer(names), **(model_kwargs or {}),
+            stop_at_layer=stop_layer(names), **(model_kwargs or {}),
         )  # fmt: skip
-        x_in = _read(cache[splice.in_hook], splice.in_head, splice.in_hook)
-        target = _read(cache[splice.out_hook], splice.out_head, splice.out_hook)
+        x_in = read_hook_acts(cache[splice.in_hook], splice.in_head, splice.in_hook)
+        target = read_hook_acts(cache[splice.out_hook], splice.out_head, splice.out_hook)
         del cache
-        x_hat, acts = _encode_decode(sae, scaler.scale(x_in).to(device))
+        x_hat, acts = sae_encode_decode(sae, scaler.scale(x_in).to(device))
         x_hat = scaler.unscale(x_hat.to(x_in.device))
-        stats.add(target, x_hat, acts, _token_mask(tokens, ignore_tokens))
+        stats.add(target, x_hat, acts, token_mask(tokens, ignore_tokens))
 
     metrics: dict[str, float] = {}
     if compute_l2_norms:

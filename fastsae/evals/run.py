@@ -12,18 +12,18 @@ from fastsae.evals.config import (
     EvalConfig,
 )
 from fastsae.evals.metrics import (
-    _ActivationStats,
-    _recons_loss,
+    ActivationStats,
     get_downstream_reconstruction_metrics,
     get_featurewise_weight_based_metrics,
     get_sparsity_and_variance_metrics,
+    recons_loss_per_token,
 )
 from fastsae.evals.splice import (
-    _encode_decode,
-    _ignored_ids,
-    _ratio,
-    _Scaler,
-    _splice,
+    EvalScaler,
+    find_splice,
+    ignored_token_ids,
+    ratio_or_nan,
+    sae_encode_decode,
 )
 from fastsae.sparse_code import SparseCode
 
@@ -75,7 +75,7 @@ def run_evals(
         activation_scaler, eval_config = None, activation_scaler
     cfg = eval_config if eval_config is not None else EvalConfig()
     model_kwargs = model_kwargs or {}
-    ignored = _ignored_ids(model, exclude_special_tokens, ignore_tokens)
+    ignored = ignored_token_ids(model, exclude_special_tokens, ignore_tokens)
     hook_name = sae.cfg.metadata.hook_name or ""
     batch_size = cfg.batch_size_prompts or activation_store.store_batch_size_prompts
 
@@ -171,23 +171,23 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor]) -> dict[st
     (``||x - x_hat||^2 / d_in``, as the trainer's own ``metrics/mse``). The SAE runs its
     inference forward (no error term); sums are in at least fp32.
     """
-    stats, d_out = _reconstruction_stats(
-        lambda x: _encode_decode(sae, x), sae.cfg.d_sae, sae.W_dec.device, batches
+    stats, d_out = reconstruction_stats(
+        lambda x: sae_encode_decode(sae, x), sae.cfg.d_sae, sae.W_dec.device, batches
     )
-    return _reconstruction_summary(
+    return reconstruction_summary(
         stats, d_out, stats.mean("l0"), int((stats.feature_acts == 0).sum())
     )
 
 
-def _reconstruction_stats(
+def reconstruction_stats(
     encode_decode: Callable[[Tensor], tuple[Tensor, Tensor | SparseCode]],
     d_sae: int,
     device: torch.device,
     batches: Iterable[Tensor],
-) -> tuple[_ActivationStats, int]:
+) -> tuple[ActivationStats, int]:
     """The running statistics of ``encode_decode(x) -> (x_hat, activations)`` over the
     batches (``d_sae``: the activations' width), and the output width."""
-    stats = _ActivationStats(d_sae, device)
+    stats = ActivationStats(d_sae, device)
     d_out = 0
     for x in batches:
         x = x.to(device)
@@ -203,8 +203,8 @@ def _reconstruction_stats(
     return stats, d_out
 
 
-def _reconstruction_summary(
-    stats: _ActivationStats, d_out: int, l0: float, dead: int
+def reconstruction_summary(
+    stats: ActivationStats, d_out: int, l0: float, dead: int
 ) -> dict[str, float]:
     return {
         "metrics/l0": l0,
@@ -233,12 +233,12 @@ def language_model_metrics(
 
     ``predict``: ``[b, pos, d_in] -> [b, pos, d_out]``, the output spliced in instead of
     the SAE's own (e.g. a latent-sharded SAE's reconstruction)."""
-    splice = _splice(sae, hook_name, hook_head_index)
+    splice = find_splice(sae, hook_name, hook_head_index)
     reshaping = getattr(sae, "hook_z_reshaping_mode", None) if "hook_z" in hook_name else None
     if reshaping:
         sae.turn_off_forward_pass_hook_z_reshaping()
     try:
-        res = _recons_loss(sae, model, _Scaler(None), tokens, splice, None, {}, predict)
+        res = recons_loss_per_token(sae, model, EvalScaler(None), tokens, splice, None, {}, predict)
     finally:
         if reshaping:
             sae.turn_on_forward_pass_hook_z_reshaping()
@@ -251,9 +251,9 @@ def language_model_metrics(
         f"{pre}ce_loss_without_sae": ce_clean,
         f"{pre}ce_loss_with_sae": ce_sae,
         f"{pre}ce_loss_with_ablation": ce_zero,
-        f"{pre}ce_loss_score": _ratio(ce_zero - ce_sae, ce_zero - ce_clean),
+        f"{pre}ce_loss_score": ratio_or_nan(ce_zero - ce_sae, ce_zero - ce_clean),
         f"{beh}kl_div_with_sae": m["kl_div_with_sae"],
         f"{beh}kl_div_with_ablation": m["kl_div_with_ablation"],
-        f"{beh}kl_div_score": _ratio(m["kl_div_with_ablation"] - m["kl_div_with_sae"],
+        f"{beh}kl_div_score": ratio_or_nan(m["kl_div_with_ablation"] - m["kl_div_with_sae"],
                                      m["kl_div_with_ablation"]),
     }  # fmt: skip

@@ -9,14 +9,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastsae.evals.config import (
-    _SPECIAL_TOKEN_ATTRS,
-)
 from fastsae.saes.base import SAE
 from fastsae.sparse_code import SparseCode
 
 
-class _Splice(NamedTuple):
+class Splice(NamedTuple):
     """The hooks an SAE reads from and writes to (the same one unless a transcoder)."""
 
     in_hook: str
@@ -30,27 +27,27 @@ def _is_transcoder(sae: nn.Module) -> bool:
     return getattr(sae.cfg, "d_out", None) is not None and hasattr(sae, "forward_with_activations")
 
 
-def _splice(sae: nn.Module, hook_name: str | None = None, head: Any = ...) -> _Splice:
+def find_splice(sae: nn.Module, hook_name: str | None = None, head: Any = ...) -> Splice:
     md = sae.cfg.metadata
     hook_name = hook_name or md.hook_name
     if not hook_name:
         raise ValueError("the SAE has no cfg.metadata.hook_name; pass hook_name=")
     head = md.hook_head_index if head is ... else head
     if not _is_transcoder(sae):
-        return _Splice(hook_name, head, hook_name, head, False)
+        return Splice(hook_name, head, hook_name, head, False)
     if not md.hook_name_out:
         raise ValueError(
             "a transcoder needs cfg.metadata.hook_name_out (where its output is compared "
             "with the model and spliced in)"
         )
-    return _Splice(hook_name, head, md.hook_name_out, md.hook_head_index_out, True)
+    return Splice(hook_name, head, md.hook_name_out, md.hook_head_index_out, True)
 
 
 # hooks with a head dimension [b, pos, n_heads, d_head], by name as SAELens tells them
 _HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")
 
 
-def _read(act: Tensor, head: int | None, hook_name: str) -> Tensor:
+def read_hook_acts(act: Tensor, head: int | None, hook_name: str) -> Tensor:
     """Hook activations -> SAE input ``[b, pos, d]``: one head (``head``), all heads of a
     q/k/v/z hook flattened, or the activations as they are."""
     if head is not None and act.ndim == 4:
@@ -60,8 +57,8 @@ def _read(act: Tensor, head: int | None, hook_name: str) -> Tensor:
     return act
 
 
-def _write(act: Tensor, new: Tensor, head: int | None) -> Tensor:
-    """Inverse of :func:`_read`: ``act`` with ``new`` put back where it was read from."""
+def write_hook_acts(act: Tensor, new: Tensor, head: int | None) -> Tensor:
+    """Inverse of :func:`read_hook_acts`: ``act`` with ``new`` put back where it was read from."""
     if head is not None and act.ndim == 4:
         act = act.clone()
         act[:, :, head] = new
@@ -69,7 +66,7 @@ def _write(act: Tensor, new: Tensor, head: int | None) -> Tensor:
     return new.reshape(act.shape)
 
 
-def _stop_at_layer(hook_names: Iterable[str]) -> int | None:
+def stop_layer(hook_names: Iterable[str]) -> int | None:
     """One past the deepest ``blocks.<n>`` the hooks need (None: run the whole model)."""
     layers = [re.search(r"\.(\d+)(?:\.|$)", name) for name in hook_names]
     if any(m is None for m in layers):
@@ -80,7 +77,7 @@ def _stop_at_layer(hook_names: Iterable[str]) -> int | None:
 # ----------------------------------------------------------------------------------------
 # the SAE's forward pieces, fast where that changes nothing
 # ----------------------------------------------------------------------------------------
-def _encode_decode(sae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | SparseCode]:
+def sae_encode_decode(sae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | SparseCode]:
     """``x [..., d_in]`` -> ``(prediction [..., d_out], activations)``; activations are a
     ``SparseCode`` for TopK-style fastsae SAEs (no dense ``[..., d_sae]``), else dense."""
     if _is_transcoder(sae):
@@ -92,7 +89,7 @@ def _encode_decode(sae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | SparseCo
     return sae.decode(acts), acts
 
 
-def _predict(sae: nn.Module, x: Tensor) -> Tensor:
+def sae_prediction(sae: nn.Module, x: Tensor) -> Tensor:
     """The SAE's output for ``x`` without the error term (transcoders add their skip)."""
     if _is_transcoder(sae):
         return sae(x)
@@ -101,7 +98,7 @@ def _predict(sae: nn.Module, x: Tensor) -> Tensor:
     return sae.decode(sae.encode(x))
 
 
-class _Scaler:
+class EvalScaler:
     """``scale`` / ``unscale`` for a sae-lens ``ActivationScaler``, fastsae's, or None."""
 
     def __init__(self, scaler: Any):
@@ -126,14 +123,24 @@ class _Scaler:
         return x
 
 
-def _token_mask(tokens: Tensor, ignore_tokens: list[int] | None) -> Tensor:
+def token_mask(tokens: Tensor, ignore_tokens: list[int] | None) -> Tensor:
     """``[batch, pos]`` bool: True where the token is not ignored."""
     if not ignore_tokens:
         return torch.ones_like(tokens, dtype=torch.bool)
     return ~torch.isin(tokens, torch.tensor(ignore_tokens, device=tokens.device))
 
 
-def _ignored_ids(model: Any, exclude_special_tokens: Any, ignore_tokens: Any) -> list[int]:
+# tokenizer attributes whose ids run_evals leaves out with exclude_special_tokens=True
+_SPECIAL_TOKEN_ATTRS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+)
+
+
+def ignored_token_ids(model: Any, exclude_special_tokens: Any, ignore_tokens: Any) -> list[int]:
     if ignore_tokens is not None:  # the SAELens 5.x keyword: a set of ids (None allowed)
         return sorted({int(t) for t in ignore_tokens if t is not None})
     if exclude_special_tokens is True:
@@ -145,7 +152,7 @@ def _ignored_ids(model: Any, exclude_special_tokens: Any, ignore_tokens: Any) ->
     return sorted({int(t) for t in exclude_special_tokens})
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio_or_nan(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
 

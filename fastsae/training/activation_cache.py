@@ -31,13 +31,11 @@ from tqdm.auto import tqdm
 from fastsae.loading.atomic_dir import check_replaceable, commit_dir, new_temp_dir, recover_dir
 from fastsae.saes.config import dtype_to_str, str_to_dtype
 from fastsae.training.activations_store import ActivationsStore
-from fastsae.training.cached_activations_store import (  # noqa: F401 - re-exported
+from fastsae.training.cached_activations_store import (
     CACHE_FORMAT,
     CACHE_FORMAT_VERSION,
     CACHE_INFO_FILENAME,
     SHARD_KEY,
-    CachedActivationsStore,
-    read_cache_info,
 )
 
 

@@ -28,23 +28,15 @@ from fastsae.saes.config import str_to_dtype
 from fastsae.training.activations_store_builders import StoreBuildersMixin
 from fastsae.training.activations_store_checks import (
     StoreChecksMixin,
-    _resolve_dataset,
     check_store_arguments,
+    resolve_dataset,
 )
-from fastsae.training.activations_store_state import (  # noqa: F401 - re-exported
-    ACTIVATIONS_STORE_STATE_FILENAME,
-    StoreStateMixin,
-    furthest_position,
-)
-from fastsae.training.model_hooks import _ModuleReader, _TransformerLensReader
-from fastsae.training.text_data import (
-    HfDataset,
-    TokenRowSource,
-    load_text_dataset,
-    special_token_id,
-)
+from fastsae.training.activations_store_state import StoreStateMixin
+from fastsae.training.model_hooks import ModuleReader, TransformerLensReader
+from fastsae.training.text_loading import HfDataset
+from fastsae.training.token_rows import TokenRowSource, special_token_id
 
-__all__ = ["ActivationsStore", "load_text_dataset"]
+__all__ = ["ActivationsStore"]
 
 
 class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
@@ -150,7 +142,7 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
 
         # -- the model's hook (no forward yet) ------------------------------------------
         is_tl = hasattr(model, "hook_dict") and hasattr(model, "run_with_cache")
-        self._reader = (_TransformerLensReader if is_tl else _ModuleReader)(model, hook_name)
+        self._reader = (TransformerLensReader if is_tl else ModuleReader)(model, hook_name)
         if self._reader.max_context is not None and context_size > self._reader.max_context:
             raise ValueError(
                 f"context_size={context_size} is longer than the model's maximum "
@@ -159,7 +151,7 @@ class ActivationsStore(StoreBuildersMixin, StoreStateMixin, StoreChecksMixin):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
         # -- the dataset ----------------------------------------------------------------
-        self.dataset = _resolve_dataset(dataset, streaming, dataset_trust_remote_code)
+        self.dataset = resolve_dataset(dataset, streaming, dataset_trust_remote_code)
         self.tokens_column, self.is_dataset_tokenized, first = self._pick_column(
             dataset_column, is_dataset_tokenized
         )

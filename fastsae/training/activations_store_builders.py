@@ -10,7 +10,7 @@ import torch
 from datasets import DatasetDict
 from torch import nn
 
-from fastsae.training.text_data import HfDataset
+from fastsae.training.text_loading import HfDataset
 
 if TYPE_CHECKING:
     from fastsae.training.activations_store import ActivationsStore

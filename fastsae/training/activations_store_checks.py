@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from torch import Tensor, nn
 
 from fastsae.training.config_checks import check_buffer_holds_a_batch, check_seqpos_slice
-from fastsae.training.text_data import HfDataset, load_text_dataset
+from fastsae.training.text_loading import HfDataset, load_text_dataset
 
 _TOKEN_COLUMNS = ("tokens", "input_ids", "text")
 _SEPARATORS = ("bos", "eos", "sep")
@@ -31,7 +31,7 @@ def _check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
-def _resolve_dataset(dataset: Any, streaming: bool, trust_remote_code: bool) -> HfDataset:
+def resolve_dataset(dataset: Any, streaming: bool, trust_remote_code: bool) -> HfDataset:
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_text_dataset(
             dataset, streaming=streaming, split="train", trust_remote_code=trust_remote_code

@@ -316,7 +316,7 @@ class CheckpointingMixin:
         if saved == count:
             _load_naming(load, load_torch_file(files[index], "data position"), files[index])
             return
-        from fastsae.training.activations_store import furthest_position
+        from fastsae.training.activations_store_state import furthest_position
 
         states = []
         for f in files:

@@ -1,5 +1,5 @@
 """The collectives the distributed trainers share, on ``torch.distributed``: each one
-through :func:`_collective` (a failure names the operation and the rank), over a
+through :func:`collective` (a failure names the operation and the rank), over a
 process group (``None``: the default one), with buffers on :func:`comm_device`."""
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from torch import Tensor
 from fastsae.loading.atomic_dir import commit_dir, temp_dir_for
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _collective(what: str, fn, *args, **kwargs):
+def collective(what: str, fn, *args, **kwargs):
     """Run a collective; on failure (timeout, dead peer) re-raise naming it and the rank."""
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - add context whatever the backend raised
-        rank, world = _world()
+        rank, world = rank_and_world()
         raise RuntimeError(
             f"rank {rank}/{world}: collective {what!r} failed ({type(e).__name__}: {e}); "
             "another rank may have died or be stuck (the process group's timeout bounds this)"
@@ -47,7 +47,7 @@ def average_gradients(params, group, world_size: int, comm_device: torch.device)
         flat = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
         ).to(comm_device)
-        _collective(
+        collective(
             f"all_reduce(gradients, {dtype})", dist.all_reduce, flat, op=dist.ReduceOp.SUM,
             group=group,
         )  # fmt: skip
@@ -77,7 +77,7 @@ def main_rank_outputs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
 def all_reduce_sum_(tensor: Tensor, device: torch.device, what: str, group=None) -> Tensor:
     """Sum ``tensor`` over ``group`` in place, through a buffer on ``device``."""
     buf = tensor if tensor.device == device else tensor.to(device)
-    _collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=group)
+    collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=group)
     if buf is not tensor:
         tensor.copy_(buf)
     return tensor
@@ -110,7 +110,7 @@ def broadcast_from_rank0(module: torch.nn.Module, device: torch.device):
         return
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         buf = t.detach().to(device).clone()
-        _collective(f"broadcast({name})", dist.broadcast, buf, src=0)
+        collective(f"broadcast({name})", dist.broadcast, buf, src=0)
         t.copy_(buf)
 
 
@@ -151,7 +151,7 @@ def check_same_tensors(
         prints.append(torch.stack([bits.sum(), (bits * position).sum()]))
     mine = torch.stack(prints).to(device)
     every = [torch.empty_like(mine) for _ in range(size)]
-    _collective(f"all_gather({what} fingerprints)", dist.all_gather, every, mine, group=group)
+    collective(f"all_gather({what} fingerprints)", dist.all_gather, every, mine, group=group)
     for rank, theirs in enumerate(every[1:], start=1):
         differ = (theirs != every[0]).any(dim=1)
         if differ.any():
@@ -180,15 +180,15 @@ def save_checkpoint_together(
     failure), and a last barrier. A rank that fails raises; the others then fail at the next
     collective (after the process group's timeout) naming it.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     tmp_name = [temp_dir_for(base / name).name]  # rank 0's name is the one used
     if world > 1:
-        _collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
+        collective("broadcast(checkpoint name)", dist.broadcast_object_list, tmp_name, src=0)
     tmp, final = base / tmp_name[0], base / name
 
     def barrier(what: str) -> None:
         if world > 1:
-            _collective(f"barrier(save_checkpoint: {what})", dist.barrier)
+            collective(f"barrier(save_checkpoint: {what})", dist.barrier)
 
     prepare(tmp)
     barrier("folder")

@@ -25,13 +25,17 @@ from typing import Any
 
 import yaml
 
-from fastsae.training.config_checks import _positive_int, check_runner_config, resolve_sae_config
+from fastsae.training.config_checks import (
+    check_positive_int,
+    check_runner_config,
+    resolve_sae_config,
+)
 from fastsae.training.config_fields import check_field_types, reject_unknown_keys
 from fastsae.training.config_flat import LEGACY_IGNORED
 from fastsae.training.config_io import (
-    _atomic_write,
-    _read_mapping,
+    atomic_write_text,
     load_yaml,
+    read_mapping,
     runner_config_to_dict,
 )
 from fastsae.training.saes.base import TrainingSAEConfig
@@ -58,7 +62,7 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         for name in ("wandb_log_frequency", "eval_every_n_wandb_logs"):
-            _positive_int(self, name)
+            check_positive_int(self, name)
 
 
 _LOGGER_KEYS = {f.name for f in fields(LoggingConfig)}
@@ -288,18 +292,18 @@ class LanguageModelSAERunnerConfig:
         return cls(sae=sae, **data)
 
     def to_json(self, path: str | Path) -> None:
-        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     def to_yaml(self, path: str | Path) -> None:
-        _atomic_write(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_json(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
-        return cls.from_dict(_read_mapping(Path(path), json.loads))
+        return cls.from_dict(read_mapping(Path(path), json.loads))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
-        return cls.from_dict(_read_mapping(Path(path), load_yaml))
+        return cls.from_dict(read_mapping(Path(path), load_yaml))
 
     @classmethod
     def from_file(cls, path: str | Path) -> LanguageModelSAERunnerConfig:

@@ -20,7 +20,7 @@ from fastsae.training.config_flat import build_training_sae_config, sae_config_f
 from fastsae.training.saes.base import TrainingSAEConfig, training_config_class_for_architecture
 
 
-def _positive_int(obj: Any, name: str) -> None:
+def check_positive_int(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -200,7 +200,7 @@ def check_runner_config(cfg: Any) -> None:
         "n_batches_for_norm_estimate",
         "latent_shards",
     ):
-        _positive_int(cfg, name)
+        check_positive_int(cfg, name)
     if cfg.data_parallel_mode not in (None, "shard", "split"):
         raise ValueError(
             f"data_parallel_mode must be None, 'shard' or 'split', got {cfg.data_parallel_mode!r}"

@@ -50,7 +50,7 @@ def runner_config_to_dict(cfg: Any) -> dict[str, Any]:
     return res
 
 
-def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
+def read_mapping(path: Path, parse: Any) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
@@ -62,7 +62,7 @@ def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
     return data
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

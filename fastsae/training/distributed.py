@@ -40,14 +40,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastsae.training.collectives import (
-    _collective,
-    _world,
     all_reduce_sum_,
     average_buffers_,
     average_gradients,
     broadcast_from_rank0,
+    collective,
     comm_device,
     main_rank_outputs,
+    rank_and_world,
     save_checkpoint_together,
     sum_fired_counts,
 )
@@ -136,12 +136,12 @@ def _strip_per_rank(value: Any) -> Any:
 
 def check_same_config(cfg: Any, device: torch.device | str = "cpu") -> None:
     """Raise on every rank when the ranks' configs differ (naming which ranks differ)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return
     mine = torch.tensor([config_hash(cfg)], dtype=torch.int64, device=device)
     hashes = [torch.zeros_like(mine) for _ in range(world)]
-    _collective("all_gather(config hash)", dist.all_gather, hashes, mine)
+    collective("all_gather(config hash)", dist.all_gather, hashes, mine)
     values = [int(h.item()) for h in hashes]
     if len(set(values)) > 1:
         groups: dict[int, list[int]] = {}
@@ -169,7 +169,7 @@ class DistributedSAETrainer(SAETrainer):
     def __init__(
         self, cfg: Any, sae: TrainingSAE, data_provider: Iterator[Tensor], *args, **kwargs
     ):
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = rank_and_world()
         super().__init__(cfg, sae, data_provider, *args, **main_rank_outputs(kwargs, self.rank))
         self._comm_device = comm_device(cfg.device)
         check_same_config(cfg, self._comm_device)
@@ -234,7 +234,7 @@ class DistributedSAETrainer(SAETrainer):
                 t = getattr(self.scaler, attr, None)
                 if isinstance(t, Tensor):
                     buf = t.to(self._comm_device).clone()
-                    _collective(f"broadcast(whitening {attr})", dist.broadcast, buf, src=0)
+                    collective(f"broadcast(whitening {attr})", dist.broadcast, buf, src=0)
                     setattr(self.scaler, attr, buf.to(t.device))
 
     # ------------------------------------------------------------ metrics
@@ -274,7 +274,7 @@ class DistributedSAETrainer(SAETrainer):
                 with self._pending_batch_dropped(True):
                     path = super().save_checkpoint(name, base_path)
             if self.distributed:
-                _collective("barrier(save_checkpoint)", dist.barrier)
+                collective("barrier(save_checkpoint)", dist.barrier)
             return path
 
         def prepare(tmp: Path) -> None:

@@ -3,8 +3,6 @@
 - ``local_text_dataset()``: English prose with no download, for demos and tests.
 - ``DEFAULT_DOC_PACKAGES`` and the private helpers that list a package's ``.py`` files
   and pull the docstrings out of one file.
-
-Re-exported by :mod:`fastsae.training.text_data`.
 """
 
 from __future__ import annotations

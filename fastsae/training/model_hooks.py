@@ -53,7 +53,7 @@ def _describe_names(names: list[str], limit: int = 60) -> str:
     return ", ".join(explicit + folded) + more
 
 
-class _TransformerLensReader:
+class TransformerLensReader:
     """Reads one hook of a TransformerLens model (HookedTransformer, TransformerBridge)."""
 
     def __init__(self, model: nn.Module, hook_name: str):
@@ -94,7 +94,7 @@ class _TransformerLensReader:
         return cache[self.hook_name]
 
 
-class _ModuleReader:
+class ModuleReader:
     """Reads the output of one submodule of a Hugging Face model (or any nn.Module).
 
     The forward is stopped by an exception raised from the hook, so layers after the

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastsae.training.checkpoints import RUNNER_CFG_FILENAME
 from fastsae.training.config import LanguageModelSAERunnerConfig
 from fastsae.training.saes.base import (
     TrainingSAE,
@@ -26,7 +27,7 @@ from fastsae.training.saes.base import (
     training_sae_class_for_architecture,
 )
 from fastsae.training.sharded_data import RankShardedProvider
-from fastsae.training.trainer import RUNNER_CFG_FILENAME, SAETrainer
+from fastsae.training.trainer import SAETrainer
 
 
 def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:

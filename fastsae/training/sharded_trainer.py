@@ -52,13 +52,13 @@ from torch import Tensor
 from fastsae.loading.atomic_dir import clean_stale, recover_dir
 from fastsae.training.checkpoints import TRAINER_STATE_FILENAME, load_torch_file
 from fastsae.training.collectives import (
-    _collective,
-    _world,
     all_reduce_sum_,
     average_buffers_,
     average_gradients,
+    collective,
     comm_device,
     main_rank_outputs,
+    rank_and_world,
     save_checkpoint_together,
     sum_fired_counts,
 )
@@ -104,7 +104,7 @@ class LatentShardedSAETrainer(SAETrainer):
             raise TypeError(
                 f"LatentShardedSAETrainer needs a ShardedTrainingSAE, got {type(sae).__name__}"
             )
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = rank_and_world()
         if mesh is None:
             mesh = LatentMesh(shard_size=sae.world_size, shard_rank=sae.rank, shard_group=sae.group)
         if (sae.rank, sae.world_size) != (mesh.shard_rank, mesh.shard_size):
@@ -140,7 +140,7 @@ class LatentShardedSAETrainer(SAETrainer):
         if size == 1:
             return values
         buf = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        _collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=group)
+        collective(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=group)
         return (buf / size if mean else buf).tolist()
 
     def _gather_local(self, t: Tensor, what: str) -> Tensor:
@@ -150,7 +150,7 @@ class LatentShardedSAETrainer(SAETrainer):
             return t
         buf = t.to(self._comm_device).contiguous()
         parts = [torch.empty_like(buf) for _ in range(self.mesh.shard_size)]
-        _collective(what, dist.all_gather, parts, buf, group=self.mesh.shard_group)
+        collective(what, dist.all_gather, parts, buf, group=self.mesh.shard_group)
         return torch.cat(parts).to(t.device)
 
     # ------------------------------------------------------------ the step's hooks

@@ -3,8 +3,6 @@
 - ``load_text_dataset(path)``: a Hugging Face dataset id, a local ``.txt``/``.json``/
   ``.jsonl``/``.parquet``/``.csv`` file, or a ``Dataset.save_to_disk`` folder.
 - ``HfDataset``: the type alias (``Dataset | IterableDataset``) the stores accept.
-
-Re-exported by :mod:`fastsae.training.text_data`.
 """
 
 from __future__ import annotations

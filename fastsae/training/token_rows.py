@@ -3,8 +3,6 @@
 - ``special_token_id``: resolve ``"bos"``/``"eos"``/``"sep"``/an int/None to a token id.
 - ``TokenRowSource``: pre-tokenized rows, packed documents or truncated documents, with a
   state (epoch, document index, offset in it) that resumes exactly.
-
-Re-exported by :mod:`fastsae.training.text_data`.
 """
 
 from __future__ import annotations

@@ -32,15 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fastsae.training.activation_scaler import ActivationScaler
-from fastsae.training.checkpoints import (  # noqa: F401 - re-exported names
-    DATA_REPLICA_FILENAME,
-    DATA_STATE_FILENAME,
-    PENDING_BATCH_FILENAME,
-    RUNNER_CFG_FILENAME,
-    TRAINER_STATE_FILENAME,
-    CheckpointingMixin,
-    TrainerState,
-)
+from fastsae.training.checkpoints import CheckpointingMixin, TrainerState
 from fastsae.training.interrupts import deferred_sigint
 from fastsae.training.metrics import MetricsLogger, step_metrics
 from fastsae.training.nonfinite import (

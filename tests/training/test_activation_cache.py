@@ -20,13 +20,12 @@ from safetensors.torch import load_file, save_file
 from tiny_runs import tiny_config
 
 from fastsae.training.activation_cache import (
-    CachedActivationsStore,
     cache_activations,
     cache_activations_from_config,
     check_cache_target,
-    read_cache_info,
 )
 from fastsae.training.activations_store import ActivationsStore
+from fastsae.training.cached_activations_store import CachedActivationsStore, read_cache_info
 
 CTX = 8
 N_TOKENS = 150  # not a multiple of the shard size, nor of the forward size

@@ -14,11 +14,9 @@ from datasets import Dataset, DatasetDict
 from tiny_runs import tiny_config, token_rows_dataset
 
 from fastsae.training.activations_store import ActivationsStore
-from fastsae.training.text_data import (
-    TokenRowSource,
-    load_text_dataset,
-    local_text_dataset,
-)
+from fastsae.training.docstring_corpus import local_text_dataset
+from fastsae.training.text_loading import load_text_dataset
+from fastsae.training.token_rows import TokenRowSource
 
 CTX = 16
 DOCS = [
@@ -531,7 +529,7 @@ def test_shard_for_data_parallel_reads_own_documents_and_runs_the_model_on_own_r
 
 
 def test_data_parallel_store_state_and_furthest_position(tl_model, token_rows):
-    from fastsae.training.activations_store import furthest_position
+    from fastsae.training.activations_store_state import furthest_position
 
     stores = []
     for rank in range(2):

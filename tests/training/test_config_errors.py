@@ -15,7 +15,8 @@ from datasets import Dataset, Features, Sequence, Value
 from fastsae.cli import main
 from fastsae.saes.config import SAEConfig
 from fastsae.training import LanguageModelSAERunnerConfig, TopKTrainingSAEConfig
-from fastsae.training.text_data import TokenRowSource, load_text_dataset
+from fastsae.training.text_loading import load_text_dataset
+from fastsae.training.token_rows import TokenRowSource
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SAELens < 6 option.*:DeprecationWarning")
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastsae.training import text_data
+from fastsae.training import docstring_corpus
 from fastsae.training.demo import (
     DEMO_BUFFER_TOKENS,
     demo_buffer,
@@ -45,7 +45,7 @@ def test_bad_demo_arguments_are_named_before_anything_loads(kwargs, message, mon
     def no_corpus(*args, **kw):
         raise AssertionError("the corpus was read before the arguments were checked")
 
-    monkeypatch.setattr(text_data, "local_text_dataset", no_corpus)
+    monkeypatch.setattr(docstring_corpus, "local_text_dataset", no_corpus)
     with pytest.raises(ValueError, match=message):
         demo_config(**kwargs)
     with pytest.raises(ValueError, match=message):
@@ -77,15 +77,15 @@ def test_a_short_run_fills_a_buffer_sized_to_its_tokens(tokens, batch, context):
 
 
 def test_max_chars_gives_a_prefix_of_the_corpus():
-    whole = text_data.local_text_dataset(packages=["json", "email"], seed=1)
-    part = text_data.local_text_dataset(packages=["json", "email"], seed=1, max_chars=5000)
+    whole = docstring_corpus.local_text_dataset(packages=["json", "email"], seed=1)
+    part = docstring_corpus.local_text_dataset(packages=["json", "email"], seed=1, max_chars=5000)
     n = len(part)
     assert 0 < n < len(whole)
     assert part["text"] == whole["text"][:n] and part["source"] == whole["source"][:n]
     chars = [len(t) for t in part["text"]]
     assert sum(chars) >= 5000 > sum(chars[:-1])  # stopped at the first document past it
     with pytest.raises(ValueError, match="max_chars must be a positive int or None"):
-        text_data.local_text_dataset(packages=["json"], max_chars=0)
+        docstring_corpus.local_text_dataset(packages=["json"], max_chars=0)
 
 
 class _CharTokenizer:
@@ -112,9 +112,9 @@ def _small_cfg(tokens: int) -> SimpleNamespace:
 def test_the_demo_corpus_is_a_prefix_holding_the_tokens_the_run_reads(chars_per_token, monkeypatch):
     """Fewer documents, in the whole corpus's order; where text has many more characters
     per token than the budget assumes, more is read until the tokens are there."""
-    real = text_data.local_text_dataset
+    real = docstring_corpus.local_text_dataset
     monkeypatch.setattr(
-        text_data, "local_text_dataset", functools.partial(real, packages=["json", "email"])
+        docstring_corpus, "local_text_dataset", functools.partial(real, packages=["json", "email"])
     )
     whole = real(packages=["json", "email"], seed=1)
     cfg = _small_cfg(tokens=500)
@@ -127,9 +127,9 @@ def test_the_demo_corpus_is_a_prefix_holding_the_tokens_the_run_reads(chars_per_
 
 
 def test_a_run_that_may_read_everything_gets_the_whole_corpus(monkeypatch):
-    real = text_data.local_text_dataset
+    real = docstring_corpus.local_text_dataset
     monkeypatch.setattr(
-        text_data, "local_text_dataset", functools.partial(real, packages=["json", "email"])
+        docstring_corpus, "local_text_dataset", functools.partial(real, packages=["json", "email"])
     )
     whole = real(packages=["json", "email"], seed=1)
     part = demo_dataset(_small_cfg(tokens=10**7), tokenizer=_CharTokenizer(4))
@@ -146,8 +146,8 @@ def test_the_default_run_reads_the_whole_corpus(monkeypatch):
         asked.append(kwargs)
         return real(packages=["json"], seed=kwargs["seed"])  # smaller than any budget
 
-    real = text_data.local_text_dataset
-    monkeypatch.setattr(text_data, "local_text_dataset", recorder)
+    real = docstring_corpus.local_text_dataset
+    monkeypatch.setattr(docstring_corpus, "local_text_dataset", recorder)
     demo_dataset(demo_config(), tokenizer=_CharTokenizer(4))
     assert len(asked) == 1 and asked[0]["seed"] == 0
     assert asked[0]["max_chars"] > 2 * 8_000_000

@@ -41,14 +41,14 @@ def _worker(rank: int, world: int) -> dict:
     from fastsae.training.latent_sharding import base
 
     sent: list[tuple[str, int]] = []
-    real = base._collective
+    real = base.collective
 
     def counting(what, fn, *args, **kwargs):
         tensor = args[1] if fn is torch.distributed.all_gather else args[0]
         sent.append((what, tensor.numel() * tensor.element_size()))
         return real(what, fn, *args, **kwargs)
 
-    base._collective = counting
+    base.collective = counting
     out = {}
     for case, make in CASES.items():
         torch.manual_seed(0)

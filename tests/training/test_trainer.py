@@ -23,8 +23,8 @@ from fastsae.training import (
     StandardTrainingSAEConfig,
     TopKTrainingSAEConfig,
 )
+from fastsae.training.checkpoints import TRAINER_STATE_FILENAME
 from fastsae.training.saes import training_sae_class_for_architecture
-from fastsae.training.trainer import TRAINER_STATE_FILENAME
 
 D_IN, D_SAE, BATCH = 16, 64, 32
 

@@ -38,7 +38,7 @@ from fastsae import (
     SAE,
     HookedSAETransformer,
 )
-from fastsae.training.text_data import local_text_dataset
+from fastsae.training.docstring_corpus import local_text_dataset
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastsae.sparse_code import SparseCode
-from fastsae.training.collectives import _collective
+from fastsae.training.collectives import collective
 from fastsae.training.saes.base import (
     TrainCoefficientConfig,
     TrainingSAE,
@@ -68,38 +68,38 @@ def shard_tensor(name: str, full: Tensor, lo: int, hi: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- collectives
-def _group_world(group) -> tuple[int, int]:
+def group_rank_and_world(group) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
-def _all_reduce(t: Tensor, group, what: str, op=None) -> Tensor:
+def all_reduce(t: Tensor, group, what: str, op=None) -> Tensor:
     """``t`` reduced in place over ``group`` (``op``: default SUM)."""
-    if _group_world(group)[1] > 1:
+    if group_rank_and_world(group)[1] > 1:
         op = dist.ReduceOp.SUM if op is None else op
-        _collective(what, dist.all_reduce, t, op=op, group=group)
+        collective(what, dist.all_reduce, t, op=op, group=group)
     return t
 
 
-def _all_gather(t: Tensor, group, what: str) -> list[Tensor]:
-    world = _group_world(group)[1]
+def all_gather(t: Tensor, group, what: str) -> list[Tensor]:
+    world = group_rank_and_world(group)[1]
     if world == 1:
         return [t]
     parts = [torch.empty_like(t) for _ in range(world)]
-    _collective(what, dist.all_gather, parts, t.contiguous(), group=group)
+    collective(what, dist.all_gather, parts, t.contiguous(), group=group)
     return parts
 
 
-def _broadcast_shard(t: Tensor, src: int, group, what: str) -> Tensor:
+def broadcast_shard(t: Tensor, src: int, group, what: str) -> Tensor:
     """Group rank ``src``'s ``t`` on every rank of ``group`` (``t``: this rank's tensor of
     the same shape and dtype; returned as is on ``src``)."""
-    rank, world = _group_world(group)
+    rank, world = group_rank_and_world(group)
     if world == 1:
         return t
     buf = t.contiguous() if rank == src else torch.empty_like(t)
     global_src = src if group is None else dist.get_global_rank(group, src)
-    _collective(f"{what} (shard {src})", dist.broadcast, buf, src=global_src, group=group)
+    collective(f"{what} (shard {src})", dist.broadcast, buf, src=global_src, group=group)
     return buf
 
 
@@ -127,7 +127,7 @@ class _SumOverShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, partial, group, what):  # type: ignore[override]
-        return _all_reduce(partial.clone(), group, what)
+        return all_reduce(partial.clone(), group, what)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -150,7 +150,7 @@ class _ReplicatedInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _all_reduce(grad.contiguous().clone(), ctx.group, ctx.what), None, None
+        return all_reduce(grad.contiguous().clone(), ctx.group, ctx.what), None, None
 
 
 # --------------------------------------------------------------------------- the module
@@ -260,7 +260,7 @@ class ShardedTrainingSAE(nn.Module):
                     full_params[name].copy_(p)
                 continue
             for s in range(self.world_size):
-                part = _broadcast_shard(p.detach(), s, self.group, f"gather {name}")
+                part = broadcast_shard(p.detach(), s, self.group, f"gather {name}")
                 if full is not None:
                     lo, hi = shard_range(self.cfg.d_sae, s, self.world_size)
                     full_params[name].narrow(dim, lo, hi - lo).copy_(part)
@@ -329,7 +329,7 @@ def clip_grad_norm_sharded(sae: ShardedTrainingSAE, max_norm: float) -> Tensor:
     sq = torch.zeros(1, dtype=torch.float32, device=sae.b_dec.device)
     for grad in shard_grads:
         sq += grad.float().pow(2).sum()
-    _all_reduce(sq, sae.group, "grad norm all_reduce")
+    all_reduce(sq, sae.group, "grad norm all_reduce")
     for grad in rep_grads:
         sq += grad.float().pow(2).sum()
     total = sq.sqrt()[0]

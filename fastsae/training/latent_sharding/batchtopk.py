@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastsae.torch_ops import encoder_preacts, padded_layout
-from fastsae.training.latent_sharding.base import _all_reduce
+from fastsae.training.latent_sharding.base import all_reduce
 from fastsae.training.latent_sharding.topk import ShardedTopKTrainingSAE, merge_candidates
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
 from fastsae.training.saes.batchtopk import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -84,7 +84,7 @@ class ShardedBatchTopKTrainingSAE(ShardedTopKTrainingSAE):
             dtype=torch.double,
             device=values.device,
         )
-        _all_reduce(buf, self.group, "batch topk threshold all_reduce(min)", dist.ReduceOp.MIN)
+        all_reduce(buf, self.group, "batch topk threshold all_reduce(min)", dist.ReduceOp.MIN)
         if torch.isfinite(buf).all():
             lr = self.cfg.topk_threshold_lr
             self.topk_threshold = (1 - lr) * self.topk_threshold + lr * buf[0]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fastsae.training.latent_sharding.base import ShardedTrainingSAE, sum_over_shards
 from fastsae.training.losses import JumpReLUFunction, StepFunction
-from fastsae.training.saes.base import TrainStepInput, TrainStepOutput, _total, mse_loss
+from fastsae.training.saes.base import TrainStepInput, TrainStepOutput, mse_loss, total_loss
 from fastsae.training.saes.jumprelu import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from fastsae.training.saes.standard import StandardTrainingSAE, StandardTrainingSAEConfig
 
@@ -49,7 +49,7 @@ class _DenseShardedTrainingSAE(ShardedTrainingSAE):
         return TrainStepOutput(
             sae_in=x,
             sae_out=sae_out,
-            loss=_total(losses),
+            loss=total_loss(losses),
             losses=losses,
             feature_acts=feature_acts,
             hidden_pre=hidden_pre,

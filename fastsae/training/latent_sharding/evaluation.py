@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from fastsae.evals import language_model_metrics
-from fastsae.evals.run import _reconstruction_stats, _reconstruction_summary
-from fastsae.training.latent_sharding.base import ShardedTrainingSAE, _all_reduce
+from fastsae.evals.run import reconstruction_stats, reconstruction_summary
+from fastsae.training.latent_sharding.base import ShardedTrainingSAE, all_reduce
 
 
 @torch.no_grad()
@@ -30,16 +30,14 @@ def sharded_reconstruction_metrics(
 ) -> dict[str, float]:
     """:func:`fastsae.evals.reconstruction_metrics` of the unsharded SAE, computed on the
     shards (``batches``: ``[batch, d_in]``, the same on every rank of the group)."""
-    stats, d_out = _reconstruction_stats(
-        shard.reconstruct, shard.d_sae_local, shard.device, batches
-    )
+    stats, d_out = reconstruction_stats(shard.reconstruct, shard.d_sae_local, shard.device, batches)
     totals = torch.tensor(
         [stats.sums["l0"], float((stats.feature_acts == 0).sum())],
         dtype=torch.float64,
         device=shard.device,
     )
-    l0_sum, dead = _all_reduce(totals, shard.group, "eval L0 / dead latents all_reduce").tolist()
-    return _reconstruction_summary(stats, d_out, l0_sum / stats.n_tokens, int(round(dead)))
+    l0_sum, dead = all_reduce(totals, shard.group, "eval L0 / dead latents all_reduce").tolist()
+    return reconstruction_summary(stats, d_out, l0_sum / stats.n_tokens, int(round(dead)))
 
 
 @torch.no_grad()

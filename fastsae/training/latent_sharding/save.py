@@ -25,7 +25,7 @@ from fastsae.loading.safetensors_stream import write_safetensors_blocks
 from fastsae.training.latent_sharding.base import (
     SHARD_DIMS,
     ShardedTrainingSAE,
-    _broadcast_shard,
+    broadcast_shard,
     meta_full,
 )
 
@@ -67,14 +67,14 @@ def full_blocks(
             for s in range(shard.world_size):
                 for a in range(0, n_local, rows):
                     b = min(n_local, a + rows)
-                    part = _broadcast_shard(t[a:b], s, shard.group, f"save {name}")
+                    part = broadcast_shard(t[a:b], s, shard.group, f"save {name}")
                     yield name, (part if keep else None)
         else:  # [rows, d_sae]: each full row is the shards' pieces side by side
             rows = _rows_per_block(shard.cfg.d_sae, dtype, block_bytes)
             for a in range(0, shape[0], rows):
                 b = min(shape[0], a + rows)
                 pieces = [
-                    _broadcast_shard(t[a:b], s, shard.group, f"save {name}")
+                    broadcast_shard(t[a:b], s, shard.group, f"save {name}")
                     for s in range(shard.world_size)
                 ]
                 yield name, (torch.cat(pieces, dim=1) if keep else None)

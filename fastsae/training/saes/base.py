@@ -306,7 +306,7 @@ class TrainingSAE(SAE):
         return TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
-            loss=_total(losses),
+            loss=total_loss(losses),
             losses=losses,
             feature_acts=feature_acts,
             hidden_pre=hidden_pre,
@@ -395,7 +395,7 @@ def scale_decoder_rows_(W_dec: Tensor, norm: float) -> Tensor:
     return W_dec
 
 
-def _total(losses: dict[str, Tensor]) -> Tensor:
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
     total = None
     for value in losses.values():
         total = value if total is None else total + value

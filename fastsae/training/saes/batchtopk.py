@@ -19,7 +19,7 @@ from fastsae import ops
 from fastsae.sparse_code import SparseCode
 from fastsae.training.saes.base import TrainStepInput, TrainStepOutput
 from fastsae.training.saes.step_weights import StepWeights
-from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, _take
+from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig, take_deterministic
 
 
 @dataclass
@@ -164,7 +164,8 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
         """Yield ``(width, reconstruction [batch, d_in])`` of each prefix level, sparsely."""
         if self.cfg.rescale_acts_by_decoder_norm:
             code = SparseCode(
-                code.values * _take(1 / self.W_dec.norm(dim=-1), code.indices), code.indices
+                code.values * take_deterministic(1 / self.W_dec.norm(dim=-1), code.indices),
+                code.indices,
             )
         widths = self.cfg.matryoshka_widths if include_outer else self.cfg.matryoshka_widths[:-1]
         for width in widths:

@@ -26,7 +26,7 @@ from fastsae.training.saes.base import (
     TrainingSAEConfig,
     TrainStepInput,
     TrainStepOutput,
-    _total,
+    total_loss,
 )
 from fastsae.training.saes.step_weights import StepWeights, step_weights
 
@@ -134,7 +134,9 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         self._norm_stats = stats
         decoder_code = code
         if dec_norm is not None:
-            decoder_code = SparseCode(code.values * _take(1 / dec_norm, code.indices), code.indices)
+            decoder_code = SparseCode(
+                code.values * take_deterministic(1 / dec_norm, code.indices), code.indices
+            )
         sae_out = self._finish_decode(
             self._train_decode(decoder_code, weights).to(self.dtype), stats
         )
@@ -145,7 +147,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         output = TrainStepOutput(
             sae_in=x,
             sae_out=sae_out,
-            loss=_total(losses),
+            loss=total_loss(losses),
             losses=losses,
             code=code,
             d_sae=self.cfg.d_sae,
@@ -251,7 +253,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
             state_dict["W_enc"] = state_dict["W_enc"] * norm.unsqueeze(0)
 
 
-def _take(values: Tensor, indices: Tensor) -> Tensor:
+def take_deterministic(values: Tensor, indices: Tensor) -> Tensor:
     """``values[indices]`` whose backward is a deterministic ``index_add`` (advanced
     indexing's backward accumulates with parallel atomics on CPU: bitwise run-to-run
     differences, which would break exact resumes)."""
