@@ -15,7 +15,7 @@ measurement noise (and the bucket's spread).
 The paths, and the default taken when tuning is off (``FASTSAE_TUNE=0``) or impossible
 (inside a CUDA graph capture or a ``torch.compile`` trace, before a decision is cached):
 
-- ``topk_encode``: ``"fused"`` (the fused Triton encoder, k <= 1024), ``"chunked"`` (cuBLAS
+- ``topk_encode``: ``"fused"`` (the fused Triton encoder, k <= 128), ``"chunked"`` (cuBLAS
   matmuls over latent chunks + ``torch.topk`` + the Triton sparse backward) and ``"torch"``
   (dense pre-activations). Default ``"chunked"``: its speed is cuBLAS's (tensor cores,
   autocast-aware), never far from SAELens's dense path, and it forms no ``[B, d_sae]``
@@ -37,6 +37,7 @@ from typing import Any
 from torch import Tensor
 
 from fastsae import torch_ops, tuning
+from fastsae.sparse_autograd import TRITON_BACKEND, TopKEncodeFunction
 from fastsae.sparse_code import SparseCode
 
 IMPLS = ("auto", "triton", "torch")
@@ -59,7 +60,8 @@ def triton_interpret() -> bool:
 TOPK_SELECTIONS = ("auto", "fused", "chunked")
 TOPK_PATHS = ("fused", "chunked", "torch")
 # the fused TopK kernel keeps a running top-k in registers: k up to this
-FUSED_TOPK_MAX_K = 1024
+# the fused kernel's k limit (fastsae.kernels.topk_encode.MAX_K; a test keeps them equal)
+FUSED_TOPK_MAX_K = 128
 # the untuned defaults (see the module docstring for why)
 DEFAULT_PATHS = {"topk_encode": "chunked", "jumprelu_encode": "torch", "sparse_decode": "triton"}
 
@@ -176,10 +178,14 @@ def _topk_run(
     """One ``topk_encode`` path on 2-D ``x``."""
     if path == "torch":
         return torch_ops.topk_encode(x, W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select)
-    from fastsae.kernels.autograd import TopKEncodeFunction
-
-    select = torch_ops.topk_select_chunked if path == "chunked" else None
-    return SparseCode(*TopKEncodeFunction.apply(x, W_enc, b_enc, dec_norm, k, abs_select, select))
+    if path == "chunked":
+        select = torch_ops.topk_select_chunked
+    else:
+        from fastsae.kernels.topk_encode import topk_encode as select
+    values, indices = TopKEncodeFunction.apply(
+        x, W_enc, b_enc, dec_norm, k, abs_select, select, TRITON_BACKEND
+    )
+    return SparseCode(values, indices)
 
 
 def topk_auto_path(
@@ -198,8 +204,8 @@ def topk_auto_path(
         return "torch"
     forced = topk_selection_override()
     if forced is not None:
-        # the fused kernel's register top-k stops at FUSED_TOPK_MAX_K
-        return "torch" if forced == "fused" and k > FUSED_TOPK_MAX_K else forced
+        # the fused kernel stops at FUSED_TOPK_MAX_K; past it the chunked selection
+        return "chunked" if forced == "fused" and k > FUSED_TOPK_MAX_K else forced
     if device == UNTUNABLE:
         return "fused" if k <= FUSED_TOPK_MAX_K else "chunked"
     xf, W, b, dn = _detached(_flat(x), W_enc, b_enc, dec_norm)
@@ -237,8 +243,9 @@ def topk_encode(
         path = topk_auto_path(x, W_enc, b_enc, k, dec_norm=dec_norm, abs_select=abs_select)
     else:
         tensors = (x, W_enc, b_enc, dec_norm)
-        fused = _use_triton("topk_encode", impl, tensors, has_kernel=k <= FUSED_TOPK_MAX_K)
-        path = "fused" if fused else "torch"
+        on_triton = _use_triton("topk_encode", impl, tensors, has_kernel=True)
+        # past the fused kernel's k, the chunked cuBLAS selection (Triton backward)
+        path = ("fused" if k <= FUSED_TOPK_MAX_K else "chunked") if on_triton else "torch"
     tuning.note_path("topk_encode", path)
     code = _topk_run(path, _flat(x), W_enc, b_enc, k, dec_norm, abs_select)
     return _unflat(code, tuple(x.shape[:-1]))
@@ -272,13 +279,12 @@ def batch_topk_encode(
     _check_dec_norm(dec_norm, W_enc, "batch_topk_encode")
     tensors = (x, W_enc, b_enc, dec_norm)
     if n_select > 0 and _use_triton("batch_topk_encode", impl, tensors, has_kernel=True):
-        from fastsae.kernels.autograd import TopKEncodeFunction
-
         tuning.note_path("batch_topk_encode", "chunked")
         select = torch_ops.batch_topk_select_chunked
-        return SparseCode(
-            *TopKEncodeFunction.apply(x, W_enc, b_enc, dec_norm, n_select, False, select)
+        values, indices = TopKEncodeFunction.apply(
+            x, W_enc, b_enc, dec_norm, n_select, False, select, TRITON_BACKEND
         )
+        return SparseCode(values, indices)
     tuning.note_path("batch_topk_encode", "torch")
     return torch_ops.batch_topk_encode(x, W_enc, b_enc, n_select, dec_norm=dec_norm)
 
@@ -288,9 +294,7 @@ def topk_encode_is_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int)
     on these tensors (the fused kernel or the chunked selection, neither of which forms
     ``[batch, d_sae]`` pre-activations). Tuning may still pick the torch path for a shape
     where it measured faster; it returns the same code."""
-    forced_fused = topk_selection_override() == "fused"
-    has_kernel = k <= FUSED_TOPK_MAX_K or not forced_fused
-    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=has_kernel)
+    return _use_triton("topk_encode", "auto", (x, W_enc, b_enc), has_kernel=True)
 
 
 def jumprelu_encode(

@@ -197,6 +197,24 @@ def batch_topk_select_chunked(
     return code.values.to(W_enc.dtype), code.indices
 
 
+def topk_select_dense(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dec_norm: Tensor | None = None,
+    abs_select: bool = False,
+) -> SparseCode:
+    """Top-k of ``(x @ W_enc + b_enc) * dec_norm`` through the dense ``[B, d_sae]``
+    pre-activations, no grad: the torch path's selection (``topk_select`` of
+    ``encoder_preacts``), with ``topk_select_chunked``'s contract."""
+    with torch.no_grad():
+        h = encoder_preacts(x, W_enc, b_enc)  # a fresh buffer: scaled in place
+        if dec_norm is not None:
+            h = h.mul_(dec_norm) if h.dtype == dec_norm.dtype else h * dec_norm
+        return topk_select(h, k, abs_select=abs_select)
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -210,57 +228,16 @@ def topk_encode(
 
     ``x [B, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``dec_norm [d_sae]`` or None.
     Differentiable in x, W_enc, b_enc and dec_norm through a backward that only
-    touches the selected pairs (no ``[B, d_sae]`` gradient).
+    touches the selected pairs (no ``[B, d_sae]`` gradient): the TopK Function every
+    path shares, with ``topk_select_dense`` and this module's primitives.
     """
-    values, indices = _TopKEncode.apply(x, W_enc, b_enc, dec_norm, k, abs_select)
+    # imported here: fastsae.sparse_autograd's torch backend imports this module
+    from fastsae.sparse_autograd import TORCH_BACKEND, TopKEncodeFunction
+
+    values, indices = TopKEncodeFunction.apply(
+        x, W_enc, b_enc, dec_norm, k, abs_select, topk_select_dense, TORCH_BACKEND
+    )
     return SparseCode(values, indices)
-
-
-class _TopKEncode(torch.autograd.Function):
-    """Torch twin of ``fastsae.kernels.autograd.TopKEncodeFunction`` (same maths)."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, dec_norm, k, abs_select):  # type: ignore[override]
-        h = encoder_preacts(x, W_enc, b_enc)  # a fresh buffer: scaled in place
-        if dec_norm is not None:
-            h = h.mul_(dec_norm) if h.dtype == dec_norm.dtype else h * dec_norm
-        values, indices = topk_select(h, k, abs_select=abs_select)
-        # the selected pre-activations before the decoder-norm scaling, for d dec_norm
-        h_sel = None
-        if dec_norm is not None:
-            raw = h.gather(-1, indices)
-            h_sel = raw / dec_norm[indices]
-        ctx.save_for_backward(x, W_enc, b_enc, dec_norm, values, indices, h_sel)
-        ctx.abs_select = abs_select
-        ctx.mark_non_differentiable(indices)
-        return values, indices
-
-    @staticmethod
-    def backward(ctx, d_values, _d_indices):  # type: ignore[override]
-        x, W_enc, b_enc, dec_norm, values, indices, h_sel = ctx.saved_tensors
-        need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
-        d_pre = d_values if ctx.abs_select else d_values * (values > 0)
-        d_h = d_pre if dec_norm is None else d_pre * dec_norm[indices]
-        d_dn = None
-        if dec_norm is not None and need_dn:
-            d_dn = torch.zeros_like(dec_norm).index_add_(
-                0, indices.reshape(-1), (d_pre * h_sel).reshape(-1).to(dec_norm.dtype)
-            )
-        d_x = None
-        if need_x:
-            # row n of W_enc.T is latent n's encoder direction; a contiguous copy lets
-            # embedding_bag gather it (41 ms + 5 ms vs ~1 s for strided column gathers
-            # at d_in=768, d_sae=24576 on 2 CPU cores)
-            d_x = gather_weighted_sum(d_h, indices, W_enc.T.contiguous()).to(x.dtype)
-        d_w = None
-        if need_w:
-            d_w = segment_rows_sum(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype)
-        d_b = None
-        if need_b:
-            d_b = torch.zeros_like(b_enc).index_add_(
-                0, indices.reshape(-1), d_h.reshape(-1).to(b_enc.dtype)
-            )
-        return d_x, d_w, d_b, d_dn, None, None
 
 
 def _chunks(n_rows: int):
@@ -310,7 +287,9 @@ def gather_dot(G: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
 
 
 def gather_weighted_sum(weights: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
-    """``out[b] = sum_j weights[b, j] * rows[indices[b, j]]``: -> ``[B, D]`` (any row strides)."""
+    """``out[b] = sum_j weights[b, j] * rows[indices[b, j]]``: -> ``[B, D]`` (any row strides).
+
+    The sparse decode's primitive (the Triton launcher of the same name adds a bias)."""
     dtype = torch.promote_types(weights.dtype, rows.dtype)
     if _contiguous_rows(rows) and indices.numel() and rows.dtype == dtype:
         # embedding_bag is this op (4.6 ms vs 55 ms chunked at B=2048, K=64, D=768)

@@ -1,4 +1,5 @@
-"""Sparse decode: ``out[b] = sum_j vals[b, j] * W[idx[b, j]] (+ bias)``.
+"""Sparse decode: ``gather_weighted_sum``, ``out[b] = sum_j vals[b, j] * W[idx[b, j]]
+(+ bias)`` (its torch twin is ``fastsae.torch_ops.gather_weighted_sum``).
 
 One program per (token, BLOCK_D slice of the output): it gathers the token's K
 decoder rows BLOCK_K at a time and accumulates in fp32, so the work and traffic
@@ -49,7 +50,7 @@ def _sparse_decode_kernel(
     tl.store(out_ptr + row * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def sparse_decode(
+def gather_weighted_sum(
     values: torch.Tensor,
     indices: torch.Tensor,
     W: torch.Tensor,
@@ -66,13 +67,13 @@ def sparse_decode(
     check_same_device(values=values, indices=indices, W=W, bias=bias)
     if values.ndim != 2 or values.shape != indices.shape or W.ndim != 2:
         raise ValueError(
-            f"sparse_decode: values/indices must be [B, K] and W [N, D]; got "
+            f"gather_weighted_sum: values/indices must be [B, K] and W [N, D]; got "
             f"{tuple(values.shape)}, {tuple(indices.shape)}, {tuple(W.shape)}"
         )
     B, K = values.shape
     D = W.shape[1]
     if bias is not None and tuple(bias.shape) != (D,):
-        raise ValueError(f"sparse_decode: bias must be [{D}], got {tuple(bias.shape)}")
+        raise ValueError(f"gather_weighted_sum: bias must be [{D}], got {tuple(bias.shape)}")
     values, indices = values.contiguous(), indices.contiguous()
     bias = bias.contiguous() if bias is not None else None
     out_dtype = out_dtype or torch.promote_types(values.dtype, W.dtype)

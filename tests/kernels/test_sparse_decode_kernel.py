@@ -76,7 +76,7 @@ def test_gather_offsets_beyond_int32(device):
     """Rows of a decoder with d_sae * d_out > 2**31 elements (4.3 GB in bf16): the gather
     offsets must be computed in int64, or rows past 2**31 / d_out alias earlier ones."""
     from fastsae.kernels.sparse_backward import gather_dot
-    from fastsae.kernels.sparse_decode import sparse_decode
+    from fastsae.kernels.sparse_decode import gather_weighted_sum
 
     d_out = 1024
     d_sae = 2**31 // d_out + 8
@@ -85,7 +85,7 @@ def test_gather_offsets_beyond_int32(device):
     torch.manual_seed(0)
     W[rows[0]] = torch.randn(3, d_out, device=device).to(torch.bfloat16)
     values = torch.tensor([[1.0, -2.0, 0.5]], device=device)
-    out = sparse_decode(values, rows, W, out_dtype=torch.float32)
+    out = gather_weighted_sum(values, rows, W, out_dtype=torch.float32)
     ref = values.double() @ W[rows[0]].double()
     assert rel_err(out, ref) < 1e-5
     g = torch.randn(1, d_out, device=device)

@@ -40,54 +40,20 @@ import torch
 from torch import Tensor
 
 from fastsae import ops
+from fastsae.sparse_autograd import TORCH_BACKEND, TRITON_BACKEND, TopKEncodeFunction
 from fastsae.sparse_code import SparseCode
-from fastsae.torch_ops import encoder_preacts, gather_weighted_sum, segment_rows_sum
+from fastsae.torch_ops import encoder_preacts
 from fastsae.training.latent_sharding.base import (
     ShardedTrainingSAE,
-    _all_gather,
-    _all_reduce,
-    _group_world,
+    all_gather,
+    all_reduce,
+    group_rank_and_world,
     sum_over_shards,
 )
 from fastsae.training.losses import topk_aux_scale
-from fastsae.training.saes.base import TrainStepInput, TrainStepOutput, _total
+from fastsae.training.saes.base import TrainStepInput, TrainStepOutput, total_loss
 from fastsae.training.saes.step_weights import StepWeights, step_weights
 from fastsae.training.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig
-
-
-class _SelectedEncode(torch.autograd.Function):
-    """The values of an already-selected code ``(values, indices)`` (ReLU'd
-    pre-activations, padding 0) with TopK's sparse encoder backward (no ``[B, n]``
-    gradient): ``d x``, ``d W_enc``, ``d b_enc``, ``d dec_norm``."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, dec_norm, values, indices, h_sel):  # type: ignore[override]
-        ctx.save_for_backward(x, W_enc, b_enc, dec_norm, values, indices, h_sel)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, d_values):  # type: ignore[override]
-        x, W_enc, b_enc, dec_norm, values, indices, h_sel = ctx.saved_tensors
-        need_x, need_w, need_b, need_dn = ctx.needs_input_grad[:4]
-        d_pre = d_values * (values > 0)
-        d_h = d_pre if dec_norm is None else d_pre * dec_norm[indices]
-        d_dn = None
-        if dec_norm is not None and need_dn:
-            d_dn = torch.zeros_like(dec_norm).index_add_(
-                0, indices.reshape(-1), (d_pre * h_sel).reshape(-1).to(dec_norm.dtype)
-            )
-        d_x = (
-            gather_weighted_sum(d_h, indices, W_enc.T.contiguous()).to(x.dtype) if need_x else None
-        )
-        d_w = (
-            segment_rows_sum(d_h, indices, x, W_enc.shape[1]).T.to(W_enc.dtype) if need_w else None
-        )
-        d_b = None
-        if need_b:
-            d_b = torch.zeros_like(b_enc).index_add_(
-                0, indices.reshape(-1), d_h.reshape(-1).to(b_enc.dtype)
-            )
-        return d_x, d_w, d_b, d_dn, None, None, None
 
 
 def global_topk(
@@ -135,11 +101,11 @@ def merge_candidates(
     cand_ids = torch.full((batch, k), -1, dtype=id_dtype, device=vals.device)
     cand_vals[:, :k_local] = vals
     cand_ids[:, :k_local] = pos + offset
-    all_vals = torch.cat(_all_gather(cand_vals, group, what + " (values)"), dim=-1)
-    all_ids = torch.cat(_all_gather(cand_ids, group, what + " (ids)"), dim=-1).long()
+    all_vals = torch.cat(all_gather(cand_vals, group, what + " (values)"), dim=-1)
+    all_ids = torch.cat(all_gather(cand_ids, group, what + " (ids)"), dim=-1).long()
     _, top_pos = torch.topk(all_vals, k, dim=-1, sorted=True)
     global_ids = all_ids.gather(-1, top_pos)
-    rank = _group_world(group)[0]
+    rank = group_rank_and_world(group)[0]
     mine = top_pos[:, :, None] == (rank * k + torch.arange(k_local, device=vals.device))
     selected = mine.any(dim=1)  # [B, k_local]: candidate j of this rank was chosen
     return selected, global_ids
@@ -187,6 +153,22 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         self.last_global_indices = global_ids
         return pos, raw, selected
 
+    def _selected_code(
+        self,
+        sae_in: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        k: int,
+        dn: Tensor | None,
+        abs_select: bool,
+    ) -> SparseCode:
+        """``TopKEncodeFunction``'s selection (no grad; every rank must call it): this
+        rank's candidates (``_select``), value 0 where the global top-k does not keep
+        them. ``W_enc``, ``b_enc`` and ``k`` are this module's, which ``_select`` reads
+        itself; TopK has no ``abs_select``."""
+        pos, raw, selected = self._select(sae_in, dn)
+        return SparseCode(torch.where(selected, raw.relu(), torch.zeros_like(raw)), pos)
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """TopK's step (MSE + AuxK) on the shards; every rank must call it with the same
         ``sae_in`` and dead mask. ``output.code`` holds this rank's latents (shard-local
@@ -204,14 +186,13 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
             self.cfg.rescale_acts_by_decoder_norm,
         )
         dec_norm = weights.dec_norm
-        dn = dec_norm.detach() if dec_norm is not None else None
-        with torch.no_grad():
-            pos, raw, selected = self._select(sae_in.detach(), dn)
-            values0 = torch.where(selected, raw.relu(), torch.zeros_like(raw))
-            h_sel = raw / dn[pos] if dn is not None else None
-        values = _SelectedEncode.apply(
-            sae_in, weights.W_enc, self.b_enc, dec_norm, values0, pos, h_sel
-        )
+        # TopK's encode Function with the global selection; its sparse backward runs
+        # the Triton kernels where impl="auto" would (CUDA), else torch's primitives
+        backend = TRITON_BACKEND if ops.auto_uses_triton(sae_in, self.W_enc) else TORCH_BACKEND
+        values, pos = TopKEncodeFunction.apply(
+            sae_in, weights.W_enc, self.b_enc, dec_norm, self.cfg.k, False,
+            self._selected_code, backend,
+        )  # fmt: skip
         code = SparseCode(values, pos)
         dec_values = (
             values
@@ -225,7 +206,7 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         return TrainStepOutput(
             sae_in=x,
             sae_out=sae_out,
-            loss=_total(losses),
+            loss=total_loss(losses),
             losses=losses,
             code=code,
             d_sae=self.d_sae_local,
@@ -242,7 +223,7 @@ class ShardedTopKTrainingSAE(ShardedTrainingSAE):
         g = self.group
         dead = weights.dead
         counts = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
-        num_dead = int(_all_reduce(counts, g, "dead latent count all_reduce").item())
+        num_dead = int(all_reduce(counts, g, "dead latent count all_reduce").item())
         if num_dead == 0:
             return sae_out.new_tensor(0.0)
         residual = (x - sae_out).detach()
