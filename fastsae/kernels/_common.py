@@ -26,6 +26,12 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"tensors are on different devices: {devices}")
 
 
+def ieee_fp32(dtype: torch.dtype) -> bool:
+    """Whether an fp32 ``tl.dot`` runs in IEEE fp32: torch's float32 matmul precision
+    setting decides, as it decides for cuBLAS (TF32 unless it is ``"highest"``)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def block_size(n: int, lo: int, hi: int) -> int:
     """Power of two in [lo, hi] covering ``n`` where possible."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
@@ -40,8 +46,10 @@ def encoder_tile(
     """fp32 pre-activations ``x[offs_b] @ W[:, offs_n] + b[offs_n]`` of one [BLOCK_B, BLOCK_N] tile.
 
     ``x [B, D]`` row-major, ``W [D, N]`` any strides (int64 offsets). ``IEEE`` keeps fp32
-    dots exact; ``UPCAST_DOT`` widens tiles to fp32 first, because the triton 3.9
-    interpreter computes ``tl.dot`` on bf16 tiles as raw 16-bit integers.
+    dots in IEEE fp32 (TF32 otherwise; 16-bit tiles use the tensor cores either way);
+    ``UPCAST_DOT`` widens tiles to fp32 first, because the triton 3.9 interpreter
+    computes ``tl.dot`` on bf16 tiles as raw 16-bit integers. The K loop is the one the
+    compiler software-pipelines (``num_stages``).
     """
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):

@@ -56,11 +56,13 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 SIXTEEN_BIT = ("fp16", "bf16")
 
-# Representative GPU shapes: a 64k-latent SAE on a 2304-wide model (Gemma 2 2B), one
-# fused-TopK batch (ops.topk_encode uses the fused kernel up to 256 rows). The launchers
-# derive their blocks from these; the top-k kernels also from k (K_PAD = next power of 2).
+# Representative GPU shapes: a 64k-latent SAE on a 2304-wide model (Gemma 2 2B), a batch
+# of 256 rows (the launch plans split the latents more at small batches). The launchers
+# derive their plans from these (the top-k filter also its SLOTS from k); the autotuned
+# kernels are compiled at every configuration of their lists.
 ROWS, D_IN, D_SAE = 256, 2304, 65536
-TOPK_KS = (32, 64, 128, 256)
+BIG_ROWS = 8192
+TOPK_KS = (32, 64, 128)  # the fused kernel's k stops at 128
 CODE_K = 64  # active latents per row of the sparse code fed to decode / backward
 
 
@@ -204,7 +206,7 @@ def build_cases(dtypes: Sequence[str] = DTYPE_NAMES) -> list[Case]:
     Backward calls mirror ``fastsae.kernels.autograd``: the decoder's gradients
     (``gather_dot``, ``segment_rows_sum`` of the values) in the model dtype, and the
     encoder's sparse gradients (TopK, BatchTopK, sparse JumpReLU) from an fp32 ``d_h``:
-    ``dx`` by ``sparse_decode`` through ``W_enc.T`` and ``dW_enc`` by a transposed
+    ``dx`` by ``gather_weighted_sum`` through ``W_enc.T`` and ``dW_enc`` by a transposed
     ``segment_rows_sum``.
     """
     torch = _torch()
@@ -242,6 +244,15 @@ def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
 
     for k in TOPK_KS:
         add("topk_encode", "forward", f"k={k}", lambda k=k: te.topk_encode(x, w_enc, b_enc, k))
+    # a training-size batch: few splits, so each row's candidates fit the select kernel's
+    # registers (the whole-row variant)
+    x_big = t(BIG_ROWS, D_IN, dtype=dt)
+    add(
+        "topk_encode",
+        "forward",
+        f"k=64 B={BIG_ROWS}",
+        lambda: te.topk_encode(x_big, w_enc, b_enc, 64),
+    )
     add(
         "topk_encode",
         "forward",
@@ -260,7 +271,32 @@ def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
         "sparse",
         lambda: jr.jumprelu_encode_sparse(x, w_enc, b_enc, thr),
     )
-    add("sparse_decode", "forward", "bias", lambda: sd.sparse_decode(vals, idx, w_dec, b_dec))
+    if name == "fp32":
+        # fp32 weights under TF32 (torch's "high" matmul precision) take the tensor cores
+        add(
+            "topk_encode",
+            "forward",
+            "k=64 tf32",
+            lambda: _tf32(te.topk_encode, x, w_enc, b_enc, 64),
+        )
+        add(
+            "jumprelu_encode",
+            "forward",
+            "dense tf32",
+            lambda: _tf32(jr.jumprelu_encode_dense, x, w_enc, b_enc, thr),
+        )
+    add(
+        "jumprelu_encode",
+        "forward",
+        "pack",
+        lambda: jr.pack_rows(
+            t(ROWS, 8, 64, dtype=dt),
+            t(ROWS, 8, 64, dtype=torch.int32),
+            t(ROWS, 8, dtype=torch.int32),
+            CODE_K,
+        ),  # fmt: skip
+    )
+    add("sparse_decode", "forward", "bias", lambda: sd.gather_weighted_sum(vals, idx, w_dec, b_dec))
     add("sparse_decode", "backward", "d_values", lambda: sb.gather_dot(grad_out, idx, w_dec, dt))
     add(
         "sparse_decode",
@@ -272,7 +308,7 @@ def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
         "encoders (sparse)",
         "backward",
         "dx",
-        lambda: sd.sparse_decode(d_h, idx, w_enc.T, out_dtype=dt),
+        lambda: sd.gather_weighted_sum(d_h, idx, w_enc.T, out_dtype=dt),
     )
     add(
         "encoders (sparse)",
@@ -281,6 +317,17 @@ def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
         lambda: sb.segment_rows_sum(order, offsets, d_h, x, CODE_K, dt, transposed=True),
     )
     return cases
+
+
+def _tf32(fn: Callable[..., object], *args: Any) -> object:
+    """``fn(*args)`` under torch's "high" float32 matmul precision (TF32 dots)."""
+    torch = _torch()
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        return fn(*args)
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 @contextlib.contextmanager

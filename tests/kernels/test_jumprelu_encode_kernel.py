@@ -70,3 +70,42 @@ def test_jumprelu_sparse_overflowing_capacity(device):
     expected = encoder_preacts64(x, W_enc, b_enc).relu()
     assert values.shape[1] == int((expected > 0).sum(-1).max()) > 3
     assert rel_err(dense_code64(values, indices, 300), expected) < 1e-5
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_jumprelu_sparse_splits_pack_rows_in_latent_order(device, poison_outputs, splits):
+    """Several latent splits, rows of very different widths (one row all inactive): each
+    row's pairs are packed side by side, in latent order, padding value 0 / latent 0."""
+    from fastsae.kernels.jumprelu_encode import jumprelu_encode_sparse
+
+    torch.manual_seed(6)
+    x = torch.randn(13, 20, device=device)
+    x[3] = 0.0
+    W_enc = torch.randn(20, 2100, device=device)
+    b_enc = torch.zeros(2100, device=device)
+    threshold = torch.rand(2100, device=device) * 3
+    code = jumprelu_encode_sparse(x, W_enc, b_enc, threshold, capacity=8, splits=splits)
+    h = encoder_preacts64(x, W_enc, b_enc)
+    expected = torch.where(h > threshold.double(), h, 0.0).relu()
+    counts = (expected > 0).sum(-1)
+    assert code.values.shape[1] == int(counts.max())
+    assert rel_err(dense_code64(code.values, code.indices, 2100), expected) < 1e-5
+    for row in range(13):
+        n = int(counts[row])
+        assert (code.indices[row, :n].diff() > 0).all()
+        assert (code.values[row, n:] == 0).all() and (code.indices[row, n:] == 0).all()
+    assert int(counts[3]) == 0
+
+
+def test_jumprelu_dense_many_tiles(device, poison_outputs):
+    """Row and latent blocks in grouped order with ragged edges."""
+    from fastsae.kernels.jumprelu_encode import jumprelu_encode_dense
+
+    torch.manual_seed(8)
+    x = torch.randn(150, 24, device=device)
+    W_enc = torch.randn(24, 2500, device=device)
+    b_enc = torch.randn(2500, device=device)
+    threshold = torch.rand(2500, device=device)
+    out = jumprelu_encode_dense(x, W_enc, b_enc, threshold)
+    h = encoder_preacts64(x, W_enc, b_enc)
+    assert rel_err(out, torch.where(h > threshold.double(), h, 0.0).relu()) < 1e-5

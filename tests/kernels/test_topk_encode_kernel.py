@@ -93,3 +93,115 @@ def test_topk_encode_weights_fp32_activations_bf16(device):
     ref = ops.topk_encode(x_bf16.float(), W_enc.detach(), b_enc.detach(), 7, impl="torch")
     assert mine.values.dtype == torch.float32
     assert rel_err(mine.to_dense(1000), ref.to_dense(1000)) < 1e-5
+
+
+def _dense_topk_sets(x, W_enc, b_enc, k):
+    h = encoder_preacts64(x, W_enc, b_enc)
+    return h, h.topk(k, dim=-1).indices.sort(-1).values
+
+
+@pytest.mark.parametrize("capacity", [1, 5])
+def test_topk_encode_candidate_overflow_is_exact(device, poison_outputs, capacity):
+    """A candidate buffer far too small for the survivors: the overflowing rows run again
+    with room for all of them, and the result is still the exact top-k."""
+    from fastsae.kernels.topk_encode import topk_encode
+
+    x, W_enc, b_enc, _ = _inputs(21, 40, 700, torch.float32, device, seed=11)
+    x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
+    values, indices = topk_encode(x, W_enc, b_enc, 9, splits=2, capacity=capacity)
+    h, ref = _dense_topk_sets(x, W_enc, b_enc, 9)
+    assert torch.equal(indices.sort(-1).values, ref)
+    assert rel_err(values, h.gather(1, indices).relu()) < 1e-5
+
+
+def test_topk_encode_rising_latents(device, poison_outputs):
+    """Pre-activations that rise along the latents, the worst order for the running bound
+    (each new tile beats it), across two splits."""
+    from fastsae.kernels.topk_encode import topk_encode
+
+    n = 1500
+    x = torch.ones(3, 2, device=device)
+    W_enc = torch.zeros(2, n, device=device)
+    W_enc[0] = torch.linspace(-1, 1, n, device=device)
+    b_enc = torch.zeros(n, device=device)
+    values, indices = topk_encode(x, W_enc, b_enc, 16, splits=2)
+    expected = torch.arange(n - 16, n, device=device).expand(3, 16)
+    assert torch.equal(indices.sort(-1).values, expected)
+    assert rel_err(values.sort(-1).values, W_enc[0, n - 16 :].expand(3, 16)) < 1e-6
+
+
+def test_topk_encode_all_ties_gives_k_distinct_latents(device, poison_outputs):
+    """Every pre-activation equal: any k latents are a top-k, but exactly k distinct ones."""
+    from fastsae.kernels.topk_encode import topk_encode
+
+    x = torch.zeros(5, 8, device=device)
+    W_enc = torch.randn(8, 600, device=device)
+    b_enc = torch.full((600,), 0.5, device=device)
+    for abs_select in (False, True):
+        values, indices = topk_encode(x, W_enc, b_enc, 33, abs_select=abs_select, splits=4)
+        assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
+        assert int(indices.min()) >= 0 and int(indices.max()) < 600
+        assert torch.equal(values, torch.full_like(values, 0.5))
+
+
+def test_topk_encode_refuses_k_above_the_fused_limit(device):
+    from fastsae.kernels.topk_encode import MAX_K, topk_encode
+
+    x = torch.zeros(2, 4, device=device)
+    W_enc = torch.zeros(4, 4 * MAX_K, device=device)
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_encode(x, W_enc, torch.zeros(4 * MAX_K, device=device), MAX_K + 1)
+
+
+def test_topk_launch_plan_bounds_candidates():
+    """GPU plans: 128-latent tiles, splits only while there are few row blocks, capacity
+    under the chunk and a few times the expected survivors."""
+    from fastsae.kernels.topk_encode import launch_plan
+
+    small = launch_plan(256, 65536, 64, on_gpu=True)
+    large = launch_plan(8192, 65536, 64, on_gpu=True)
+    for plan in (small, large):
+        assert plan["BLOCK_N"] == 128 and plan["SLOTS"] == 128
+        assert plan["chunk"] % plan["BLOCK_N"] == 0
+        assert plan["splits"] * plan["chunk"] >= 65536 > (plan["splits"] - 1) * plan["chunk"]
+        assert 64 <= plan["cap"] <= plan["chunk"]
+    assert small["splits"] > large["splits"]
+    assert launch_plan(256, 65536, 32, on_gpu=True)["SLOTS"] == 64
+
+
+@pytest.mark.parametrize("abs_select", [False, True])
+def test_topk_select_in_chunks_matches_whole_rows(device, poison_outputs, monkeypatch, abs_select):
+    """Rows with more candidates than one select chunk take the chunked select (32
+    counting passes over the chunks); the result is the same exact top-k, ties included."""
+    from fastsae.kernels import topk_encode as te
+
+    x, W_enc, b_enc, _ = _inputs(19, 30, 900, torch.float32, device, seed=13)
+    x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
+    b_enc[::7] = 2.0  # exact ties in every row, some at the k-th place
+    whole = te.topk_encode(x, W_enc, b_enc, 24, abs_select=abs_select, splits=4)
+    monkeypatch.setattr(te, "SELECT_MAX_BLOCK_W", 32)
+    chunked = te.topk_encode(x, W_enc, b_enc, 24, abs_select=abs_select, splits=4)
+    h = encoder_preacts64(x, W_enc, b_enc)
+    key = h.abs() if abs_select else h
+    for code in (whole, chunked):
+        assert (code.indices.sort(-1).values.diff(dim=-1) != 0).all()
+        kth = key.topk(24, dim=-1).values[:, -1:]
+        assert (key.gather(1, code.indices) >= kth - 1e-6).all()
+        expected = h.gather(1, code.indices)
+        assert rel_err(code.values, expected if abs_select else expected.relu()) < 1e-5
+
+
+def test_triton_topk_past_the_fused_limit_takes_the_chunked_selection(device):
+    """``impl="triton"`` with k above the fused kernel's limit: the chunked cuBLAS selection
+    (still no ``[B, d_sae]`` pre-activations kept, Triton backward), the same top-k."""
+    from fastsae import tuning
+    from fastsae.kernels.topk_encode import MAX_K
+
+    assert ops.FUSED_TOPK_MAX_K == MAX_K
+    x, W_enc, b_enc, _ = _inputs(6, 20, 400, torch.float32, device, seed=3)
+    k = MAX_K + 20
+    with tuning.record_paths() as paths:
+        code = ops.topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), k, impl="triton")
+    assert paths == {"topk_encode": {"chunked"}}
+    h = encoder_preacts64(x.detach(), W_enc.detach(), b_enc.detach())
+    assert torch.equal(code.indices.sort(-1).values, h.topk(k, dim=-1).indices.sort(-1).values)

@@ -36,7 +36,7 @@ RES_USAGE = """
 Resource usage:
  Common:
   GLOBAL:0
- Function _topk_merge_kernel:
+ Function _topk_filter_kernel:
   REG:255 STACK:208 SHARED:0 LOCAL:0 CONSTANT[0]:560 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
 
@@ -61,7 +61,7 @@ SASS = """
 def test_parse_res_usage_reads_registers_stack_and_shared():
     usage = check.parse_res_usage(RES_USAGE)
     assert usage == {
-        "_topk_merge_kernel": {
+        "_topk_filter_kernel": {
             "REG": 255, "STACK": 208, "SHARED": 0, "LOCAL": 0, "CONSTANT[0]": 560,
             "TEXTURE": 0, "SURFACE": 0, "SAMPLER": 0,
         }
@@ -140,8 +140,9 @@ def test_every_kernel_of_the_package_has_a_case():
 
 @needs_compiler
 def test_recording_gives_the_launchers_gpu_parameters_without_launching():
-    """Every case reaches a kernel with its own dtype; the top-k op makes two launches whose K_PAD is k's
-    next power of two, and the launchers took their CUDA branch (no UPCAST_DOT)."""
+    """Every case reaches a kernel with its own dtype; the top-k op makes two launches (the
+    autotuned GEMM filter with SLOTS >= k, then the exact select), and the launchers took
+    their CUDA branch (no UPCAST_DOT)."""
     import torch
 
     cases = check.build_cases(["fp16", "bf16"])
@@ -157,12 +158,27 @@ def test_recording_gives_the_launchers_gpu_parameters_without_launching():
         assert all(a.is_meta for ln in launches for a in ln.args if isinstance(a, torch.Tensor))
         if case.op == "topk_encode":
             assert [check.kernel_name(ln.fn) for ln in launches] == [
-                "_topk_candidates_kernel",
-                "_topk_merge_kernel",
+                "_topk_filter_kernel",
+                "_topk_select_kernel",
             ]
             k = int(case.variant.split()[0].removeprefix("k="))
-            assert launches[0].kwargs["K_PAD"] == k  # TOPK_KS are powers of two
+            assert launches[0].kwargs["SLOTS"] >= k and launches[0].kwargs["BLOCK_N"] == 128
+            assert len(launches[0].fn.configs) >= 2  # an autotune list
+            assert all(c.kwargs["BLOCK_M"] >= 64 for c in launches[0].fn.configs)
             assert launches[0].kwargs["UPCAST_DOT"] is False
+
+
+@needs_compiler
+def test_fp32_dots_follow_torchs_matmul_precision():
+    """IEEE fp32 under "highest" (torch's default), TF32 under "high", as cuBLAS does."""
+    import torch
+
+    case = next(c for c in check.build_cases(["fp32"]) if c.variant == "k=64")
+    tf32 = next(c for c in check.build_cases(["fp32"]) if c.variant == "k=64 tf32")
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert check.record_case(case)[0].kwargs["IEEE"] is True
+    assert check.record_case(tf32)[0].kwargs["IEEE"] is False
+    assert torch.get_float32_matmul_precision() == "highest"  # restored
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +199,23 @@ def test_a_real_compile_for_sm90_has_sane_resources(compiled):
     status, table, doc = compiled
     assert status == 0  # non-strict: violations are reported, not failed
     rows = doc["rows"]
-    assert {r["kernel"] for r in rows} == {"_jumprelu_dense_kernel", "_jumprelu_sparse_kernel"}
+    assert {r["kernel"] for r in rows} == {
+        "_jumprelu_dense_kernel",
+        "_jumprelu_sparse_kernel",
+        "_jumprelu_pack_kernel",
+    }
     for r in rows:
         assert r["arch"] == 90 and r["dtype"] == "bf16" and r["error"] is None
         assert 0 < r["registers"] <= 255
-        assert 0 < r["shared"] <= check.SHARED_LIMIT[90]
+        assert r["shared"] <= check.SHARED_LIMIT[90]
+        if r["kernel"] == "_jumprelu_pack_kernel":
+            assert r["uses_dot"] is False
+            continue
+        assert r["shared"] > 0
         assert r["uses_dot"] is True
-        assert r["hgmma"] + r["hmma"] > 0  # a bf16 dot lands on tensor cores in some form
-        assert {"BLOCK_B", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"} <= set(r["config"])
+        assert r["hgmma"] > 0 and r["spill_instructions"] == 0  # wgmma, no spills
+        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(r["config"])
+        assert r["config"]["BLOCK_M"] >= 64 and r["config"]["BLOCK_N"] >= 128
         assert r["config"]["num_warps"] >= 1
         assert r["violations"] == check.find_violations(check.Row(**r))
         assert r["kernel"] in table
