@@ -49,7 +49,7 @@ def _train(rank: int, world: int, port: int, tokens: int, out: str, mode: str | 
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    from fastsae.training.docstring_corpus import local_text_dataset
+    from fastsae.training.data.docstring_corpus import local_text_dataset
     from fastsae.training.runner import SAETrainingRunner
 
     cfg = _config(tokens, Path(out), mode)

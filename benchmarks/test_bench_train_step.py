@@ -4,7 +4,7 @@
     python benchmarks/compare.py out.json --target fastsae
 
 A step is ``training_forward_pass`` + ``loss.backward()`` + Adam step + zero_grad.
-CPU: batch 2048, d_in 768, d_sae 24576, k 64, fp32 (the trainer issue's CPU target).
+CPU: batch 2048, d_in 768, d_sae 24576, k 64, fp32 (the CPU target shape).
 CUDA (when present): batch 8192, d_in 2304, d_sae 65536 and 131072, k 64, bf16
 autocast for both libraries (SAELens's ``autocast=True``), and fastsae alone at
 d_sae 1,048,576 / batch 4096 (the width target); timed with CUDA synchronisation.

@@ -7,6 +7,7 @@ configs, files and numbers; ``encode_sparse``/``decode_sparse`` and a sparse
 
 __version__ = "0.1.0"
 
+import importlib
 from typing import TYPE_CHECKING
 
 from fastsae.sparse_code import SparseCode
@@ -20,7 +21,8 @@ _SAE_NAMES = frozenset(
         "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig",
         "AbsTopKSAE", "AbsTopKSAEConfig", "Transcoder", "TranscoderConfig", "SkipTranscoder",
         "SkipTranscoderConfig", "JumpReLUTranscoder", "JumpReLUTranscoderConfig",
-        "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig",
+        "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig", "register_sae_class",
+        "register_sae_training_class",
     }
 )  # fmt: skip
 
@@ -39,37 +41,37 @@ _TRAINING_NAMES = frozenset(
 )  # fmt: skip
 
 
+# PEP 562: each import below runs on first access of its name; every one is an import
+# cost (transformer_lens, datasets, transformers) that `import fastsae` must not pay.
 def __getattr__(name: str):
     if name in ("run_evals", "EvalConfig", "get_eval_everything_config"):
-        from fastsae import evals
+        from fastsae import evals  # import cost: transformer_lens, datasets
 
         return getattr(evals, name)
     # HookedSAETransformer needs TransformerLens 3, SAETransformerBridge a TransformerLens
     # with TransformerBridge (4, or late 3): each raises an ImportError naming the installed
     # version where it is missing, while the rest of fastsae works with either.
     if name == "HookedSAETransformer":
-        from fastsae.hooked import HookedSAETransformer
+        from fastsae.hooked import HookedSAETransformer  # import cost: transformer_lens
 
         return HookedSAETransformer
     if name == "SAETransformerBridge":
-        from fastsae.sae_bridge import SAETransformerBridge
+        from fastsae.sae_bridge import SAETransformerBridge  # import cost: transformer_lens
 
         return SAETransformerBridge
     if name in ("has_transformer_bridge", "has_hooked_transformer"):
-        from fastsae import tl_compat
+        from fastsae import tl_compat  # import cost: transformer_lens
 
         return getattr(tl_compat, name)
     if name in _TRAINING_NAMES:
-        from fastsae import training
+        from fastsae import training  # import cost: transformer_lens, datasets
 
         return getattr(training, name)
     if name in _SAE_NAMES:
-        from fastsae import saes
+        from fastsae import saes  # import cost: transformer_lens
 
         return getattr(saes, name)
     if name in ("ops", "torch_ops", "analysis", "evals"):
-        import importlib
-
         return importlib.import_module(f"fastsae.{name}")
     raise AttributeError(f"module 'fastsae' has no attribute {name!r}")
 
@@ -100,6 +102,8 @@ if TYPE_CHECKING:
         TopKSAEConfig,
         Transcoder,
         TranscoderConfig,
+        register_sae_class,
+        register_sae_training_class,
     )
     from fastsae.tl_compat import has_hooked_transformer, has_transformer_bridge
 
@@ -129,6 +133,8 @@ __all__ = [
     "JumpReLUTranscoderConfig",
     "JumpReLUSkipTranscoder",
     "JumpReLUSkipTranscoderConfig",
+    "register_sae_class",
+    "register_sae_training_class",
     "HookedSAETransformer",
     "SAETransformerBridge",
     "has_hooked_transformer",

@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
 
+import torch
+
 from fastsae import bench as bench_engine
+from fastsae import ops, tuning
+from fastsae.loading.disk import SPARSITY_FILENAME, read_log_sparsity
 
 MINILM_LAYERS = 6  # all-MiniLM-L6-v2: encoder.layer.0 .. encoder.layer.5
 
@@ -34,7 +39,7 @@ def nonempty_path(text: str) -> str:
 
 def demo(args: argparse.Namespace) -> int:
     """Train a TopK SAE on real all-MiniLM-L6-v2 activations (nothing downloaded)."""
-    from fastsae.training.demo import run_demo
+    from fastsae.training.demo import run_demo  # import cost: the training stack
 
     res = run_demo(
         training_tokens=args.tokens,
@@ -60,6 +65,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train an SAE from a YAML/JSON LanguageModelSAERunnerConfig."""
+    # import cost: the training stack (transformer_lens, datasets), not for every command
     from fastsae.training.config import LanguageModelSAERunnerConfig
     from fastsae.training.runner import SAETrainingRunner
 
@@ -80,11 +86,12 @@ def train(args: argparse.Namespace) -> int:
 
 def cache(args: argparse.Namespace) -> int:
     """Write a config's activations to disk as safetensors shards."""
-    from fastsae.training.activation_cache import (
+    # import cost: the training stack (transformer_lens, datasets), not for every command
+    from fastsae.training.config import LanguageModelSAERunnerConfig
+    from fastsae.training.data.activation_cache import (
         cache_activations_from_config,
         check_cache_target,
     )
-    from fastsae.training.config import LanguageModelSAERunnerConfig
     from fastsae.training.runner import load_model
 
     cfg = LanguageModelSAERunnerConfig.from_file(args.config)
@@ -117,8 +124,7 @@ def check_not_same_folder(src: str, dst: str) -> None:
 def convert(args: argparse.Namespace) -> int:
     """Load any supported SAE folder and write it in the SAELens 6.x format, with the
     source's ``sparsity.safetensors`` (log feature sparsity) when it has one."""
-    from fastsae import SAE
-    from fastsae.loading.disk import SPARSITY_FILENAME, read_log_sparsity
+    from fastsae import SAE  # import cost: the SAE modules pull in transformer_lens
 
     check_not_same_folder(args.src, args.dst)
     src = Path(args.src)
@@ -140,12 +146,6 @@ def bench(args: argparse.Namespace) -> int:
 def tune(args: argparse.Namespace) -> int:
     """Pre-tune ``impl="auto"``'s path choice over a grid of shapes and print the decisions
     (cached in ``fastsae.tuning.cache_dir()``, so later runs start tuned)."""
-    import itertools
-
-    import torch
-
-    from fastsae import tuning
-
     if not torch.cuda.is_available():
         print("fastsae tune: error: needs a CUDA device (impl='auto' tunes only on CUDA; "
               "CPU tensors always take the torch path)", file=sys.stderr)  # fmt: skip
@@ -164,8 +164,8 @@ def tune(args: argparse.Namespace) -> int:
     cache = tuning.active_tuner().cache.path
     print(f"tuning on {torch.cuda.get_device_name()}; decisions cached in {cache}")
     for dtype, (d_in, d_sae), rows, k in itertools.product(dtypes, shapes, args.rows, args.k):
-        point = tuning.GridPoint(d_in, d_sae, rows, k, dtype)
-        paths = tuning.pretune(point)
+        point = ops.GridPoint(d_in, d_sae, rows, k, dtype)
+        paths = ops.pretune(point)
         print(f"{d_in}x{d_sae} rows={rows} k={k} {bench_engine.DTYPE_NAMES[dtype]}: "
               f"{tuning.describe_paths(paths)}", flush=True)  # fmt: skip
     return 0

@@ -29,11 +29,13 @@ The paths, and the default taken when tuning is off (``FASTSAE_TUNE=0``) or impo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fastsae import torch_ops, tuning
@@ -181,6 +183,7 @@ def _topk_run(
     if path == "chunked":
         select = torch_ops.topk_select_chunked
     else:
+        # optional dependency: triton
         from fastsae.kernels.topk_encode import topk_encode as select
     values, indices = TopKEncodeFunction.apply(
         x, W_enc, b_enc, dec_norm, k, abs_select, select, TRITON_BACKEND
@@ -348,7 +351,7 @@ def _jumprelu_run(
     """One ``jumprelu_encode`` path on 2-D ``x``."""
     if path == "torch":
         return torch_ops.jumprelu_encode(x, W_enc, b_enc, threshold, sparse=sparse)
-    from fastsae.kernels.autograd import JumpReLUEncodeFunction
+    from fastsae.kernels.autograd import JumpReLUEncodeFunction  # optional dependency: triton
 
     out = JumpReLUEncodeFunction.apply(x, W_enc, b_enc, threshold, sparse)
     return SparseCode(*out) if sparse else out
@@ -358,7 +361,7 @@ def _decode_run(path: str, code: SparseCode, W_dec: Tensor, b_dec: Tensor | None
     """One ``sparse_decode`` path on a 2-D code."""
     if path == "torch":
         return torch_ops.sparse_decode(code, W_dec, b_dec)
-    from fastsae.kernels.autograd import SparseDecodeFunction
+    from fastsae.kernels.autograd import SparseDecodeFunction  # optional dependency: triton
 
     return SparseDecodeFunction.apply(code.values, code.indices, W_dec, b_dec)
 
@@ -409,3 +412,39 @@ def sparse_decode(
     tuning.note_path("sparse_decode", path)
     out = _decode_run(path, flat, W_dec, b_dec)
     return out.reshape(*lead, W_dec.shape[1])
+
+
+# ------------------------------------------------------------------------------ pre-tuning
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    """One shape of ``fastsae tune``: encoder ``[d_in, d_sae]``, ``rows`` tokens, TopK's ``k``
+    (JumpReLU thresholds aim at a mean L0 of ``1.5 * k``, as in ``fastsae bench``)."""
+
+    d_in: int
+    d_sae: int
+    rows: int
+    k: int
+    dtype: torch.dtype
+
+
+def pretune(point: GridPoint, device: str = "cuda") -> dict[str, set[str]]:
+    """Tune ``topk_encode``, ``jumprelu_encode`` (sparse, as the modules call it) and
+    ``sparse_decode`` at ``point`` (nothing is timed again for a cached key); returns the
+    paths ``impl="auto"`` takes there, ``{op: {path}}``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    D, N, B = point.d_in, point.d_sae, point.rows
+
+    def randn(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(point.dtype)
+
+    x = randn(B, D)
+    W_enc, b_enc, W_dec = randn(D, N, scale=D**-0.5), randn(N, scale=0.1), randn(N, D)
+    # h ~ N(0, ~1): a common threshold firing on a 1.5 k / N fraction of latents
+    fire = min(1.0, 1.5 * point.k / N)
+    threshold = torch.full((N,), float(torch.special.ndtri(torch.tensor(1 - fire))), device=device)
+    threshold = threshold.to(point.dtype)
+    with tuning.record_paths() as log, torch.no_grad():
+        code = topk_encode(x, W_enc, b_enc, point.k)
+        jumprelu_encode(x, W_enc, b_enc, threshold, sparse=True)
+        sparse_decode(code, W_dec)
+    return log

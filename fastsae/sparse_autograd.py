@@ -9,9 +9,9 @@ things vary, and are arguments:
   indices)`` (no grad): the fused Triton kernel, ``torch_ops.topk_select_chunked``,
   ``torch_ops.batch_topk_select_chunked``, ``torch_ops.topk_select_dense`` or a
   sharded module's global top-k;
-- the backend (``TORCH_BACKEND`` or ``TRITON_BACKEND``): the sparse primitives its
-  backward runs, under the same names in ``fastsae.torch_ops`` and the Triton
-  launchers of ``fastsae.kernels``.
+- the backend (a :class:`SparseBackend`: ``fastsae.torch_ops.TORCH_BACKEND`` or this
+  module's ``TRITON_BACKEND``): the sparse primitives its backward runs, under the same
+  names in ``fastsae.torch_ops`` and the Triton launchers of ``fastsae.kernels``.
 
 ``sparse_encoder_grads`` (the gradients of ``x @ W_enc + b_enc`` at the selected pairs
 only) is shared with the sparse JumpReLU encode. This module imports no Triton:
@@ -25,8 +25,6 @@ import abc
 
 import torch
 from torch import Tensor
-
-from fastsae import torch_ops
 
 
 class SparseBackend(abc.ABC):
@@ -80,25 +78,6 @@ class SparseBackend(abc.ABC):
         return out.index_add_(0, indices.reshape(-1), src.reshape(-1).to(acc)).to(like.dtype)
 
 
-class _TorchBackend(SparseBackend):
-    """``fastsae.torch_ops``'s primitives (any device, no Triton)."""
-
-    name = "torch"
-
-    def gather_weighted_sum(self, weights, indices, rows, out_dtype):
-        # a strided ``rows`` (``W_enc.T``) is copied to contiguous rows, which
-        # embedding_bag gathers: 41 ms + 5 ms vs ~1 s for strided column gathers at
-        # d_in=768, d_sae=24576 on 2 CPU cores
-        return torch_ops.gather_weighted_sum(weights, indices, rows.contiguous()).to(out_dtype)
-
-    def gather_dot(self, G, indices, rows, out_dtype):
-        return torch_ops.gather_dot(G, indices, rows).to(out_dtype)
-
-    def segment_rows_sum(self, weights, indices, X, n_rows, out_dtype, *, transposed=False):
-        sums = torch_ops.segment_rows_sum(weights, indices, X, n_rows)
-        return sums.T.to(out_dtype) if transposed else sums.to(out_dtype)
-
-
 class _TritonBackend(SparseBackend):
     """The Triton launchers of ``fastsae.kernels`` (imported on first use): fp32
     accumulation, no atomics; ``segment_rows_sum`` groups the pairs by latent first
@@ -108,16 +87,18 @@ class _TritonBackend(SparseBackend):
     float32_grads = True
 
     def gather_weighted_sum(self, weights, indices, rows, out_dtype):
+        # optional dependency: triton
         from fastsae.kernels.sparse_decode import gather_weighted_sum
 
         return gather_weighted_sum(weights, indices, rows, out_dtype=out_dtype)
 
     def gather_dot(self, G, indices, rows, out_dtype):
-        from fastsae.kernels.sparse_backward import gather_dot
+        from fastsae.kernels.sparse_backward import gather_dot  # optional dependency: triton
 
         return gather_dot(G, indices, rows, out_dtype)
 
     def segment_rows_sum(self, weights, indices, X, n_rows, out_dtype, *, transposed=False):
+        # optional dependency: triton
         from fastsae.kernels.sparse_backward import group_by_latent, segment_rows_sum
 
         order, offsets = group_by_latent(indices, n_rows, keep=weights != 0)
@@ -125,7 +106,6 @@ class _TritonBackend(SparseBackend):
         return segment_rows_sum(order, offsets, weights, X, K, out_dtype, transposed=transposed)
 
 
-TORCH_BACKEND: SparseBackend = _TorchBackend()
 TRITON_BACKEND: SparseBackend = _TritonBackend()
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+import transformer_lens
+
 __all__ = [
     "has_hooked_transformer",
     "has_transformer_bridge",
@@ -34,11 +36,11 @@ def _load(name: str) -> Any | None:
     """``transformer_lens.<name>``, or None where this TransformerLens has none."""
     try:
         if name == "TransformerBridge":
+            # optional dependency: model_bridge is in TransformerLens 4 and late 3.x only
+            # (imported per call, so a test can hide it through sys.modules)
             from transformer_lens.model_bridge import TransformerBridge
 
             return TransformerBridge
-        import transformer_lens
-
         return getattr(transformer_lens, name)
     except (ImportError, AttributeError):
         return None

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastsae.sparse_autograd import SparseBackend, TopKEncodeFunction
 from fastsae.sparse_code import SparseCode
 
-# Rows per chunk of the gather fallbacks: keeps the [chunk, K, d_out] buffer in cache
-# (gather_dot at B=2048, K=64, D=768 on 2 CPU cores: 400 ms with 256 rows, 90 ms with 16).
+# Rows per chunk of the gather fallbacks: small, so the [chunk, K, d_out] buffer stays in
+# cache
 _BACKWARD_CHUNK_ROWS = 16
 # rows whose non-zeros are counted to pick compact()'s first top-k width
 _COMPACT_SAMPLE_ROWS = 64
@@ -37,8 +38,7 @@ def encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor | None) -> Tensor:
         return h
     if b_enc.dtype == h.dtype:
         # in place: identical numbers to `h + b_enc`, without a second [B, d_sae] buffer
-        # (60 ms -> 7 ms at B=2048, d_sae=24576 on 2 CPU cores; the mm backward does
-        # not need its output, so autograd is unaffected)
+        # (the mm backward does not need its output, so autograd is unaffected)
         return h.add_(b_enc)
     return h + b_enc
 
@@ -231,9 +231,6 @@ def topk_encode(
     touches the selected pairs (no ``[B, d_sae]`` gradient): the TopK Function every
     path shares, with ``topk_select_dense`` and this module's primitives.
     """
-    # imported here: fastsae.sparse_autograd's torch backend imports this module
-    from fastsae.sparse_autograd import TORCH_BACKEND, TopKEncodeFunction
-
     values, indices = TopKEncodeFunction.apply(
         x, W_enc, b_enc, dec_norm, k, abs_select, topk_select_dense, TORCH_BACKEND
     )
@@ -252,8 +249,8 @@ def _embedding_bag_grads(
     under the output gradient ``G [B, D]``: ``(gather_dot(G, indices, rows) [B, K],
     segment_rows_sum(weights, indices, G, N) [N, D])``, in fp32 or wider.
 
-    torch's embedding_bag backward is a sorted segment sum: 62 ms for both at B=2048,
-    K=64, D=768, N=24576 on 2 CPU cores, vs 158 ms for the chunked gathers.
+    torch's embedding_bag backward is a sorted segment sum, one pass for both products
+    instead of the chunked gathers.
     """
     dtype = torch.promote_types(torch.promote_types(G.dtype, rows.dtype), torch.float32)
     dtype = torch.promote_types(dtype, weights.dtype)
@@ -292,7 +289,7 @@ def gather_weighted_sum(weights: Tensor, indices: Tensor, rows: Tensor) -> Tenso
     The sparse decode's primitive (the Triton launcher of the same name adds a bias)."""
     dtype = torch.promote_types(weights.dtype, rows.dtype)
     if _contiguous_rows(rows) and indices.numel() and rows.dtype == dtype:
-        # embedding_bag is this op (4.6 ms vs 55 ms chunked at B=2048, K=64, D=768)
+        # embedding_bag is this op, in one kernel (the chunked loop below is the fallback)
         return F.embedding_bag(
             indices.long(), rows, per_sample_weights=weights.to(dtype), mode="sum"
         )
@@ -333,10 +330,9 @@ def compact(
     ``acts >= 0`` (ReLU-family codes) and skips the ``abs``. Returns None when K
     would exceed ``max_k``.
 
-    Counting the non-zeros of a [B, N] tensor costs as much as a top-k (167 ms vs
-    36 ms at B=2048, N=24576 on 2 CPU cores), so instead take a top-k of a width
-    guessed from a few rows and double it until every row's smallest pick is zero
-    or K reaches N.
+    Counting the non-zeros of every row of a [B, N] tensor costs more than a narrow
+    top-k, so instead take a top-k of a width guessed from a few rows and double it
+    until every row's smallest pick is zero or K reaches N.
     """
     n = acts.shape[-1]
     key = acts if nonnegative else acts.abs()
@@ -430,3 +426,25 @@ def sparse_decode(code: SparseCode, W_dec: Tensor, b_dec: Tensor | None = None) 
     values, indices = code
     out = _SparseDecode.apply(values, indices.long(), W_dec)
     return out + b_dec if b_dec is not None else out
+
+
+class TorchBackend(SparseBackend):
+    """This module's primitives as a :class:`~fastsae.sparse_autograd.SparseBackend`
+    (any device, no Triton)."""
+
+    name = "torch"
+
+    def gather_weighted_sum(self, weights, indices, rows, out_dtype):
+        # a strided ``rows`` (``W_enc.T``) is copied to contiguous rows, which
+        # embedding_bag gathers, instead of gathering strided columns
+        return gather_weighted_sum(weights, indices, rows.contiguous()).to(out_dtype)
+
+    def gather_dot(self, G, indices, rows, out_dtype):
+        return gather_dot(G, indices, rows).to(out_dtype)
+
+    def segment_rows_sum(self, weights, indices, X, n_rows, out_dtype, *, transposed=False):
+        sums = segment_rows_sum(weights, indices, X, n_rows)
+        return sums.T.to(out_dtype) if transposed else sums.to(out_dtype)
+
+
+TORCH_BACKEND = TorchBackend()

@@ -48,6 +48,11 @@ from torch import Tensor
 
 import fastsae
 
+try:
+    import fcntl  # POSIX only: the cache file's advisory lock
+except ImportError:
+    fcntl = None  # type: ignore[assignment]
+
 TUNE_ENV = "FASTSAE_TUNE"
 CACHE_DIR_ENV = "FASTSAE_CACHE_DIR"
 CACHE_FILENAME = "dispatch.json"
@@ -78,7 +83,7 @@ def cache_dir() -> Path:
 def versions() -> dict[str, str | None]:
     """The versions a decision depends on: a change in any invalidates the file."""
     try:
-        import triton
+        import triton  # optional dependency: triton
 
         triton_version: str | None = triton.__version__
     except ImportError:
@@ -242,9 +247,7 @@ class DecisionCache:
 def _file_lock(lock_path: Path) -> Iterator[None]:
     """An exclusive advisory lock (POSIX ``flock``); elsewhere none, where the merge plus
     ``os.replace`` can at worst lose one concurrent fresh entry, never corrupt the file."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield
         return
     with open(lock_path, "a") as f:
@@ -259,7 +262,7 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
 def cuda_timer(name: str, fn: Callable[[], Any]) -> float:
     """Milliseconds per call of ``fn`` on the current CUDA device (median)."""
     try:
-        import triton.testing
+        import triton.testing  # optional dependency: triton
     except ImportError:
         triton = None  # type: ignore[assignment]
     if triton is not None:
@@ -416,41 +419,3 @@ def describe_paths(log: Mapping[str, set[str]]) -> str:
     """``"op=path,path; op=path"``, sorted (``"-"`` when empty)."""
     parts = [f"{op}={'/'.join(sorted(paths))}" for op, paths in sorted(log.items())]
     return "; ".join(parts) or "-"
-
-
-# ------------------------------------------------------------------------------ pre-tuning
-@dataclasses.dataclass(frozen=True)
-class GridPoint:
-    """One shape of ``fastsae tune``: encoder ``[d_in, d_sae]``, ``rows`` tokens, TopK's ``k``
-    (JumpReLU thresholds aim at a mean L0 of ``1.5 * k``, as in ``fastsae bench``)."""
-
-    d_in: int
-    d_sae: int
-    rows: int
-    k: int
-    dtype: torch.dtype
-
-
-def pretune(point: GridPoint, device: str = "cuda") -> dict[str, set[str]]:
-    """Tune ``topk_encode``, ``jumprelu_encode`` (sparse, as the modules call it) and
-    ``sparse_decode`` at ``point`` (nothing is timed again for a cached key); returns the
-    paths ``impl="auto"`` takes there, ``{op: {path}}``."""
-    from fastsae import ops
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    D, N, B = point.d_in, point.d_sae, point.rows
-
-    def randn(*shape: int, scale: float = 1.0) -> Tensor:
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(point.dtype)
-
-    x = randn(B, D)
-    W_enc, b_enc, W_dec = randn(D, N, scale=D**-0.5), randn(N, scale=0.1), randn(N, D)
-    # h ~ N(0, ~1): a common threshold firing on a 1.5 k / N fraction of latents
-    fire = min(1.0, 1.5 * point.k / N)
-    threshold = torch.full((N,), float(torch.special.ndtri(torch.tensor(1 - fire))), device=device)
-    threshold = threshold.to(point.dtype)
-    with record_paths() as log, torch.no_grad():
-        code = ops.topk_encode(x, W_enc, b_enc, point.k)
-        ops.jumprelu_encode(x, W_enc, b_enc, threshold, sparse=True)
-        ops.sparse_decode(code, W_dec)
-    return log

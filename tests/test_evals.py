@@ -28,7 +28,7 @@ from fastsae.evals import (
     run_evals,
 )
 from fastsae.training.activation_scaler import ActivationScaler
-from fastsae.training.activations_store import ActivationsStore
+from fastsae.training.data.activations_store import ActivationsStore
 
 D_MODEL, CTX, D_SAE = 16, 16, 64  # tiny_runs' model width and context
 RESID = "blocks.1.hook_resid_pre"

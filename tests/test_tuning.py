@@ -386,8 +386,8 @@ def test_bench_row_reports_the_path_taken():
 
 def test_pretune_on_cpu_reports_the_paths():
     """``fastsae tune``'s grid step (here on CPU tensors: the torch paths, untimed)."""
-    point = tuning.GridPoint(d_in=16, d_sae=64, rows=8, k=4, dtype=torch.float32)
-    log = tuning.pretune(point, device="cpu")
+    point = ops.GridPoint(d_in=16, d_sae=64, rows=8, k=4, dtype=torch.float32)
+    log = ops.pretune(point, device="cpu")
     assert tuning.describe_paths(log) == (
         "jumprelu_encode=torch; sparse_decode=torch; topk_encode=torch"
     )

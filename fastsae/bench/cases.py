@@ -86,7 +86,7 @@ def skip_reason(provider: str, device: str) -> str | None:
             return "Triton is not installed (pip install triton)"
     if provider == "sae_lens":
         try:
-            import sae_lens  # noqa: F401
+            import sae_lens  # noqa: F401  # optional dependency: sae-lens (the [dev] extra)
         except ImportError as e:
             return f"sae-lens is not importable ({e}); pip install 'fastsae[dev]'"
     return None
@@ -210,7 +210,7 @@ class Problem:
     def sae_lens_module(self) -> Any:
         """``sae_lens.TopKSAE`` / ``JumpReLUSAE`` sharing this problem's Parameters."""
         if self._sae_lens is None:
-            import sae_lens
+            import sae_lens  # optional dependency: sae-lens (the [dev] extra)
 
             cfg = self.cfg
             common = dict(
@@ -355,7 +355,7 @@ def rotating_call(runner: Runner) -> Callable[[], Any]:
 def time_call(call: Callable[[], Any], device: str, repeats: int) -> list[float]:
     """Per-call times in ms: do_bench's samples on CUDA, perf_counter samples on CPU."""
     if device == "cuda":
-        import triton.testing
+        import triton.testing  # optional dependency: triton
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         call()

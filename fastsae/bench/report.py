@@ -49,7 +49,8 @@ TARGET_ORDER = [
 
 
 def target_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """The issue's GPU targets, measured for fastsae-triton on CUDA; on CPU the same ratios
+    """fastsae's GPU targets (the goals in the ``add`` calls below, in ``TARGET_ORDER``),
+    measured for fastsae-triton on CUDA; on CPU the same ratios
     for fastsae-torch, labelled CPU (the targets are GPU targets: shown, not judged)."""
     fast = "fastsae-triton" if device == "cuda" else "fastsae-torch"
     on_gpu = device == "cuda"
@@ -174,6 +175,7 @@ PROVIDER_COLORS = {
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Grouped bars, ms per provider (log scale): one panel per (op, arch), one group per
     (shape, batch, dtype); encode panels carry the bare matmul as a reference bar."""
+    # optional dependency: matplotlib (the [bench] extra)
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 

@@ -9,6 +9,7 @@ import torch
 
 from fastsae.sparse_autograd import TRITON_BACKEND, sparse_encoder_grads
 
+from .jumprelu_encode import jumprelu_encode_dense, jumprelu_encode_sparse
 from .sparse_decode import gather_weighted_sum
 
 
@@ -53,8 +54,6 @@ class JumpReLUEncodeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, threshold, sparse):  # type: ignore[override]
-        from .jumprelu_encode import jumprelu_encode_dense, jumprelu_encode_sparse
-
         x_c = x.to(W_enc.dtype)
         ctx.x_dtype = x.dtype
         ctx.sparse = sparse

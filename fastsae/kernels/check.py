@@ -38,8 +38,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -49,6 +51,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from fastsae import kernels as kernels_package
+
+# Triton is an optional dependency: the cuobjdump parsers and the violation rules work
+# without it, so each function that needs Triton (or a kernel module) imports it itself.
 
 ARCHS = (80, 90)
 # bytes of shared memory one block may use (opt-in maximum): 227 KB on H100, 163 KB on A100
@@ -176,28 +185,15 @@ class Case:
     call: Callable[[], object]
 
 
-def _torch():
-    import torch
+class FakeCudaTensor(torch.Tensor):
+    """A meta tensor that says it is on CUDA, so launchers pick GPU parameters."""
 
-    return torch
-
-
-def _fake_cuda_type():
-    torch = _torch()
-
-    class FakeCudaTensor(torch.Tensor):
-        """A meta tensor that says it is on CUDA, so launchers pick GPU parameters."""
-
-        @property
-        def is_cuda(self) -> bool:  # type: ignore[override]
-            return True
-
-    return FakeCudaTensor
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
 
 
-def _dtype(name: str):
-    torch = _torch()
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_cases(dtypes: Sequence[str] = DTYPE_NAMES) -> list[Case]:
@@ -209,11 +205,9 @@ def build_cases(dtypes: Sequence[str] = DTYPE_NAMES) -> list[Case]:
     ``dx`` by ``gather_weighted_sum`` through ``W_enc.T`` and ``dW_enc`` by a transposed
     ``segment_rows_sum``.
     """
-    torch = _torch()
-    fake = _fake_cuda_type()
 
     def t(*shape: int, dtype) -> Any:
-        return torch.empty(*shape, dtype=dtype, device="meta").as_subclass(fake)
+        return torch.empty(*shape, dtype=dtype, device="meta").as_subclass(FakeCudaTensor)
 
     cases: list[Case] = []
     for name in dtypes:
@@ -224,14 +218,14 @@ def build_cases(dtypes: Sequence[str] = DTYPE_NAMES) -> list[Case]:
 def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
     """The cases of one dtype (a function of its own so that each lambda binds the
     tensors of its dtype, not the loop's last ones)."""
-    torch = _torch()
+    # optional dependency: triton (every kernel module imports it)
     from . import jumprelu_encode as jr
     from . import sparse_backward as sb
     from . import sparse_decode as sd
     from . import topk_encode as te
 
     cases: list[Case] = []
-    dt = _dtype(name)
+    dt = DTYPES[name]
     x, w_enc = t(ROWS, D_IN, dtype=dt), t(D_IN, D_SAE, dtype=dt)
     b_enc, thr, dec_norm = t(D_SAE, dtype=dt), t(D_SAE, dtype=dt), t(D_SAE, dtype=dt)
     w_dec, b_dec = t(D_SAE, D_IN, dtype=dt), t(D_IN, dtype=dt)
@@ -321,7 +315,6 @@ def _cases_for(name: str, t: Callable[..., Any]) -> list[Case]:
 
 def _tf32(fn: Callable[..., object], *args: Any) -> object:
     """``fn(*args)`` under torch's "high" float32 matmul precision (TF32 dots)."""
-    torch = _torch()
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
@@ -333,7 +326,7 @@ def _tf32(fn: Callable[..., object], *args: Any) -> object:
 @contextlib.contextmanager
 def _recording(sink: list[Launch]) -> Iterator[None]:
     """Replace the JIT's and autotuner's ``run`` by a recorder that never launches."""
-    from triton.runtime import autotuner, jit
+    from triton.runtime import autotuner, jit  # optional dependency: triton
 
     def record(self, *args, grid, warmup, **kwargs):
         sink.append(Launch(self, args, dict(kwargs), grid))
@@ -378,7 +371,7 @@ class _TargetOnlyDriver:
         self.arch = arch
 
     def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
+        from triton.backends.compiler import GPUTarget  # optional dependency: triton
 
         return GPUTarget("cuda", self.arch, 32)
 
@@ -395,7 +388,7 @@ class _TargetOnlyDriver:
 @contextlib.contextmanager
 def target_arch(arch: int) -> Iterator[None]:
     """Make a compile-only driver for ``sm_<arch>`` Triton's active driver."""
-    import triton.runtime.driver as driver_mod
+    import triton.runtime.driver as driver_mod  # optional dependency: triton
 
     config = getattr(driver_mod, "driver", driver_mod)  # triton >= 3.2 has a DriverConfig
     saved = getattr(config, "_active", None)
@@ -410,7 +403,7 @@ def target_arch(arch: int) -> Iterator[None]:
 
 def _jit_of(fn: Any) -> Any:
     """The ``JITFunction`` under autotuner / heuristics wrappers."""
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction  # optional dependency: triton
 
     while not isinstance(fn, JITFunction):
         fn = fn.fn
@@ -432,7 +425,7 @@ def _configs(launch: Launch) -> list[dict[str, Any]]:
 
 def compile_launch(launch: Launch, extra: dict[str, Any]) -> Any:
     """Compile one recorded launch (with ``extra`` kwargs) for the active target."""
-    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.autotuner import Autotuner  # optional dependency: triton
 
     fn = launch.fn.fn if isinstance(launch.fn, Autotuner) else launch.fn
     return fn.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs, **extra)
@@ -448,7 +441,7 @@ def find_cuobjdump() -> str | None:
     if env:
         return env
     try:
-        import triton
+        import triton  # optional dependency: triton
     except ImportError:
         return shutil.which("cuobjdump")
     wheel = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -513,18 +506,13 @@ def kernels_without_case(dtypes: Sequence[str] = DTYPE_NAMES) -> list[str]:
     """Module-level kernels of ``fastsae.kernels`` (names ending in ``_kernel``) that no
     case of ``build_cases`` launches: a new kernel must get a case, or the check would
     silently skip it."""
-    import importlib
-    import pkgutil
-
-    from triton.runtime.jit import KernelInterface
-
-    from .. import kernels as package
+    from triton.runtime.jit import KernelInterface  # optional dependency: triton
 
     defined = set()
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in pkgutil.iter_modules(kernels_package.__path__):
         if info.name == "check":
             continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        module = importlib.import_module(f"{kernels_package.__name__}.{info.name}")
         for name, obj in vars(module).items():
             if isinstance(obj, KernelInterface) and name.endswith("_kernel"):
                 defined.add(kernel_name(obj))
@@ -646,13 +634,13 @@ def write_json(
     path: str | Path, rows: Sequence[Row], elapsed_s: float, missing: Sequence[str] = ()
 ) -> None:
     """Rows, summary and the toolchain they came from, as JSON."""
-    import triton
+    import triton  # optional dependency: triton
 
     doc = {
         "tool": "python -m fastsae.kernels.check",
         "note": "compile-only: cubins built for each target on a machine without a GPU",
         "triton": triton.__version__,
-        "torch": _torch().__version__,
+        "torch": torch.__version__,
         "shapes": {
             "rows": ROWS,
             "d_in": D_IN,

@@ -15,21 +15,28 @@ from __future__ import annotations
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fastsae.loading.atomic_dir import recover_dir
 from fastsae.loading.disk import (
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
     DiskConverter,
+    build_sae,
+    check_device,
+    handle_config_defaulting,
     read_json,
     read_safetensors,
     sae_lens_disk_loader,
 )
 from fastsae.saes.config import dtype_to_str
+
+if TYPE_CHECKING:  # annotations only: fastsae.saes.base imports this module
+    from fastsae.saes.base import SAE
 
 GEMMA_SCOPE_FILENAME = "params.npz"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
@@ -313,4 +320,29 @@ def detect_disk_converter(path: str | Path) -> DiskConverter:
         f"{path}: no SAE found (looked for {SAE_CFG_FILENAME} + {SAE_WEIGHTS_FILENAME}, "
         f"{SPARSIFY_WEIGHTS_FILENAME}, {GEMMA_SCOPE_FILENAME}, {DICTIONARY_LEARNING_FILENAME}); "
         f"found {sorted(p.name for p in path.iterdir())}"
+    )
+
+
+def load_sae_from_disk(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    converter: DiskConverter | None = None,
+    *,
+    expected_cls: type[SAE] | None = None,
+    validate: bool = False,
+) -> SAE:
+    """Load an SAE directory: SAELens 6.x or older, or (``converter=None``) any format
+    :func:`detect_disk_converter` recognises."""
+    check_device(device)
+    path = recover_dir(Path(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: SAE directory not found")
+    overrides = {"dtype": dtype_to_str(dtype)} if dtype is not None else None
+    if converter is None:
+        converter = detect_disk_converter(path)
+    cfg_dict, state_dict = converter(path, device=device, cfg_overrides=overrides)
+    cfg_dict = handle_config_defaulting(cfg_dict, where=str(path))
+    return build_sae(
+        cfg_dict, state_dict, where=str(path), expected_cls=expected_cls, validate=validate
     )

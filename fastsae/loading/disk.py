@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fastsae.loading.atomic_dir import recover_dir, replace_dir
 from fastsae.saes.config import (
     LLM_METADATA_KEYS,
     SAE_LENS_FORMAT_VERSION,
-    config_class_for_architecture,
-    dtype_to_str,
+    SAEConfig,
     str_to_dtype,
 )
+from fastsae.saes.registry import config_class_for_architecture, sae_class_for_architecture
 
 if TYPE_CHECKING:
     from fastsae.saes.base import SAE
@@ -274,9 +274,6 @@ def build_sae(
 
     ``where`` names the source (file or directory) in every error message.
     """
-    from fastsae.saes import SAE, sae_class_for_architecture
-    from fastsae.saes.config import SAEConfig
-
     cfg_dict = dict(cfg_dict)
     check_weight_dtypes(state_dict, where)
     _fold_scaling_factor(cfg_dict, state_dict, where)
@@ -285,8 +282,7 @@ def build_sae(
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: invalid SAE config: {e}") from None
     sae_cls = sae_class_for_architecture(cfg.architecture())
-    expected_cls = expected_cls or SAE
-    if not issubclass(sae_cls, expected_cls):
+    if expected_cls is not None and not issubclass(sae_cls, expected_cls):
         raise ValueError(
             f"{where}: holds a {sae_cls.__name__} (architecture {cfg.architecture()!r}), "
             f"which is not a {expected_cls.__name__}; load it with {sae_cls.__name__} or SAE"
@@ -322,33 +318,6 @@ def build_sae(
     state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     sae.load_state_dict(state_dict, assign=True)
     return sae.to(device=device, dtype=dtype)
-
-
-def load_sae_from_disk(
-    path: str | Path,
-    device: str = "cpu",
-    dtype: str | torch.dtype | None = None,
-    converter: DiskConverter | None = None,
-    *,
-    expected_cls: type[SAE] | None = None,
-    validate: bool = False,
-) -> SAE:
-    """Load an SAE directory: SAELens 6.x or older, or (``converter=None``) any format
-    :func:`fastsae.loading.converters.detect_disk_converter` recognises."""
-    check_device(device)
-    path = recover_dir(Path(path))
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: SAE directory not found")
-    overrides = {"dtype": dtype_to_str(dtype)} if dtype is not None else None
-    if converter is None:
-        from fastsae.loading.converters import detect_disk_converter
-
-        converter = detect_disk_converter(path)
-    cfg_dict, state_dict = converter(path, device=device, cfg_overrides=overrides)
-    cfg_dict = handle_config_defaulting(cfg_dict, where=str(path))
-    return build_sae(
-        cfg_dict, state_dict, where=str(path), expected_cls=expected_cls, validate=validate
-    )
 
 
 # ---------------------------------------------------------------------------- writing
@@ -419,3 +388,25 @@ def write_sae_dir(
 
     replace_dir(path, write, carry_over=_carried_over)
     return path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
+
+
+def load_torch_file(path: Path, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a file (``what`` it holds, for the message); a
+    missing, truncated or corrupt file raises naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - name the file whatever torch raised
+        raise ValueError(f"{path}: unreadable {what}, truncated or corrupt ({e})") from e
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (any dtype; ``what`` it holds,
+    for the message); a missing, truncated or corrupt file raises naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable {what}, truncated or corrupt ({e})") from e

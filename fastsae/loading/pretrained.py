@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from fastsae.loading.atomic_dir import recover_dir
 from fastsae.loading.converters import (
@@ -107,9 +109,6 @@ _PROBES = [
 
 def _hf_download(repo_id: str, filename: str, force_download: bool) -> Path | None:
     """Download one file (or find it in the cache); None when the repo has no such file."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
         return Path(
             hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download)
@@ -156,8 +155,6 @@ def _fetch_folder(
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE)
 
 

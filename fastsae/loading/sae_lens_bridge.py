@@ -47,7 +47,7 @@ def to_sae_lens(sae: SAE, *, copy: bool = True) -> Any:
 
     ``copy=False`` shares the parameter tensors with ``sae``.
     """
-    try:
+    try:  # optional dependency: sae-lens (a test dependency, never required)
         from sae_lens import SAE as SAELensSAE
     except ImportError as e:
         raise ImportError("to_sae_lens() needs sae-lens installed: pip install sae-lens") from e

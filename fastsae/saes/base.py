@@ -1,14 +1,22 @@
 """The SAE base class: parameters, hook points, input normalisation, the sparse forward
-and the error term. Architectures subclass :class:`SAE` and provide ``_init_parameters``,
-``_encode_dense`` and, where it is cheaper than the dense code, ``_encode_code``; hook_z
-reshaping, weight folding and saving/loading come in from the mixins in
-:mod:`fastsae.saes.hook_z`, :mod:`fastsae.saes.folding` and :mod:`fastsae.saes.persistence`.
+and the error term, plus hook_z reshaping, weight folding and saving/loading.
+Architectures subclass :class:`SAE` and provide ``_init_parameters``, ``_encode_dense``
+and, where it is cheaper than the dense code, ``_encode_code``; those with extra
+parameters (gated biases, thresholds) extend the folding and state-dict methods and
+call ``super()``.
+
+Saving and loading are thin wrappers over :mod:`fastsae.loading`, which this module
+imports; the loading modules import this one only inside the functions that build an
+SAE (``fastsae.loading`` is light, this module pulls in TransformerLens).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,11 +28,15 @@ except ImportError:  # TransformerLens 2.x
     from transformer_lens.hook_points import HookedRootModule
 
 from fastsae import ops, torch_ops
+from fastsae.loading import sae_lens_bridge
+from fastsae.loading.converters import load_sae_from_disk
+from fastsae.loading.disk import save_sae
+from fastsae.loading.pretrained import flat_cfg_dict, load_pretrained
 from fastsae.saes.config import SAEConfig, dtype_to_str, str_to_dtype
-from fastsae.saes.folding import FoldingMixin
-from fastsae.saes.hook_z import HookZReshapingMixin
-from fastsae.saes.persistence import T_SAE, PersistenceMixin
+from fastsae.saes.registry import sae_class_for_architecture
 from fastsae.sparse_code import SparseCode
+
+T_SAE = TypeVar("T_SAE", bound="SAE")
 
 _HOOK_NAMES = (
     "hook_sae_input",
@@ -57,10 +69,7 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-# The mixins hold no state and define no __init__; they sit before HookedRootModule so
-# SAE's own methods, then theirs, then nn.Module's resolve in that order, and subclasses'
-# overrides (and their super() calls) behave exactly as when everything lived in SAE.
-class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule):
+class SAE(HookedRootModule):
     """A sparse autoencoder with SAELens 6.x's parameters, hooks and maths.
 
     Parameters keep SAELens names and orientation: ``W_enc [d_in, d_sae]``,
@@ -74,6 +83,9 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     cfg: SAEConfig
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
     # True when every token has exactly k active latents (TopK): forward never goes dense
     _fixed_k: ClassVar[bool] = False
 
@@ -148,6 +160,39 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
             return x / stats[0]
         mu, std = stats
         return x * std + mu
+
+    # ------------------------------------------------------------------ hook_z reshaping
+    # Attention hook_z SAEs read [..., n_heads, d_head] activations, flatten them to
+    # [..., d_in] on the way in and unflatten the reconstruction on the way out
+    # (SAELens names: turn_on/off_forward_pass_hook_z_reshaping, reshape_fn_in/out).
+    def turn_on_forward_pass_hook_z_reshaping(self) -> None:
+        """Flatten ``[..., n_heads, d_head]`` inputs and unflatten outputs (attention hook_z SAEs)."""
+        hook_name = self.cfg.metadata.hook_name
+        if hook_name is not None and not hook_name.endswith("_z"):
+            raise ValueError(
+                f"hook_z reshaping is only for hook_z SAEs; this SAE reads {hook_name!r}"
+            )
+        self.hook_z_reshaping_mode = True
+        self.d_head: int | None = None
+
+    def turn_off_forward_pass_hook_z_reshaping(self) -> None:
+        self.hook_z_reshaping_mode = False
+        self.d_head = None
+
+    def reshape_fn_in(self, x: Tensor) -> Tensor:
+        if not self.hook_z_reshaping_mode:
+            return x
+        if x.ndim < 2:
+            raise ValueError(
+                f"hook_z SAE expects [..., n_heads, d_head] inputs, got shape {tuple(x.shape)}"
+            )
+        self.d_head = x.shape[-1]
+        return x.flatten(-2)
+
+    def reshape_fn_out(self, x: Tensor, d_head: int | None) -> Tensor:
+        if not self.hook_z_reshaping_mode or d_head is None:
+            return x
+        return x.unflatten(-1, (-1, d_head))
 
     # ------------------------------------------------------------------ input / output
     def _check_input(self, x: Tensor) -> None:
@@ -287,6 +332,60 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
             sae_out = sae_out + sae_error
         return self.hook_sae_output(sae_out)
 
+    # ------------------------------------------------------------------ weight folding
+    # Decoder norms, a constant input scaling or an activation whitening folded into the
+    # parameters in place, so the SAE gives the same outputs from simpler weights or raw
+    # inputs. Architectures with extra parameters extend these and call super().
+    @torch.no_grad()
+    def get_W_dec_norm(self) -> Tensor:
+        return self.W_dec.norm(dim=-1).clamp(min=1e-8)
+
+    @torch.no_grad()
+    def fold_and_get_W_dec_norm(self) -> Tensor:
+        """Scale decoder rows to unit norm and fold the norms into the encoder (in place)."""
+        norms = self.get_W_dec_norm()
+        self.W_dec.data.div_(norms.unsqueeze(1))
+        self.W_enc.data.mul_(norms.unsqueeze(0))
+        b_enc = getattr(self, "b_enc", None)
+        if isinstance(b_enc, nn.Parameter):
+            b_enc.data.mul_(norms)
+        return norms
+
+    def fold_W_dec_norm(self) -> None:
+        """Fold decoder norms into the encoder: same outputs, unit-norm decoder rows."""
+        self.fold_and_get_W_dec_norm()
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Fold a constant input scaling into the weights; sets normalize_activations='none'."""
+        self.W_enc.data.mul_(scaling_factor)
+        self.W_dec.data.div_(scaling_factor)
+        self.b_dec.data.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor
+    ) -> None:
+        """Fold ``z = (x - mean) @ M`` (and ``x = z @ M^-1 + mean``) into the weights.
+
+        ``mean [d_in]``, ``whitening_matrix M [d_in, d_in]``, ``unwhitening_matrix [d_in, d_in]``.
+        Afterwards raw activations give the same features and outputs as whitened
+        ones did before; ``normalize_activations`` becomes ``"none"``. Computed in at
+        least the precision of the statistics.
+        """
+        dtype = torch.promote_types(self.W_enc.dtype, whitening_matrix.dtype)
+        mean = mean.to(self.W_enc.device, dtype)
+        M = whitening_matrix.to(self.W_enc.device, dtype)
+        M_inv = unwhitening_matrix.to(self.W_enc.device, dtype)
+        self.W_enc.data.copy_(M @ self.W_enc.data.to(dtype))
+        b_enc = getattr(self, "b_enc", None)
+        if not self.cfg.apply_b_dec_to_input and isinstance(b_enc, nn.Parameter):
+            b_enc.data.sub_(mean @ self.W_enc.data.to(dtype))
+        self.W_dec.data.copy_(self.W_dec.data.to(dtype) @ M_inv)
+        self.b_dec.data.copy_(self.b_dec.data.to(dtype) @ M_inv + mean)
+        self.cfg.normalize_activations = "none"
+
     # ------------------------------------------------------------------ device / dtype
     def to(self: T_SAE, *args: Any, **kwargs: Any) -> T_SAE:  # type: ignore[override]
         """``nn.Module.to`` that also keeps ``cfg.device``/``cfg.dtype`` and ``.device``/``.dtype`` in sync."""
@@ -298,6 +397,159 @@ class SAE(HookZReshapingMixin, FoldingMixin, PersistenceMixin, HookedRootModule)
             self.dtype = dtype
             self.cfg.dtype = dtype_to_str(dtype)
         return super().to(*args, **kwargs)
+
+    # ------------------------------------------------------------------ saving / loading
+    # Thin wrappers over fastsae.loading (SAELens 6.x folders, pretrained releases, live
+    # sae_lens SAEs).
+    def save_model(self, path: str | Path, *, sparsity: Tensor | None = None) -> tuple[Path, Path]:
+        """Write a SAELens 6.x directory (``cfg.json``, ``sae_weights.safetensors`` and,
+        given ``sparsity [d_sae]``, ``sparsity.safetensors``) atomically: the folder is
+        replaced as a whole, so a kill or a failed rename leaves the old SAE or the new
+        one. A ``sparsity.safetensors`` of an earlier save is removed when ``sparsity`` is
+        not given; files of the folder that are not the SAE's (a README) are kept.
+
+        Returns ``(weights_path, cfg_path)``.
+        """
+        return save_sae(self, path, sparsity=sparsity)
+
+    @classmethod
+    def load_from_disk(
+        cls: type[T_SAE],
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        converter: Any = None,
+        fold_W_dec_norm: bool = False,
+        validate: bool = False,
+    ) -> T_SAE:
+        """Load an SAE directory written by sae-lens (6.x or older) or fastsae.
+
+        ``converter=None`` also recognises Gemma Scope (``params.npz``), EleutherAI
+        sparsify (``sae.safetensors``) and dictionary_learning (``ae.pt``) folders.
+        ``dtype`` overrides the stored dtype; ``validate=True`` rejects NaN/inf weights.
+        """
+        sae = load_sae_from_disk(
+            path, device, dtype, converter, expected_cls=cls, validate=validate
+        )
+        if fold_W_dec_norm:
+            sae.fold_W_dec_norm()
+        return sae  # type: ignore[return-value]
+
+    @classmethod
+    def load_from_pretrained(
+        cls: type[T_SAE], path: str | Path, device: str = "cpu", dtype: str | None = None
+    ) -> T_SAE:
+        """Deprecated spelling of :meth:`load_from_disk`."""
+        warnings.warn(
+            "load_from_pretrained is deprecated; use load_from_disk",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls.load_from_disk(path, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T_SAE],
+        release: str,
+        sae_id: str,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        force_download: bool = False,
+        converter: Any = None,
+        fold_W_dec_norm: bool = False,
+    ) -> T_SAE:
+        """Load a pretrained SAE by SAELens release name, Hugging Face repo id
+        (``sae_id`` = folder) or local repo directory.
+
+        Downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE`` and
+        ``force_download`` apply). Unpacking the result as ``sae, cfg_dict, sparsity``
+        still works, with a DeprecationWarning.
+        """
+        return cls.from_pretrained_with_cfg_and_sparsity(
+            release,
+            sae_id,
+            device=device,
+            dtype=dtype,
+            force_download=force_download,
+            converter=converter,
+            fold_W_dec_norm=fold_W_dec_norm,
+        )[0]
+
+    @classmethod
+    def from_pretrained_with_cfg_and_sparsity(
+        cls: type[T_SAE],
+        release: str,
+        sae_id: str,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        force_download: bool = False,
+        converter: Any = None,
+        fold_W_dec_norm: bool = False,
+    ) -> tuple[T_SAE, dict[str, Any], Tensor | None]:
+        """:meth:`from_pretrained` returning ``(sae, cfg_dict, log_sparsity)``
+        (``log_sparsity [d_sae]`` or None when the release has none)."""
+        return load_pretrained(  # type: ignore[return-value]
+            release,
+            sae_id,
+            device=device,
+            dtype=dtype,
+            force_download=force_download,
+            converter=converter,
+            fold_W_dec_norm=fold_W_dec_norm,
+            expected_cls=cls,
+        )
+
+    @classmethod
+    def from_dict(cls: type[T_SAE], config_dict: dict[str, Any]) -> T_SAE:
+        """A freshly initialised SAE of the architecture ``config_dict`` names."""
+        cfg = SAEConfig.from_dict(config_dict)
+        sae_cls = sae_class_for_architecture(cfg.architecture())
+        if not issubclass(sae_cls, cls):
+            raise ValueError(f"architecture {cfg.architecture()!r} is not a {cls.__name__}")
+        return sae_cls(cfg)  # type: ignore[return-value]
+
+    @classmethod
+    def from_sae_lens(cls, sae_lens_sae: Any, *, copy: bool = False) -> SAE:
+        """Convert a live sae_lens SAE; ``copy=False`` shares its parameter tensors."""
+        return sae_lens_bridge.from_sae_lens(sae_lens_sae, copy=copy)
+
+    def to_sae_lens(self, *, copy: bool = True) -> Any:
+        """The equivalent sae_lens SAE (sae-lens must be installed)."""
+        return sae_lens_bridge.to_sae_lens(self, copy=copy)
+
+    # ------------------------------------------------------------------ state-dict hooks
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        """Override to edit the state dict in place before it is written."""
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Override to edit the state dict in place after it is read."""
+
+    # ------------------------------------------------------------------ deprecated tuple API
+    # Tuple unpacking of from_pretrained, as SAELens < 6 returned (sae, cfg_dict, sparsity).
+    def _legacy_tuple(self) -> tuple[Any, dict[str, Any], Tensor | None]:
+        return self, flat_cfg_dict(self), self._log_sparsity
+
+    def __iter__(self) -> Iterator[Any]:
+        warnings.warn(
+            "Unpacking an SAE is deprecated: SAE.from_pretrained() returns only the SAE. "
+            "Use SAE.from_pretrained_with_cfg_and_sparsity() for the (sae, cfg_dict, "
+            "log_sparsity) tuple.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        yield from self._legacy_tuple()
+
+    def __getitem__(self, index: int) -> Any:
+        warnings.warn(
+            "Indexing an SAE is deprecated: SAE.from_pretrained() returns only the SAE. "
+            "Use SAE.from_pretrained_with_cfg_and_sparsity().",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        items = self._legacy_tuple()
+        if not -3 <= index < 3:
+            raise IndexError(f"SAE tuple index {index} out of range")
+        return items[index]
 
     # ------------------------------------------------------------------ misc SAELens API
     def get_name(self) -> str:

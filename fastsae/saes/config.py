@@ -1,4 +1,6 @@
-"""SAE configs: one dataclass per architecture, same fields and JSON as SAELens 6.x."""
+"""The fields every SAE config has (:class:`SAEConfig`), its metadata (:class:`SAEMetadata`)
+and the dtype names; each architecture's own config class lives in its module
+(:mod:`fastsae.saes.topk`, ...) and is found through :mod:`fastsae.saes.registry`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+
+from fastsae.saes.registry import config_class_for_architecture, known_architectures
 
 # The on-disk format fastsae reads and writes is SAELens 6.x's. A cfg.json whose
 # metadata carries no sae_lens_version >= 6 is read as a pre-6.0 config, so every
@@ -143,9 +147,6 @@ class SAEMetadata:
         self.__dict__.update(state)
 
 
-_CONFIG_CLASSES: dict[str, type[SAEConfig]] = {}
-
-
 @dataclass
 class SAEConfig:
     """Fields every SAE has. Subclasses add their own and name their architecture.
@@ -165,13 +166,6 @@ class SAEConfig:
 
     _architecture: ClassVar[str | None] = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        arch = cls.__dict__.get("_architecture")
-        # training configs (fastsae.training) keep their own registry
-        if arch is not None and not getattr(cls, "_training_config", False):
-            _CONFIG_CLASSES[arch] = cls
-
     @classmethod
     def architecture(cls) -> str:
         if cls._architecture is None:
@@ -181,8 +175,8 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if type(self)._architecture is None:
             raise TypeError(
-                f"{type(self).__name__} is abstract; use one of "
-                f"{sorted(c.__name__ for c in _CONFIG_CLASSES.values())}"
+                f"{type(self).__name__} is abstract; use the config class of one of "
+                f"{known_architectures()}"
             )
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
@@ -251,107 +245,3 @@ class SAEConfig:
         kwargs = {k: v for k, v in config_dict.items() if k in names and k != "metadata"}
         kwargs["metadata"] = SAEMetadata(**dict(config_dict.get("metadata") or {}))
         return cfg_cls(**kwargs)
-
-
-def config_class_for_architecture(architecture: str) -> type[SAEConfig]:
-    """The config class for an architecture name; a clear error for unknown names."""
-    try:
-        return _CONFIG_CLASSES[architecture]
-    except KeyError:
-        raise ValueError(
-            f"unknown SAE architecture {architecture!r}; known: {sorted(_CONFIG_CLASSES)}"
-        ) from None
-
-
-def known_architectures() -> list[str]:
-    return sorted(_CONFIG_CLASSES)
-
-
-@dataclass
-class StandardSAEConfig(SAEConfig):
-    """ReLU SAE: ``relu(x @ W_enc + b_enc)``."""
-
-    _architecture: ClassVar[str | None] = "standard"
-
-
-@dataclass
-class GatedSAEConfig(SAEConfig):
-    """Gated SAE (Rajamanoharan et al. 2024): gate path ``b_gate``, magnitude path ``r_mag``, ``b_mag``."""
-
-    _architecture: ClassVar[str | None] = "gated"
-
-
-@dataclass
-class JumpReLUSAEConfig(SAEConfig):
-    """JumpReLU SAE: ``relu(h) * (h > threshold)``."""
-
-    _architecture: ClassVar[str | None] = "jumprelu"
-
-
-@dataclass
-class TopKSAEConfig(SAEConfig):
-    """TopK SAE: keep the k largest pre-activations per token (ReLU applied).
-
-    ``rescale_acts_by_decoder_norm``: select on ``h * ||W_dec||`` and divide the
-    activations by ``||W_dec||`` before decoding (SAEs trained that way).
-    """
-
-    k: int = 100
-    rescale_acts_by_decoder_norm: bool = False
-
-    _architecture: ClassVar[str | None] = "topk"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_k()
-
-    def _check_k(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k must be an int in [1, d_sae={self.d_sae}], got {self.k!r}")
-
-
-@dataclass
-class AbsTopKSAEConfig(TopKSAEConfig):
-    """AbsTopK SAE: keep the k largest-magnitude pre-activations per token, sign kept."""
-
-    _architecture: ClassVar[str | None] = "abstopk"
-
-
-@dataclass
-class TranscoderConfig(SAEConfig):
-    """Transcoder: reads ``d_in`` at one hook, writes ``d_out`` at another (``hook_name_out``)."""
-
-    d_out: int = 768
-
-    _architecture: ClassVar[str | None] = "transcoder"
-
-    def __post_init__(self) -> None:
-        if self.apply_b_dec_to_input:
-            raise ValueError(
-                "apply_b_dec_to_input must be False for transcoders "
-                "(b_dec lives in the output space)"
-            )
-        super().__post_init__()
-        if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out <= 0:
-            raise ValueError(f"d_out must be a positive int, got {self.d_out!r}")
-
-
-@dataclass
-class SkipTranscoderConfig(TranscoderConfig):
-    """Transcoder with a linear skip connection ``x @ W_skip.T``."""
-
-    _architecture: ClassVar[str | None] = "skip_transcoder"
-
-
-@dataclass
-class JumpReLUTranscoderConfig(TranscoderConfig):
-    """Transcoder with a JumpReLU activation."""
-
-    _architecture: ClassVar[str | None] = "jumprelu_transcoder"
-
-
-@dataclass
-class JumpReLUSkipTranscoderConfig(JumpReLUTranscoderConfig):
-    """JumpReLU transcoder with a linear skip connection."""
-
-    _architecture: ClassVar[str | None] = "jumprelu_skip_transcoder"

@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from fastsae.saes.base import check_floating_tensor
-from fastsae.saes.config import (
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTranscoderConfig,
-    SkipTranscoderConfig,
-    TranscoderConfig,
-)
+from fastsae.saes.config import SAEConfig
 from fastsae.saes.jumprelu import JumpReLUSAE
+from fastsae.saes.registry import register
 from fastsae.saes.standard import StandardSAE
+
+
+@dataclass
+class TranscoderConfig(SAEConfig):
+    """Transcoder: reads ``d_in`` at one hook, writes ``d_out`` at another (``hook_name_out``)."""
+
+    d_out: int = 768
+
+    _architecture: ClassVar[str | None] = "transcoder"
+
+    def __post_init__(self) -> None:
+        if self.apply_b_dec_to_input:
+            raise ValueError(
+                "apply_b_dec_to_input must be False for transcoders "
+                "(b_dec lives in the output space)"
+            )
+        super().__post_init__()
+        if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out <= 0:
+            raise ValueError(f"d_out must be a positive int, got {self.d_out!r}")
+
+
+@dataclass
+class SkipTranscoderConfig(TranscoderConfig):
+    """Transcoder with a linear skip connection ``x @ W_skip.T``."""
+
+    _architecture: ClassVar[str | None] = "skip_transcoder"
+
+
+@dataclass
+class JumpReLUTranscoderConfig(TranscoderConfig):
+    """Transcoder with a JumpReLU activation."""
+
+    _architecture: ClassVar[str | None] = "jumprelu_transcoder"
+
+
+@dataclass
+class JumpReLUSkipTranscoderConfig(JumpReLUTranscoderConfig):
+    """JumpReLU transcoder with a linear skip connection."""
+
+    _architecture: ClassVar[str | None] = "jumprelu_skip_transcoder"
 
 
 class Transcoder(StandardSAE):
@@ -122,3 +161,9 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder):
         self.W_skip = self._param(self.cfg.d_out, self.cfg.d_in)
 
     _skip = SkipTranscoder._skip
+
+
+register("transcoder", Transcoder, TranscoderConfig)
+register("skip_transcoder", SkipTranscoder, SkipTranscoderConfig)
+register("jumprelu_transcoder", JumpReLUTranscoder, JumpReLUTranscoderConfig)
+register("jumprelu_skip_transcoder", JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)

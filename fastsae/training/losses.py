@@ -1,4 +1,7 @@
-"""Training losses shared by the training SAEs (same maths as SAELens 6.x).
+"""Every training loss, in one place (same maths as SAELens 6.x): the reconstruction
+error, the JumpReLU step function and its straight-through estimators, the
+pre-activation and ghost-gradient losses, and AuxK with a pluggable selection (the
+latent-sharded TopK selects across ranks with the same function).
 
 Shapes: ``sae_in``/``sae_out``/``residual`` are ``[batch, d_in]``, ``hidden_pre``
 ``[batch, d_sae]`` (or ``[batch, n_dead]`` for the dead-subset forms), masks ``[d_sae]``.
@@ -6,6 +9,7 @@ Shapes: ``sae_in``/``sae_out``/``residual`` are ``[batch, d_in]``, ``hidden_pre`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,3 +110,58 @@ def topk_aux_scale(num_dead: int, d_in: int) -> tuple[int, float]:
     (Gao et al. 2024, App. B.1), scale = min(num_dead / (d_in // 2), 1)."""
     k_aux = d_in // 2
     return min(k_aux, num_dead), min(num_dead / k_aux, 1.0)
+
+
+def mse_loss(preds: Tensor, target: Tensor) -> Tensor:
+    """Elementwise squared error (SAELens's ``mse_loss_fn``), ``[batch, d_in]``."""
+    return torch.nn.functional.mse_loss(preds, target, reduction="none")
+
+
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """The sum of a step's named losses, in their order."""
+    total = None
+    for value in losses.values():
+        total = value if total is None else total + value
+    assert total is not None
+    return total
+
+
+def topk_rows(h: Tensor, k: int) -> Tensor:
+    """``h`` with each row's k largest entries kept and the rest 0: AuxK's selection on
+    one device."""
+    values, indices = h.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(h).scatter(-1, indices, values)
+
+
+def auxk_loss(
+    x: Tensor,
+    sae_out: Tensor,
+    h_dead: Tensor,
+    W_dec_dead: Tensor,
+    num_dead: int,
+    coefficient: float,
+    *,
+    dec_norm: Tensor | None = None,
+    select: Callable[[Tensor, int], Tensor] = topk_rows,
+    sum_partial: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """TopK's auxiliary loss (Gao et al. 2024, App. B.1): the ``k_aux`` largest dead
+    latents reconstruct the detached residual ``x - sae_out``.
+
+    ``h_dead [batch, n]``: pre-activations of the dead latents (times ``dec_norm`` when
+    the SAE rescales by decoder norms); ``W_dec_dead [n, d_in]``; ``num_dead``: dead
+    latents in total (``n`` on one device; over all shards when latent-sharded).
+    ``select(h_dead, k_aux)`` keeps the chosen entries (:func:`topk_rows` on one device;
+    a cross-rank top-k when sharded) and ``sum_partial`` sums the partial
+    reconstructions of the shards.
+    """
+    residual = (x - sae_out).detach()
+    k_aux, scale = topk_aux_scale(num_dead, x.shape[-1])
+    acts = select(h_dead, k_aux)
+    if dec_norm is not None:
+        acts = acts * (1 / dec_norm)
+    recons = acts @ W_dec_dead
+    if sum_partial is not None:
+        recons = sum_partial(recons)
+    loss = (recons - residual).pow(2).sum(dim=-1).mean()
+    return coefficient * scale * loss

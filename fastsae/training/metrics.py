@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastsae.training.saes.base import TrainStepOutput
+from fastsae.saes.training_sae import TrainStepOutput
 
 
 @torch.no_grad()
@@ -121,10 +121,10 @@ class MetricsLogger:
         if not rows:
             return None
         try:
-            import matplotlib
+            import matplotlib  # optional dependency: matplotlib (the [bench] / [demo] extras)
 
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # optional dependency, after the backend is set
         except ImportError:
             return None
         path = Path(path) if path is not None else self.path.with_name("training_curves.png")  # type: ignore[union-attr]

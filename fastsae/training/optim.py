@@ -107,8 +107,8 @@ _FUSED_ADAM_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float6
 
 
 def fused_adam_kwargs(parameters: Iterable[Tensor]) -> dict[str, Any]:
-    """Fused Adam where torch has it for these parameters (one pass over params and
-    states: 16 ms vs 134 ms for the for-loop Adam on 38M fp32 parameters, 2 CPU cores)."""
+    """Fused Adam where torch has it for these parameters (one pass over all params and
+    states instead of the for-loop Adam's ops per parameter)."""
     params = list(parameters)
     devices = {p.device.type for p in params}
     dtypes = {p.dtype for p in params}

@@ -9,7 +9,6 @@ and saves the result (inference format) to ``output_path``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import uuid
@@ -18,16 +17,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
+from transformers import AutoModel, AutoTokenizer
 
+from fastsae.loading.atomic_dir import recover_dir
+from fastsae.loading.disk import read_json, save_sae
+from fastsae.saes.training_sae import TrainingSAE, TrainingSAEConfig
+from fastsae.tl_compat import require_hooked_transformer, require_transformer_bridge
 from fastsae.training.checkpoints import RUNNER_CFG_FILENAME
 from fastsae.training.config import LanguageModelSAERunnerConfig
-from fastsae.training.saes.base import (
-    TrainingSAE,
-    TrainingSAEConfig,
-    training_sae_class_for_architecture,
-)
-from fastsae.training.sharded_data import RankShardedProvider
-from fastsae.training.trainer import SAETrainer
+from fastsae.training.data.activations_store import ActivationsStore
+from fastsae.training.data.cached_activations_store import CachedActivationsStore
+from fastsae.training.parallel.strategy import ParallelStrategy, choose_strategy
+
+try:  # TransformerLens 3.x only (4.x has TransformerBridge instead)
+    from transformer_lens import HookedTransformer
+except ImportError:  # pragma: no cover - depends on the installed TransformerLens
+    HookedTransformer = None
 
 
 def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
@@ -44,22 +50,16 @@ def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
     check_local_model_path(cfg.model_name)
     kwargs = dict(cfg.model_from_pretrained_kwargs or {})
     if cfg.model_class_name == "HookedTransformer":
-        from fastsae.tl_compat import require_hooked_transformer
-
         model = require_hooked_transformer().from_pretrained(
             cfg.model_name, device=cfg.llm_device, **kwargs
         )
         return model.eval(), None
     if cfg.model_class_name == "TransformerBridge":
-        from fastsae.tl_compat import require_transformer_bridge
-
         model = require_transformer_bridge().boot_transformers(
             cfg.model_name, device=cfg.llm_device, **kwargs
         )
         return model.eval(), None
     if cfg.model_class_name in ("AutoModel", "transformers"):
-        from transformers import AutoModel, AutoTokenizer
-
         model = AutoModel.from_pretrained(cfg.model_name, **kwargs).to(cfg.llm_device).eval()
         return model, AutoTokenizer.from_pretrained(cfg.model_name)
     raise ValueError(
@@ -136,43 +136,15 @@ class SAETrainingRunner:
         self.cfg = cfg
         self.show_progress = show_progress
         check_devices_available(cfg)
-        if cfg.latent_shards > 1:
-            from fastsae.training.latent_sharding import sharded_class_for_architecture
-
-            sharded_class_for_architecture(cfg.sae.architecture())  # raises for the others
-        # under torchrun (WORLD_SIZE > 1): data parallel over the default process group,
-        # or a data_parallel x latent_shards mesh when cfg.latent_shards > 1
-        from fastsae.training.distributed import init_distributed
-
-        self.dist = init_distributed()
-        world = self.dist.world_size
-        if cfg.latent_shards > 1 and world % cfg.latent_shards:
-            raise ValueError(
-                f"latent_shards={cfg.latent_shards} must divide the number of processes "
-                f"(WORLD_SIZE={world}): launch with torchrun --nproc_per_node a multiple of "
-                f"{cfg.latent_shards} (the ranks form a data_parallel x latent_shards mesh)"
-            )
-        data_parallel = world // cfg.latent_shards
-        if cfg.train_batch_size_tokens % data_parallel:
-            raise ValueError(
-                f"train_batch_size_tokens={cfg.train_batch_size_tokens} must be divisible by "
-                f"the number of data-parallel replicas ({data_parallel} = WORLD_SIZE {world} "
-                f"/ latent_shards {cfg.latent_shards})"
-            )
-        if self.dist.world_size > 1 and str(cfg.device).startswith("cuda"):
-            cfg.device = cfg.llm_device = cfg.act_store_device = str(self.dist.device)
-            cfg.sae.device = str(self.dist.device)
-        self.mesh = None  # the data_parallel x latent_shards mesh of a latent-sharded run
-        if cfg.latent_shards > 1:
-            from fastsae.training.latent_sharding.mesh import init_latent_mesh
-
-            self.mesh = init_latent_mesh(cfg.latent_shards)
+        # how the run is spread over processes (one, data parallel, latent sharded):
+        # joins torchrun's process group when launched under it (WORLD_SIZE > 1)
+        self.parallel: ParallelStrategy = choose_strategy(cfg)
+        self.dist = self.parallel.dist
+        self.mesh = self.parallel.mesh  # the data_parallel x latent_shards mesh, or None
         seed_everything(cfg.seed)
         self.run_id = _shared_run_id(cfg.run_id, self.dist.world_size)
         self.model, self.tokenizer = None, override_tokenizer
         if cfg.use_cached_activations:
-            from fastsae.training.cached_activations_store import CachedActivationsStore
-
             self.activations_store: Any = CachedActivationsStore(
                 cfg.cached_activations_path,
                 train_batch_size_tokens=cfg.train_batch_size_tokens,
@@ -186,8 +158,6 @@ class SAETrainingRunner:
                     f"{cfg.cached_activations_path} have width {self.activations_store.d_in}"
                 )
         else:
-            from fastsae.training.activations_store import ActivationsStore
-
             if override_model is not None:
                 self.model = override_model
             else:
@@ -213,64 +183,25 @@ class SAETrainingRunner:
         md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
         sae_cfg = cfg.sae
         if cfg.from_pretrained_path is not None:
-            from fastsae.loading.atomic_dir import recover_dir
-            from fastsae.loading.disk import read_json
-
             sae_cfg_dict = read_json(recover_dir(Path(cfg.from_pretrained_path)) / "cfg.json")
             sae_cfg = TrainingSAEConfig.from_dict(
                 {**cfg.sae.to_dict(), **sae_cfg_dict, "architecture": cfg.sae.architecture(),
                  "device": cfg.device}
             )  # fmt: skip
-        if cfg.latent_shards > 1:
-            return self._build_shard(sae_cfg)
-        sae = training_sae_class_for_architecture(sae_cfg.architecture())(sae_cfg)
-        if cfg.from_pretrained_path is not None:
-            sae.load_weights_from_checkpoint(cfg.from_pretrained_path)
-        return sae.to(cfg.device)
-
-    def _build_shard(self, sae_cfg: TrainingSAEConfig) -> Any:
-        """This rank's shard, built without the full SAE: its latents of the full
-        initialisation (the same RNG draws as one process building on the CPU makes),
-        then of ``from_pretrained_path`` when given (only those latents read), in host
-        memory (the trainer moves it to ``cfg.device``). Every replica of a shard must
-        hold the same tensors (checked)."""
-        from fastsae.training.collectives import check_same_tensors, comm_device
-        from fastsae.training.latent_sharding import SHARD_DIMS, sharded_class_for_architecture
-        from fastsae.training.latent_sharding.build import init_shard, load_shard_weights_
-
-        cfg, mesh = self.cfg, self.mesh
-        assert mesh is not None
-        sae_cfg = dataclasses.replace(sae_cfg, device="cpu")  # the RNG draws of a CPU build
-        cls = sharded_class_for_architecture(sae_cfg.architecture())
-        shard = init_shard(cls, sae_cfg, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
-        if cfg.from_pretrained_path is not None:
-            load_shard_weights_(shard, cfg.from_pretrained_path)
-        device = comm_device(self.dist.device)
-        check_same_tensors(shard, device, "initial SAE shard", group=mesh.dp_group)
-        check_same_tensors(shard, device, "initial SAE", names=lambda n: n not in SHARD_DIMS)
-        return shard
+        return self.parallel.build_sae(sae_cfg)
 
     def _evaluator(self):
         store, model, cfg = self.activations_store, self.model, self.cfg
-
-        if cfg.latent_shards > 1:  # the metrics computed on the shards, nothing gathered
-            from fastsae.training.latent_sharding.evaluation import (
-                sharded_language_model_metrics as language_model_metrics,
-            )
-            from fastsae.training.latent_sharding.evaluation import (
-                sharded_reconstruction_metrics as reconstruction_metrics,
-            )
-        else:
-            from fastsae.evals import language_model_metrics, reconstruction_metrics
+        parallel = self.parallel
 
         def evaluate(sae: Any) -> dict[str, Any]:
             batches = [next(store) for _ in range(cfg.n_eval_batches)]
             res: dict[str, Any] = {
-                f"eval/{k}": v for k, v in reconstruction_metrics(sae, batches).items()
+                f"eval/{k}": v for k, v in parallel.reconstruction_metrics(sae, batches).items()
             }
             if _is_language_model(model) and hasattr(store, "get_batch_tokens"):
                 tokens = store.get_batch_tokens(cfg.eval_batch_size_prompts)
-                lm = language_model_metrics(
+                lm = parallel.language_model_metrics(
                     sae, model, tokens.to(cfg.llm_device), cfg.hook_name,
                     hook_head_index=cfg.hook_head_index,
                 )  # fmt: skip
@@ -284,13 +215,13 @@ class SAETrainingRunner:
 
         With ``latent_shards > 1``, rank 0 returns the full training SAE in host memory
         (``cpu``: it may not fit one device) and every other rank its own shard
-        (a :class:`~fastsae.training.latent_sharding.ShardedTrainingSAE`)."""
+        (a :class:`~fastsae.training.parallel.latent.ShardedTrainingSAE`)."""
         cfg = self.cfg
         run_dir = Path(cfg.output_path) if cfg.output_path is not None else None
-        main = self.dist.rank == 0
+        parallel = self.parallel
         wandb_run = None
-        if cfg.logger.log_to_wandb and main:
-            import wandb
+        if cfg.logger.log_to_wandb and parallel.is_main:
+            import wandb  # optional dependency (the fastsae[wandb] extra): only when logging
 
             wandb_run = wandb.init(
                 project=cfg.logger.wandb_project,
@@ -302,81 +233,36 @@ class SAETrainingRunner:
         checkpoint_cfg = cfg
         if cfg.checkpoint_path is not None:
             checkpoint_cfg = _WithCheckpointPath(cfg, str(Path(cfg.checkpoint_path) / self.run_id))
-        trainer_cls: type[SAETrainer] = SAETrainer
-        data: Any = self.activations_store
-        sae: Any = self.sae
-        trainer_kwargs: dict[str, Any] = {}
-        if cfg.latent_shards > 1:
-            from fastsae.training.latent_sharding import ShardedTrainingSAE, shard_sae
-            from fastsae.training.sharded_trainer import LatentShardedSAETrainer
-
-            mesh = self.mesh
-            assert mesh is not None
-            if not isinstance(sae, ShardedTrainingSAE):
-                # an override_sae: every rank holds the same full SAE (checked) and keeps
-                # d_sae / latent_shards of its latents
-                from fastsae.training.collectives import check_same_tensors, comm_device
-
-                check_same_tensors(sae, comm_device(self.dist.device), "initial SAE")
-                sae = shard_sae(sae, mesh.shard_rank, mesh.shard_size, mesh.shard_group)
-                self.sae = sae  # the full SAE is not kept during training
-            # the ranks of a shard group draw the same rows
-            data = self._data_parallel_data(data, mesh.dp_rank, mesh.dp_size)
-            trainer_cls = LatentShardedSAETrainer
-            trainer_kwargs["mesh"] = mesh
-        elif self.dist.world_size > 1:
-            from fastsae.training.distributed import DistributedSAETrainer
-
-            data = self._data_parallel_data(data, self.dist.rank, self.dist.world_size)
-            trainer_cls = DistributedSAETrainer
-        self.trainer = trainer_cls(
+        # a latent-sharded run cuts an override_sae into this rank's shard and does not
+        # keep the full SAE during training
+        sae = self.sae = parallel.prepare_sae(self.sae)
+        self.trainer = parallel.make_trainer(
             checkpoint_cfg,
             sae,
-            data,
+            parallel.trainer_data(self.activations_store),
             evaluator=self._evaluator(),
             run_dir=run_dir,
             wandb_run=wandb_run,
             show_progress=self.show_progress,
-            **trainer_kwargs,
         )
         if cfg.resume_from_checkpoint is not None:
             self.trainer.load_checkpoint(cfg.resume_from_checkpoint)
         try:
-            sae = self.trainer.fit()
+            fitted = self.trainer.fit()
         finally:
             if wandb_run is not None:
                 wandb_run.finish()
-        sparsity = None
-        if cfg.latent_shards > 1:
-            # rank 0 gathers the full training SAE in host memory (saved, returned); the
-            # other ranks return their shard
-            full, sparsity = self.trainer.gather_to_rank0()
-            sae = self.sae = full if main else self.trainer.sae
-        if run_dir is not None and main:
+        # with latent sharding, rank 0 gathers the full SAE (and its sparsity) to save
+        sae, sparsity = parallel.final_sae(self.trainer, fitted)
+        self.sae = sae
+        if run_dir is not None and parallel.is_main:
             self.save_final_sae(run_dir, sparsity=sparsity)
         return sae
-
-    def _data_parallel_data(self, store: Any, replica: int, n_replicas: int) -> Any:
-        """This data-parallel replica's batches (see ``data_parallel_mode``)."""
-        if n_replicas == 1:
-            return store
-        mode = self.cfg.data_parallel_mode
-        if mode is None:
-            mode = "split" if self.cfg.use_cached_activations else "shard"
-        if mode == "shard":
-            # this replica tokenizes its own documents and runs the model on their rows
-            store.shard_for_data_parallel(replica, n_replicas)
-            return store
-        # every replica draws the same global batch and keeps its rows: the data
-        # position is then the same everywhere and resumes at any world size
-        return RankShardedProvider(store, replica, n_replicas, mode="split")
 
     def save_final_sae(self, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:
         """The trained SAE in the inference SAELens format, with its log sparsity (default:
         the trainer's) and the runner config, to ``path``: one folder swap, so the runner
         config never describes another SAE than the one beside it."""
-        from fastsae.loading.disk import save_sae
-
         path = Path(path)
         inference = self.sae.to_inference_sae()
         if sparsity is None:
@@ -395,9 +281,7 @@ def _shared_run_id(run_id: str | None, world_size: int) -> str:
         return run_id
     ids = [uuid.uuid4().hex[:8]]
     if world_size > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(ids, src=0)
+        torch.distributed.broadcast_object_list(ids, src=0)
     return ids[0]
 
 
@@ -416,8 +300,4 @@ class _WithCheckpointPath:
 
 
 def _is_language_model(model: Any) -> bool:
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:  # pragma: no cover - transformer_lens is a dependency
-        return False
-    return isinstance(model, HookedTransformer)
+    return HookedTransformer is not None and isinstance(model, HookedTransformer)

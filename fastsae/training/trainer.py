@@ -8,8 +8,11 @@ without touching the others:
 * the **data**: any iterator of ``[batch, d_in]`` activation tensors (an
   ``ActivationsStore``, a ``CachedActivationsStore``, a list); when it has
   ``state_dict``/``load_state_dict`` a checkpoint records its position;
-* the **state** (:class:`TrainerState` + optimizer + schedulers): what a checkpoint
-  saves so that a resumed run continues with exactly the losses of an uninterrupted one.
+* the **state** (:class:`~fastsae.training.checkpoints.TrainerState` + optimizer +
+  schedulers): what a checkpoint saves (:meth:`SAETrainer.save_checkpoint`, in the files
+  of :mod:`fastsae.training.checkpoints`) so that a resumed run
+  (:meth:`SAETrainer.load_checkpoint`) continues with exactly the losses of an
+  uninterrupted one.
 
 A step whose loss or gradient norm is not finite applies nothing and raises
 :class:`~fastsae.training.nonfinite.NonFiniteLossError` (or, with
@@ -24,6 +27,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,31 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fastsae.loading.atomic_dir import replace_dir
+from fastsae.saes.training_sae import (
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainStepInput,
+    TrainStepOutput,
+)
 from fastsae.training.activation_scaler import ActivationScaler
-from fastsae.training.checkpoints import CheckpointingMixin, TrainerState
+from fastsae.training.checkpoints import (
+    DATA_REPLICA_FILENAME,
+    DATA_STATE_FILENAME,
+    TRAINER_STATE_FILENAME,
+    TrainerState,
+    check_sae_config,
+    load_data_position,
+    load_torch_file,
+    read_pending_batch,
+    recover_checkpoint,
+    restore_rng_states,
+    rng_states,
+    warn_runner_config_changes,
+    write_data_position,
+    write_pending_batch,
+    write_runner_cfg,
+)
 from fastsae.training.interrupts import deferred_sigint
 from fastsae.training.metrics import MetricsLogger, step_metrics
 from fastsae.training.nonfinite import (
@@ -43,17 +70,16 @@ from fastsae.training.nonfinite import (
     nonfinite_rows,
 )
 from fastsae.training.optim import CoefficientScheduler, fused_adam_kwargs, get_lr_scheduler
-from fastsae.training.saes.base import (
-    TrainCoefficientConfig,
-    TrainingSAE,
-    TrainStepInput,
-    TrainStepOutput,
+from fastsae.training.parallel.latent.checkpoint import (
+    FIRING_KEYS,
+    load_optimizer_state_by_name,
+    read_latent_range,
 )
 
 Evaluator = Callable[[TrainingSAE], dict[str, Any]]
 
 
-class SAETrainer(CheckpointingMixin):
+class SAETrainer:
     """Train ``sae`` on batches from ``data_provider`` as ``cfg`` says.
 
     ``cfg`` is a :class:`~fastsae.training.config.LanguageModelSAERunnerConfig` (or any
@@ -312,7 +338,7 @@ class SAETrainer(CheckpointingMixin):
                 step=self.state.n_training_steps,
             )
 
-    # hooks for data parallelism (fastsae.training.distributed); no-ops on one process
+    # hooks for data parallelism (fastsae.training.parallel.data_parallel); no-ops on one process
     def _after_backward(self) -> None:
         """Runs once every ``.grad`` is filled, before clipping and the optimizer."""
 
@@ -506,3 +532,140 @@ class SAETrainer(CheckpointingMixin):
             name = str(self.state.n_training_samples)
             self.check_weights_finite(f"checkpoint {name}")
             self.save_checkpoint(name)
+
+    # ------------------------------------------------------------------ checkpoints
+    # the data-parallel and latent-sharded trainers override save_checkpoint,
+    # load_checkpoint and _state_dict, and build theirs from the pieces below
+    def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
+        """Write ``<checkpoint_path>/<name>/`` atomically: the SAE (SAELens format,
+        training config), the trainer state, the data position and the run config."""
+        base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
+        final = base / name
+
+        def write(folder: Path) -> None:
+            self.sae.save_model(folder, sparsity=self.log_feature_sparsity)
+            self._write_trainer_files(folder)
+
+        # the whole folder is swapped in: a kill at any moment leaves the old checkpoint
+        # or the new one, complete (fastsae.loading.atomic_dir)
+        replace_dir(final, write)
+        return final
+
+    @contextlib.contextmanager
+    def _pending_batch_dropped(self, drop: bool) -> Iterator[None]:
+        """While active (when ``drop``), the pending batch is not part of what is saved:
+        under data parallelism it is only this rank's rows."""
+        pending = self._pending_batch
+        if drop:
+            self._pending_batch = None
+        try:
+            yield
+        finally:
+            self._pending_batch = pending
+
+    def _write_trainer_files(self, folder: Path) -> None:
+        """Everything of a checkpoint but the SAE: trainer state, data position,
+        normalisation, an interrupted step's pending batch, the run config."""
+        torch.save(self._state_dict(), folder / TRAINER_STATE_FILENAME)
+        write_data_position(folder / DATA_STATE_FILENAME, self.data_provider)
+        self.scaler.save(folder)
+        write_pending_batch(folder, self._pending_batch)
+        write_runner_cfg(folder, self.cfg)
+
+    def _state_dict(self) -> dict[str, Any]:
+        """What ``trainer_state.pt`` holds."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "coefficient_schedulers": {
+                k: s.state_dict() for k, s in self.coefficient_schedulers.items()
+            },
+            "state": asdict(self.state),
+            "act_freq_scores": self.act_freq_scores,
+            "n_forward_passes_since_fired": self.n_forward_passes_since_fired,
+            "checkpoint_thresholds": list(self.checkpoint_thresholds),
+            "rng": rng_states(),
+            "sae_buffers": {k: v for k, v in self.sae.named_buffers()},
+            "data_replicas": self._data_replica()[1],
+        }
+
+    def _data_replica(self) -> tuple[int, int]:
+        """``(index, count)``: which of the run's data replicas this rank's provider
+        draws (``count > 1`` when each data-parallel rank runs the model on its own
+        token rows, see ``ActivationsStore.shard_for_data_parallel``)."""
+        shard = getattr(self.data_provider, "row_shard", (0, 1))
+        return int(shard[0]), int(shard[1])
+
+    def _write_data_replica_state(self, folder: Path) -> None:
+        """This replica's data position (when the replicas draw their own rows)."""
+        index, count = self._data_replica()
+        if count > 1:
+            write_data_position(
+                folder / DATA_REPLICA_FILENAME.format(replica=index), self.data_provider
+            )
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore SAE weights, optimizer, schedules, counters and data position from a
+        checkpoint directory written by :meth:`save_checkpoint`."""
+        path = recover_checkpoint(path)
+        self.check_checkpoint_sae_config(path)
+        self.sae.load_weights_from_checkpoint(path)
+        state = load_torch_file(
+            path / TRAINER_STATE_FILENAME, "trainer state", map_location=self.sae.device
+        )
+        if state.get("latent_shards"):
+            # written by a latent-sharded run: its shards' optimizer states, concatenated
+            named = list(self.sae.named_parameters())
+            d_sae = self.sae.cfg.d_sae
+            whole = read_latent_range(path, state, [n for n, _ in named], d_sae, 0, d_sae)
+            load_optimizer_state_by_name(
+                self.optimizer, named, whole["optimizer"], whole["param_groups"]
+            )
+            state = {**state, **{k: whole[k] for k in FIRING_KEYS}}
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._load_progress(state)
+        for name, value in state.get("sae_buffers", {}).items():
+            owner, _, attr = name.rpartition(".")
+            module = self.sae.get_submodule(owner) if owner else self.sae
+            setattr(module, attr, value.to(self.sae.device))
+        self._load_run_files(path, state)
+
+    def check_checkpoint_sae_config(self, path: Path) -> None:
+        """Raise naming ``<path>/cfg.json`` when the SAE config it records differs from
+        the one this run trains (another ``d_sae``, ``k``, architecture, normalisation,
+        dtype...): a resume continues the run that wrote the checkpoint, so an edit of
+        either is an error, not silently ignored. ``device`` and the metadata may differ."""
+        check_sae_config(path, self.sae.cfg)
+
+    def _load_progress(self, state: dict[str, Any]) -> None:
+        """Schedules, counters, checkpoint thresholds and the firing statistics
+        (``[d_sae]``, or this shard's) of a loaded trainer state."""
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for name, s in state["coefficient_schedulers"].items():
+            self.coefficient_schedulers[name].load_state_dict(s)
+        self.state = TrainerState(**state["state"])
+        self.act_freq_scores = state["act_freq_scores"].to(self.act_freq_scores.device)
+        self.n_forward_passes_since_fired = state["n_forward_passes_since_fired"].to(
+            self.n_forward_passes_since_fired.device
+        )
+        self.checkpoint_thresholds = list(state["checkpoint_thresholds"])
+
+    def _load_run_files(self, path: Path, state: dict[str, Any]) -> None:
+        """The part of a resume every trainer shares: RNG states, normalisation, an
+        interrupted step's pending batch, the data position, the metrics file. Rank 0
+        warns when the run config that wrote the checkpoint trained something else."""
+        main_rank = getattr(self, "rank", 0) == 0
+        if main_rank:
+            warn_runner_config_changes(path, self.cfg)
+        restore_rng_states(state["rng"])
+        self.scaler.load(path, normalisation=self.sae.cfg.normalize_activations)
+        self._pending_batch = read_pending_batch(path)
+        load_data_position(
+            path,
+            self.data_provider,
+            int(state.get("data_replicas", 1)),
+            self._data_replica(),
+            warn=main_rank,  # once per run, not once per rank
+        )
+        self.metrics.truncate_after(self.state.n_training_steps)

@@ -11,8 +11,8 @@ import torch
 from sae_testing import assert_close
 from spawn_ranks import run_ranks
 
-from fastsae.training.latent_sharding import ShardedTopKTrainingSAE
-from fastsae.training.saes import TopKTrainingSAE, TopKTrainingSAEConfig, TrainStepInput
+from fastsae.saes import TopKTrainingSAE, TopKTrainingSAEConfig, TrainStepInput
+from fastsae.saes.topk import ShardedTopKTrainingSAE
 
 D_IN, D_SAE, K, BATCH = 24, 200, 7, 17
 WORLD = 1 if torch.cuda.is_available() else 2

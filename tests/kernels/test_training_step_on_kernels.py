@@ -6,7 +6,7 @@ import torch
 from oracles import segment_rows_sum64
 from sae_testing import assert_close
 
-from fastsae.training.saes import (
+from fastsae.saes import (
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
     MatryoshkaBatchTopKTrainingSAE,

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastsae
+from fastsae.saes import TopKTrainingSAE
 from fastsae.training import TopKTrainingSAEConfig
-from fastsae.training.saes import TopKTrainingSAE
 
 D_IN, D_SAE = 8, 32
 

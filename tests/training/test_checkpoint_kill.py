@@ -18,9 +18,9 @@ from kill_points import kill_9, start_paused
 
 from fastsae import SAE
 from fastsae.loading import atomic_dir
+from fastsae.saes import TopKTrainingSAE
 from fastsae.training import SAETrainingRunner
 from fastsae.training.checkpoints import TRAINER_STATE_FILENAME
-from fastsae.training.saes import TopKTrainingSAE
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 OLD_LR, NEW_LR = 1e-3, 3e-3  # the two runs write different checkpoints of the same name

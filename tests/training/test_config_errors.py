@@ -1,6 +1,6 @@
 """A runner config never silently drops or misreads what its user wrote, and refuses a
-run that would train nothing before any model loads (issue 13, items 5 and 6); an empty
-or unreadable dataset file is an error that names it (item 8). All offline."""
+run that would train nothing before any model loads; an empty or unreadable dataset
+file is an error that names it. All offline."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from datasets import Dataset, Features, Sequence, Value
 from fastsae.cli import main
 from fastsae.saes.config import SAEConfig
 from fastsae.training import LanguageModelSAERunnerConfig, TopKTrainingSAEConfig
-from fastsae.training.text_loading import load_text_dataset
-from fastsae.training.token_rows import TokenRowSource
+from fastsae.training.data.text_loading import load_text_dataset
+from fastsae.training.data.token_rows import TokenRowSource
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SAELens < 6 option.*:DeprecationWarning")
 
@@ -60,7 +60,8 @@ def test_unknown_sae_key_is_an_error_with_a_suggestion_for_every_architecture(ar
 
 
 def test_topk_typo_under_sae_names_k(tmp_path):
-    """The issue's case: ``topk: 4`` trained with k=100."""
+    """``topk: 4`` (a typo of ``k``) is refused, not silently trained with the default
+    k=100."""
     path = tmp_path / "cfg.yaml"
     path.write_text(
         "sae:\n  architecture: topk\n  d_in: 16\n  d_sae: 256\n  topk: 4\n"

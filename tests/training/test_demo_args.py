@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastsae.training import docstring_corpus
+from fastsae.training.data import docstring_corpus
 from fastsae.training.demo import (
     DEMO_BUFFER_TOKENS,
     demo_buffer,

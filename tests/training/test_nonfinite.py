@@ -15,13 +15,13 @@ import pytest
 import torch
 from spawn_ranks import run_ranks
 
+from fastsae.saes import training_sae_class_for_architecture
 from fastsae.training import (
     LanguageModelSAERunnerConfig,
     NonFiniteLossError,
     SAETrainer,
     TopKTrainingSAEConfig,
 )
-from fastsae.training.saes import training_sae_class_for_architecture
 
 D_IN, D_SAE, BATCH, N_STEPS = 16, 64, 32, 8
 
@@ -245,7 +245,7 @@ def test_an_infinite_learning_rate_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- ranks
 def _rank_worker(rank: int, world: int, tmp: str, kind: str, skip: bool) -> dict:
-    from fastsae.training.distributed import DistributedSAETrainer, RankShardedProvider
+    from fastsae.training.parallel.data_parallel import DistributedSAETrainer, RankShardedProvider
 
     tmp_path = Path(tmp)
     # batch 2 of rank 1's share (its rows 5, 6 of the global batch) is NaN; rank 0's is clean
@@ -257,8 +257,8 @@ def _rank_worker(rank: int, world: int, tmp: str, kind: str, skip: bool) -> dict
         data = RankShardedProvider(Stream(poison=poison), rank, world)
         trainer: SAETrainer = DistributedSAETrainer(cfg, full, data, show_progress=False)
     else:
-        from fastsae.training.latent_sharding import shard_sae
-        from fastsae.training.sharded_trainer import LatentShardedSAETrainer
+        from fastsae.training.parallel.latent import shard_sae
+        from fastsae.training.parallel.latent.trainer import LatentShardedSAETrainer
 
         sae = shard_sae(full, rank, world)
         trainer = LatentShardedSAETrainer(cfg, sae, Stream(poison=poison), show_progress=False)

@@ -20,7 +20,7 @@ from fastsae.training import (
     SAETrainingRunner,
     TopKTrainingSAEConfig,
 )
-from fastsae.training.activation_cache import cache_activations_from_config
+from fastsae.training.data.activation_cache import cache_activations_from_config
 
 D_MODEL = 16  # tiny_runs' model width (and its SAEs' d_in)
 

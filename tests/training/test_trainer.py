@@ -15,6 +15,7 @@ from sae_lens.saes.sae import TrainStepInput as SLTrainStepInput
 from sae_lens.training.optim import get_lr_scheduler as sl_get_lr_scheduler
 from sae_testing import assert_close
 
+from fastsae.saes import training_sae_class_for_architecture
 from fastsae.training import (
     BatchTopKTrainingSAEConfig,
     JumpReLUTrainingSAEConfig,
@@ -24,7 +25,6 @@ from fastsae.training import (
     TopKTrainingSAEConfig,
 )
 from fastsae.training.checkpoints import TRAINER_STATE_FILENAME
-from fastsae.training.saes import training_sae_class_for_architecture
 
 D_IN, D_SAE, BATCH = 16, 64, 32
 
@@ -548,7 +548,7 @@ def test_checkpoints_load_as_training_saes_in_sae_lens(sae_cfg, tmp_path):
 
 @pytest.mark.parametrize("sae_cfg", CHECKPOINT_CASES, ids=lambda c: c.architecture())
 def test_checkpoints_load_as_training_saes_in_fastsae(sae_cfg, tmp_path):
-    from fastsae.training.saes import TrainingSAE
+    from fastsae.saes import TrainingSAE
 
     sae, checkpoint = _final_checkpoint(tmp_path, sae_cfg)
     ours = TrainingSAE.load_from_disk(checkpoint)

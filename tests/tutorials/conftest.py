@@ -1,4 +1,4 @@
-"""The SAELens tutorials (``shared/reference/tutorials.md``) and the ``api.md`` snippets for
+"""The SAELens tutorials and the snippets of SAELens's API reference for
 ``HookedSAETransformer``, ``ActivationsStore.from_sae`` and ``run_evals``, run with fastsae.
 
 Each tutorial body is kept as written, except:
@@ -38,7 +38,7 @@ from fastsae import (
     SAE,
     HookedSAETransformer,
 )
-from fastsae.training.docstring_corpus import local_text_dataset
+from fastsae.training.data.docstring_corpus import local_text_dataset
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The SAELens tutorials run with fastsae: the api.md snippets (SAE, HookedSAETransformer, ActivationsStore.from_sae, run_evals).
+"""The SAELens tutorials run with fastsae: the snippets of SAELens's API reference (SAE, HookedSAETransformer, ActivationsStore.from_sae, run_evals).
 See conftest.py for what they run against and what differs from the originals."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_api_hooked_sae_transformer(model, original_sae):
 
 
 def test_generate_with_attached_sae_and_latent_steering(model, original_sae):
-    """Tutorial 3's steering with the SAE spliced in (issue 5: generate works with SAEs
+    """Tutorial 3's steering with the SAE spliced in (generate works with SAEs
     attached): with the error term the greedy continuation is the clean model's; adding
     to one latent at ``hook_sae_acts_post`` changes it."""
     sae = original_sae

@@ -1,4 +1,4 @@
-"""The SAELens tutorials run with fastsae: tutorial 2, training an SAE (and the api.md training config).
+"""The SAELens tutorials run with fastsae: tutorial 2, training an SAE (and the training config of SAELens's API reference).
 See conftest.py for what they run against and what differs from the originals."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_tutorial2_training(model, text_dataset_dir, tmp_path, monkeypatch):
 
 
 def test_api_training_config_example_and_architectures():
-    """api.md's LanguageModelSAERunnerConfig example (sizes scaled) and the architecture
+    """The API reference's LanguageModelSAERunnerConfig example (sizes scaled) and the architecture
     snippets: the flat SAELens < 6 spelling builds the nested 6.x config."""
     cfg = LanguageModelSAERunnerConfig(
         # Model and hook

@@ -124,7 +124,7 @@ def test_tutorial3_verbatim_generate_fwd_hooks_is_ignored(model, original_sae):
 
 
 def test_gradient_attribution_through_spliced_sae(model, original_sae):
-    """Attribution by gradients (issue 5): with the SAE spliced in (error term on), the
+    """Attribution by gradients: with the SAE spliced in (error term on), the
     gradient of a logit reaches the SAE's latents through its sparse path, and
     ``sum_f act_f * grad_f + <error, grad_error> == <grad_x, x - b_dec>`` per position."""
     sae = original_sae

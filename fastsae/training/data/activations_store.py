@@ -1,0 +1,798 @@
+"""ActivationsStore: model activations over a text dataset, through a shuffling buffer.
+
+Same names and behaviour as SAELens 6.x's ``ActivationsStore`` where one exists, for
+TransformerLens models (hook by name, ``blocks.3.hook_resid_pre``) and for any Hugging
+Face ``transformers`` model or ``nn.Module`` (hook by module path, ``encoder.layer.3``).
+
+Pipeline: documents -> rows of ``context_size`` tokens (``TokenRowSource``) -> one model
+forward per ``store_batch_size_prompts`` rows, stopped right after the hook ->
+``[rows, n_pos, d_in]`` -> positions ``seqpos_slice`` -> flattened, special/padding
+tokens dropped -> a buffer that is shuffled with a seeded ``torch.Generator`` -> batches
+``[train_batch_size_tokens, d_in]``.
+
+Construction checks everything before anything heavy runs: the arguments (each error
+names the argument, :func:`check_store_arguments`), the dataset (split, the column to
+read, text or token ids), the tokens to exclude, and one tiny forward that the hook
+gives ``d_in`` features. ``ActivationsStore.from_sae`` and ``ActivationsStore.from_config``
+build a store from an SAE's ``cfg.metadata`` or a runner config, as SAELens's do.
+
+``state_dict()`` holds the buffer, the generator, the dataset position and the
+data-parallel row share, so a resumed store yields exactly the batches the original
+would (``save`` / ``load`` write and read it as safetensors); :func:`furthest_position`
+continues a data-parallel run under another number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastsae.loading.disk import read_tensors
+from fastsae.saes.config import str_to_dtype
+from fastsae.training.config import check_buffer_holds_a_batch, check_seqpos_slice
+from fastsae.training.data.model_hooks import ModuleReader, TransformerLensReader
+from fastsae.training.data.text_loading import HfDataset, load_text_dataset
+from fastsae.training.data.token_rows import TokenRowSource, special_token_id
+
+__all__ = ["ActivationsStore", "furthest_position"]
+
+ACTIVATIONS_STORE_STATE_FILENAME = "activations_store_state.safetensors"  # as SAELens
+_TOKEN_COLUMNS = ("tokens", "input_ids", "text")
+_SEPARATORS = ("bos", "eos", "sep")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def resolve_dataset(dataset: Any, streaming: bool, trust_remote_code: bool) -> HfDataset:
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = load_text_dataset(
+            dataset, streaming=streaming, split="train", trust_remote_code=trust_remote_code
+        )
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        if "train" not in dataset:
+            raise ValueError(f"dataset has no 'train' split; its splits are {list(dataset)}")
+        dataset = dataset["train"]
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise TypeError(
+            "dataset must be a datasets.Dataset, IterableDataset, DatasetDict or a path / "
+            f"Hugging Face id, got {type(dataset).__name__}"
+        )
+    return dataset
+
+
+def _column_kind(value: Any) -> str | None:
+    """'text' for a str, 'tokens' for a 1-D sequence of ints, else None."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, Tensor):
+        ok = value.ndim == 1 and not value.is_floating_point() and not value.is_complex()
+        return "tokens" if ok else None
+    if hasattr(value, "dtype") and hasattr(value, "ndim"):  # numpy
+        return "tokens" if value.ndim == 1 and value.dtype.kind in "iu" else None
+    if isinstance(value, (list, tuple)):
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return "tokens" if ints else None
+    return None
+
+
+def check_store_arguments(
+    model: Any,
+    hook_name: Any,
+    d_in: Any,
+    context_size: Any,
+    train_batch_size_tokens: Any,
+    store_batch_size_prompts: Any,
+    n_batches_in_buffer: Any,
+    prepend_bos: Any,
+    hook_head_index: Any,
+    is_dataset_tokenized: Any,
+    dataset_column: Any,
+    seqpos_slice: Any,
+    disable_concat_sequences: Any,
+    sequence_separator_token: Any,
+    seed: Any,
+    model_kwargs: Any,
+    autocast_lm: Any,
+    streaming: Any,
+) -> tuple[int, int]:
+    """Raise a ``ValueError`` / ``TypeError`` naming the first bad argument; return
+    ``(positions kept per row, buffer size in tokens)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(hook_name, str) or not hook_name:
+        raise ValueError(f"hook_name must be a non-empty str, got {hook_name!r}")
+    for name, value in (
+        ("d_in", d_in),
+        ("context_size", context_size),
+        ("train_batch_size_tokens", train_batch_size_tokens),
+        ("store_batch_size_prompts", store_batch_size_prompts),
+        ("n_batches_in_buffer", n_batches_in_buffer),
+    ):
+        _check_positive_int(name, value)
+    for name, value in (
+        ("prepend_bos", prepend_bos),
+        ("disable_concat_sequences", disable_concat_sequences),
+        ("autocast_lm", autocast_lm),
+        ("streaming", streaming),
+    ):
+        _check_bool(name, value)
+    if hook_head_index is not None and (
+        isinstance(hook_head_index, bool) or not isinstance(hook_head_index, int)
+    ):
+        raise ValueError(f"hook_head_index must be an int or None, got {hook_head_index!r}")
+    if hook_head_index is not None and hook_head_index < 0:
+        raise ValueError(f"hook_head_index must be >= 0, got {hook_head_index}")
+    if is_dataset_tokenized is not None:
+        _check_bool("is_dataset_tokenized", is_dataset_tokenized)
+    if dataset_column is not None and not isinstance(dataset_column, str):
+        raise ValueError(f"dataset_column must be a str or None, got {dataset_column!r}")
+    if not (
+        sequence_separator_token is None
+        or sequence_separator_token in _SEPARATORS
+        or (
+            isinstance(sequence_separator_token, int)
+            and not isinstance(sequence_separator_token, bool)
+        )
+    ):
+        raise ValueError(
+            f"sequence_separator_token must be 'bos', 'eos', 'sep', an int or None, "
+            f"got {sequence_separator_token!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise ValueError(f"model_kwargs must be a dict or None, got {model_kwargs!r}")
+    n_pos = check_seqpos_slice(seqpos_slice, context_size)
+    buffer_tokens = check_buffer_holds_a_batch(
+        n_batches_in_buffer, store_batch_size_prompts, n_pos, train_batch_size_tokens
+    )
+    return n_pos, buffer_tokens
+
+
+def furthest_position(
+    states: list[dict[str, Tensor]], row_shard: tuple[int, int]
+) -> tuple[dict[str, Tensor], int]:
+    """Continue a data-parallel run under another number of ranks: the store state of
+    data-parallel rank ``row_shard = (rank, world_size)`` that starts at the furthest
+    token-stream position any saved rank reached, with empty buffers.
+
+    Returns ``(state, n_dropped)``: ``n_dropped`` activations were in the saved ranks'
+    shuffling buffers and are not trained on (rows are not replayed, so no token is
+    seen twice). ``states`` are the saved ranks' ``state_dict()`` s.
+    """
+    if not states:
+        raise ValueError("furthest_position needs at least one saved store state")
+
+    def position(st: dict[str, Tensor]) -> tuple[int, int, int]:
+        return int(st["epoch"]), int(st["doc_index"]), int(st["doc_offset"])
+
+    furthest = max(states, key=position)
+    d_in = int(furthest["d_in"])
+    dtype = furthest["storage"].dtype
+    dropped = sum(int(st["storage"].shape[0]) + int(st["ready"].shape[0]) for st in states)
+    state = {
+        **furthest,
+        "storage": torch.empty(0, d_in, dtype=dtype),
+        "ready": torch.empty(0, d_in, dtype=dtype),
+        "n_rows_seen": torch.tensor(0),
+        "row_shard": torch.tensor(row_shard),
+    }
+    return state, dropped
+
+
+class ActivationsStore:
+    """Streams ``[train_batch_size_tokens, d_in]`` activation batches from a model.
+
+    Args:
+        model: a TransformerLens model (``hook_dict`` + ``run_with_cache``) or a Hugging
+            Face ``PreTrainedModel`` / ``nn.Module`` (``hook_name`` is a module path).
+        dataset: ``Dataset``, ``IterableDataset``, ``DatasetDict`` (split "train"), or a
+            path / Hugging Face id for ``load_text_dataset``.
+        hook_name: TransformerLens hook name or module path (``encoder.layer.3``; the
+            model's ``base_model_prefix`` may be added or left out).
+        d_in: width of the hook's activations (after ``hook_head_index``); checked by
+            one tiny forward at construction.
+        context_size: tokens per row fed to the model.
+        train_batch_size_tokens: rows of each yielded batch.
+        store_batch_size_prompts: rows (sequences) per model forward.
+        n_batches_in_buffer: the buffer holds ``n_batches_in_buffer *
+            store_batch_size_prompts * n_pos`` activations; each refill replaces half.
+        prepend_bos: every packed row starts with BOS (CLS for encoder tokenizers such
+            as BERT/MiniLM, which have no BOS). Pre-tokenized rows of exactly
+            ``context_size`` tokens are used as given.
+        hook_head_index: head to take from a ``[batch, pos, n_heads, d_head]`` hook.
+        is_dataset_tokenized: None detects it from the column.
+        dataset_column: None takes the first of "tokens", "input_ids", "text".
+        tokenizer: a Hugging Face tokenizer; defaults to ``model.tokenizer``. Needed for
+            text, for BOS/separator tokens by name, and for ``exclude_special_tokens=True``.
+        exclude_special_tokens: True drops BOS/EOS/PAD/CLS/SEP positions of the
+            tokenizer; a list of ids drops those. Padding (a PAD id that is not also
+            BOS/EOS/CLS/SEP) is always dropped and, for HF models, masked.
+        seqpos_slice: ``slice(*seqpos_slice)`` of the positions kept.
+        disable_concat_sequences: one row per document (shorter dropped, longer cut).
+        sequence_separator_token: "bos"/"eos"/"sep"/an id/None between packed documents.
+        device, dtype: where and in what dtype batches are returned.
+        seed: seeds the buffer's shuffling generator.
+        model_kwargs: extra keyword arguments for the model call.
+        autocast_lm: run the model under bf16 autocast.
+        streaming, dataset_trust_remote_code: used when ``dataset`` is a path/id.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: HfDataset | DatasetDict | str | os.PathLike,
+        *,
+        hook_name: str,
+        d_in: int,
+        context_size: int = 128,
+        train_batch_size_tokens: int = 4096,
+        store_batch_size_prompts: int = 32,
+        n_batches_in_buffer: int = 20,
+        prepend_bos: bool = True,
+        hook_head_index: int | None = None,
+        is_dataset_tokenized: bool | None = None,
+        dataset_column: str | None = None,
+        tokenizer: Any = None,
+        exclude_special_tokens: bool | list[int] | Tensor | None = False,
+        seqpos_slice: tuple[int | None, ...] = (None,),
+        disable_concat_sequences: bool = False,
+        sequence_separator_token: int | str | None = "bos",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        seed: int = 42,
+        model_kwargs: dict[str, Any] | None = None,
+        autocast_lm: bool = False,
+        streaming: bool = True,
+        dataset_trust_remote_code: bool = False,
+    ):
+        n_pos, buffer_tokens = check_store_arguments(
+            model, hook_name, d_in, context_size, train_batch_size_tokens,
+            store_batch_size_prompts, n_batches_in_buffer, prepend_bos, hook_head_index,
+            is_dataset_tokenized, dataset_column, seqpos_slice, disable_concat_sequences,
+            sequence_separator_token, seed, model_kwargs, autocast_lm, streaming,
+        )  # fmt: skip
+        try:
+            self.dtype = str_to_dtype(dtype)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"dtype: {e}") from None
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: {e}") from None
+
+        self.model = model
+        self.hook_name = hook_name
+        self.hook_head_index = hook_head_index
+        self.d_in = d_in
+        self.context_size = context_size
+        self.training_context_size = n_pos
+        self.train_batch_size_tokens = train_batch_size_tokens
+        self.store_batch_size_prompts = store_batch_size_prompts
+        self.n_batches_in_buffer = n_batches_in_buffer
+        self.buffer_size_tokens = buffer_tokens
+        self.prepend_bos = prepend_bos
+        self.seqpos_slice = tuple(seqpos_slice)
+        self.disable_concat_sequences = disable_concat_sequences
+        self.sequence_separator_token = sequence_separator_token
+        # the buffer-filling progress bar (the runner turns it off with its own bar)
+        self.show_progress = True
+        self.seed = seed
+        self.model_kwargs = dict(model_kwargs or {})
+        self.autocast_lm = autocast_lm
+
+        # -- the model's hook (no forward yet) ------------------------------------------
+        is_tl = hasattr(model, "hook_dict") and hasattr(model, "run_with_cache")
+        self._reader = (TransformerLensReader if is_tl else ModuleReader)(model, hook_name)
+        if self._reader.max_context is not None and context_size > self._reader.max_context:
+            raise ValueError(
+                f"context_size={context_size} is longer than the model's maximum "
+                f"context of {self._reader.max_context} positions"
+            )
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+        # -- the dataset ----------------------------------------------------------------
+        self.dataset = resolve_dataset(dataset, streaming, dataset_trust_remote_code)
+        self.tokens_column, self.is_dataset_tokenized, first = self._pick_column(
+            dataset_column, is_dataset_tokenized
+        )
+        if not self.is_dataset_tokenized and self.tokenizer is None:
+            raise ValueError(
+                f"dataset column {self.tokens_column!r} holds text but the model has no "
+                "tokenizer; pass tokenizer= or a pre-tokenized dataset"
+            )
+        if self.is_dataset_tokenized and len(first) == context_size:
+            mode = "rows"
+        elif disable_concat_sequences:
+            mode = "truncate"
+        else:
+            mode = "pack"
+        bos = special_token_id("bos", self.tokenizer) if prepend_bos else None
+        if prepend_bos and mode != "rows" and bos is None:
+            raise ValueError(
+                "prepend_bos=True needs a tokenizer with a BOS (or CLS) token to start each "
+                "row; pass tokenizer=, or prepend_bos=False"
+            )
+        separator = special_token_id(sequence_separator_token, self.tokenizer)
+        if isinstance(sequence_separator_token, str) and self.tokenizer is None and mode == "pack":
+            raise ValueError(
+                f"sequence_separator_token={sequence_separator_token!r} needs a tokenizer; "
+                "pass tokenizer=, an int id, or None"
+            )
+        if mode == "pack" and bos is not None and context_size < 2:
+            raise ValueError("context_size must be >= 2 when prepend_bos packs rows")
+        self._rows = TokenRowSource(
+            self.dataset,
+            self.tokens_column,
+            mode=mode,
+            context_size=context_size,
+            is_tokenized=self.is_dataset_tokenized,
+            tokenizer=self.tokenizer,
+            bos_token_id=bos,
+            separator_token_id=separator,
+        )
+        self.row_mode = mode
+
+        # -- tokens whose activations never reach a batch --------------------------------
+        self.exclude_special_tokens = self._excluded_ids(exclude_special_tokens)
+        self._pad_token_id = self._padding_id()
+
+        # -- one tiny forward: does the hook give d_in? -----------------------------------
+        self._check_width()
+
+        self._generator = torch.Generator().manual_seed(seed)
+        self._n_rows_seen = 0
+        self._storage = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
+        self._ready = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------------------------
+    # building a store from an SAE or a runner config
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_sae(
+        cls,
+        model: nn.Module,
+        sae: Any,
+        dataset: HfDataset | DatasetDict | str | None = None,
+        *,
+        context_size: int | None = None,
+        streaming: bool = True,
+        store_batch_size_prompts: int = 8,
+        train_batch_size_tokens: int = 4096,
+        n_batches_in_buffer: int = 8,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> ActivationsStore:
+        """A store that feeds ``sae`` (fastsae or SAELens): hook_name, hook_head_index,
+        prepend_bos, context_size, seqpos_slice and dataset_path come from
+        ``sae.cfg.metadata``, d_in and dtype from ``sae.cfg``. ``kwargs`` go to the
+        constructor (tokenizer, exclude_special_tokens, seed, ...)."""
+        metadata = getattr(sae.cfg, "metadata", None)
+
+        def meta(name: str) -> Any:
+            value = getattr(metadata, name, None) if metadata is not None else None
+            return value if value is not None else getattr(sae.cfg, name, None)
+
+        hook_name = meta("hook_name")
+        if not hook_name:
+            raise ValueError("sae.cfg.metadata.hook_name is not set; the store needs it")
+        context_size = context_size if context_size is not None else meta("context_size")
+        if context_size is None:
+            raise ValueError("context_size is not in sae.cfg.metadata; pass context_size=")
+        if dataset is None:
+            dataset = meta("dataset_path")
+            if not dataset:
+                raise ValueError("sae.cfg.metadata.dataset_path is not set; pass dataset=")
+        prepend_bos = meta("prepend_bos")
+        kwargs.setdefault("prepend_bos", True if prepend_bos is None else bool(prepend_bos))
+        kwargs.setdefault("seqpos_slice", tuple(meta("seqpos_slice") or (None,)))
+        return cls(
+            model,
+            dataset,
+            hook_name=hook_name,
+            hook_head_index=meta("hook_head_index"),
+            d_in=sae.cfg.d_in,
+            context_size=context_size,
+            streaming=streaming,
+            store_batch_size_prompts=store_batch_size_prompts,
+            train_batch_size_tokens=train_batch_size_tokens,
+            n_batches_in_buffer=n_batches_in_buffer,
+            device=device,
+            dtype=dtype if dtype is not None else sae.cfg.dtype,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        model: nn.Module,
+        cfg: Any,
+        override_dataset: HfDataset | DatasetDict | str | None = None,
+        *,
+        tokenizer: Any = None,
+    ) -> ActivationsStore:
+        """A store built from a runner config's fields, read by name (SAELens defaults for
+        missing ones). ``d_in`` is ``cfg.sae.d_in`` when the config nests an SAE config."""
+
+        def get(name: str, default: Any = None) -> Any:
+            value = getattr(cfg, name, default)
+            return default if value is None else value
+
+        dataset = override_dataset if override_dataset is not None else get("dataset_path", "")
+        if isinstance(dataset, str) and not dataset:
+            raise ValueError("the config has no dataset_path and no override_dataset was given")
+        d_in = cfg.sae.d_in if getattr(cfg, "sae", None) is not None else get("d_in")
+        device = get("act_store_device") or get("device", "cpu")
+        if device == "with_model":
+            device = get("llm_device") or get("device", "cpu")
+        exclude = get("exclude_special_tokens", False)
+        return cls(
+            model,
+            dataset,
+            hook_name=get("hook_name"),
+            hook_head_index=getattr(cfg, "hook_head_index", None),
+            d_in=d_in,
+            context_size=get("context_size", 128),
+            train_batch_size_tokens=get("train_batch_size_tokens", 4096),
+            store_batch_size_prompts=get("store_batch_size_prompts", 32),
+            n_batches_in_buffer=get("n_batches_in_buffer", 20),
+            prepend_bos=get("prepend_bos", True),
+            # SAELens configs default is_dataset_tokenized=True and its store ignores the
+            # field; the column decides here too.
+            is_dataset_tokenized=None,
+            exclude_special_tokens=list(exclude) if isinstance(exclude, tuple) else exclude,
+            seqpos_slice=tuple(get("seqpos_slice", (None,))),
+            disable_concat_sequences=get("disable_concat_sequences", False),
+            sequence_separator_token=getattr(cfg, "sequence_separator_token", "bos"),
+            device=device,
+            dtype=get("dtype", "float32"),
+            seed=get("seed", 42),
+            model_kwargs=get("model_kwargs", None),
+            autocast_lm=get("autocast_lm", False),
+            streaming=get("streaming", True),
+            dataset_trust_remote_code=bool(get("dataset_trust_remote_code", False)),
+            tokenizer=tokenizer,
+        )
+
+    # ------------------------------------------------------------------------------------
+    # construction checks (dataset column, excluded tokens, hook width)
+    # ------------------------------------------------------------------------------------
+    def _pick_column(self, column: str | None, tokenized: bool | None) -> tuple[str, bool, Any]:
+        ds = self.dataset
+        try:
+            first = ds[0] if isinstance(ds, Dataset) else next(iter(ds))
+        except (IndexError, StopIteration):
+            raise ValueError("dataset is empty") from None
+        columns = list(ds.column_names or first.keys())
+        if column is None:
+            column = next((c for c in _TOKEN_COLUMNS if c in columns), None)
+            if column is None:
+                raise ValueError(
+                    f"dataset has none of the columns {list(_TOKEN_COLUMNS)}; its columns are "
+                    f"{columns}; name the one to read with dataset_column="
+                )
+        elif column not in columns:
+            raise ValueError(f"dataset_column {column!r} is not in the dataset's columns {columns}")
+        value = first[column]
+        kind = _column_kind(value)
+        if kind is None:
+            raise ValueError(
+                f"dataset column {column!r} holds {type(value).__name__} values, neither text "
+                f"(str) nor token ids (list of int); the dataset's columns are {columns}"
+            )
+        if tokenized is not None and tokenized != (kind == "tokens"):
+            raise ValueError(
+                f"is_dataset_tokenized={tokenized} but column {column!r} holds "
+                f"{'token ids' if kind == 'tokens' else 'text'}"
+            )
+        return column, kind == "tokens", value
+
+    def _special_ids(self) -> set[int]:
+        tok = self.tokenizer
+        attrs = ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id")
+        return {int(i) for a in attrs if (i := getattr(tok, a, None)) is not None}
+
+    def _excluded_ids(self, exclude: Any) -> Tensor | None:
+        if exclude is None or exclude is False:
+            return None
+        if exclude is True:
+            if self.tokenizer is None:
+                raise ValueError("exclude_special_tokens=True needs a tokenizer; pass tokenizer=")
+            ids = sorted(self._special_ids())
+        elif isinstance(exclude, Tensor):
+            ids = [int(i) for i in exclude.reshape(-1).tolist()]
+        elif isinstance(exclude, (list, tuple, set)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in exclude
+        ):
+            ids = sorted(exclude)
+        else:
+            raise ValueError(
+                f"exclude_special_tokens must be a bool or a list of token ids, got {exclude!r}"
+            )
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _padding_id(self) -> int | None:
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None)
+        real = {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "cls_token_id")}
+        real.add(getattr(tok, "sep_token_id", None))
+        # GPT-2 style tokenizers reuse EOS as PAD: then it is a real token, not padding
+        return None if pad is None or pad in real else int(pad)
+
+    def _check_width(self) -> None:
+        probe = torch.zeros(1, 2, dtype=torch.long, device=self._reader.input_device)
+        with torch.no_grad():
+            out = self._reader.read(probe, torch.ones_like(probe), self.model_kwargs)
+        shape = tuple(out.shape)
+        if out.ndim < 3:
+            raise ValueError(
+                f"hook {self.hook_name!r} gives shape {shape}; expected [batch, pos, d] or "
+                "[batch, pos, n_heads, d_head]"
+            )
+        if self.hook_head_index is not None:
+            if out.ndim != 4:
+                raise ValueError(
+                    f"hook_head_index={self.hook_head_index} needs a hook with a head "
+                    f"dimension [batch, pos, n_heads, d_head]; {self.hook_name!r} gives {shape}"
+                )
+            if self.hook_head_index >= shape[2]:
+                raise ValueError(
+                    f"hook_head_index={self.hook_head_index} is out of range for "
+                    f"{shape[2]} heads at {self.hook_name!r}"
+                )
+            width = shape[3]
+        else:
+            width = math.prod(shape[2:])
+        if width != self.d_in:
+            raise ValueError(
+                f"d_in={self.d_in} does not match hook {self.hook_name!r}, whose activations "
+                f"have width {width} (hook output shape {shape})"
+            )
+
+    # ------------------------------------------------------------------------------------
+    # tokens and activations
+    # ------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Passes over the dataset finished so far."""
+        return self._rows.epoch
+
+    @property
+    def row_shard(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this store's data-parallel share: its rows come from
+        documents ``i`` with ``i % world_size == rank`` (``(0, 1)``: all of them)."""
+        return self._rows.doc_shard
+
+    @property
+    def n_dataset_processed(self) -> int:
+        """Dataset rows (documents) read so far, over all epochs (this replica's, under
+        data parallelism)."""
+        return self._rows.n_dataset_processed
+
+    def get_batch_tokens(
+        self, batch_size: int | None = None, raise_at_epoch_end: bool = False
+    ) -> Tensor:
+        """The next ``batch_size`` (default ``store_batch_size_prompts``) rows of tokens.
+
+        Returns an int64 ``[batch_size, context_size]`` tensor on the model's input
+        device. At the end of the dataset the next epoch starts (with a warning); with
+        ``raise_at_epoch_end`` a ``StopIteration`` is raised there and the rows already
+        taken for this batch are dropped (as SAELens does).
+        """
+        n = batch_size or self.store_batch_size_prompts
+        rows: list[Tensor] = []
+        while len(rows) < n:
+            row = self._rows.next_row()
+            if row is None:
+                warnings.warn(
+                    "All samples in the training dataset have been exhausted, beginning new "
+                    f"epoch ({self.epoch}).",
+                    stacklevel=2,
+                )
+                if raise_at_epoch_end:
+                    raise StopIteration(
+                        f"Ran out of tokens in dataset after {self.n_dataset_processed} "
+                        "samples, beginning the next epoch."
+                    )
+                continue
+            self._n_rows_seen += 1
+            rows.append(row)
+        return torch.stack(rows).to(self._reader.input_device)
+
+    def shard_for_data_parallel(self, rank: int, world_size: int) -> None:
+        """Make this store rank ``rank``'s share of a data-parallel run of ``world_size``:
+        it reads documents ``rank, rank + world_size, ...`` of the dataset only (they
+        alone are tokenized, packed into rows and run through the model) and yields
+        ``train_batch_size_tokens / world_size`` rows per batch, so the ranks' batches
+        together are one global batch of disjoint tokens. Call it before the first
+        batch."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if self.train_batch_size_tokens % world_size:
+            raise ValueError(
+                f"train_batch_size_tokens={self.train_batch_size_tokens} does not split over "
+                f"{world_size} data-parallel ranks"
+            )
+        if self._n_rows_seen or self._ready.shape[0] or self._storage.shape[0]:
+            raise RuntimeError("shard_for_data_parallel must be called before the first batch")
+        self._rows.doc_shard = (rank, world_size)
+        self.train_batch_size_tokens //= world_size
+
+    def _attention_mask(self, tokens: Tensor) -> Tensor | None:
+        if self._pad_token_id is None:
+            return None
+        mask = tokens != self._pad_token_id
+        return None if bool(mask.all()) else mask.long()
+
+    @torch.no_grad()
+    def get_activations(self, batch_tokens: Tensor) -> Tensor:
+        """Hook activations for ``batch_tokens`` ``[batch, context_size]``.
+
+        Returns ``[batch, n_pos, d_in]`` in the store's dtype on its device, where
+        ``n_pos`` is the number of positions in ``seqpos_slice``; a head hook
+        ``[.., n_heads, d_head]`` gives head ``hook_head_index`` or all heads flattened.
+        Padding positions are included here (they are dropped when batches are built).
+        """
+        tokens = batch_tokens.to(self._reader.input_device)
+        with torch.autocast(
+            device_type=tokens.device.type, dtype=torch.bfloat16, enabled=self.autocast_lm
+        ):
+            acts = self._reader.read(tokens, self._attention_mask(tokens), self.model_kwargs)
+        acts = acts[:, slice(*self.seqpos_slice)]
+        if self.hook_head_index is not None:
+            acts = acts[:, :, self.hook_head_index]
+        elif acts.ndim > 3:
+            acts = acts.reshape(*acts.shape[:2], -1)
+        return acts.to(device=self.device, dtype=self.dtype)
+
+    def filter_activations(self, batch_tokens: Tensor, activations: Tensor) -> Tensor:
+        """Flatten ``[batch, n_pos, d_in]`` to ``[n_kept, d_in]``, dropping the positions
+        whose token (after ``seqpos_slice``) is excluded or padding. Order is kept."""
+        acts = activations.reshape(-1, self.d_in)
+        ids = batch_tokens[:, slice(*self.seqpos_slice)].reshape(-1).to(self.device)
+        keep = None
+        if self.exclude_special_tokens is not None and self.exclude_special_tokens.numel():
+            keep = ~torch.isin(ids, self.exclude_special_tokens)
+        if self._pad_token_id is not None:
+            not_pad = ids != self._pad_token_id
+            keep = not_pad if keep is None else keep & not_pad
+        return acts if keep is None else acts[keep]
+
+    def get_filtered_llm_batch(self, raise_on_epoch_end: bool = False) -> Tensor:
+        """Activations of the next ``store_batch_size_prompts`` rows, flattened and
+        filtered: ``[n_kept, d_in]`` in dataset order (no shuffling)."""
+        tokens = self.get_batch_tokens(raise_at_epoch_end=raise_on_epoch_end)
+        return self.filter_activations(tokens, self.get_activations(tokens))
+
+    # ------------------------------------------------------------------------------------
+    # the shuffling buffer
+    # ------------------------------------------------------------------------------------
+    def _refill(self) -> None:
+        """Fill the buffer to ``buffer_size_tokens``, shuffle it, keep half for mixing
+        and make the rest (a multiple of the batch size) ready to serve."""
+        pieces = [self._storage, self._ready]
+        have = sum(p.shape[0] for p in pieces)
+        need = self.buffer_size_tokens
+        bar = tqdm(
+            total=need,
+            initial=min(have, need),
+            desc="Filling activation buffer",
+            unit="tok",
+            leave=False,
+            disable=not self.show_progress
+            or (need - have) < 8 * self.store_batch_size_prompts * self.training_context_size,
+        )
+        while have < need:
+            acts = self.get_filtered_llm_batch()
+            pieces.append(acts)
+            have += acts.shape[0]
+            bar.update(min(acts.shape[0], max(need - bar.n, 0)))
+        bar.close()
+        buffer = torch.cat(pieces)
+        perm = torch.randperm(buffer.shape[0], generator=self._generator)
+        buffer = buffer[perm.to(buffer.device)]
+        batch = self.train_batch_size_tokens
+        n_serve = max(batch, (buffer.shape[0] - need // 2) // batch * batch)
+        self._ready, self._storage = buffer[:n_serve], buffer[n_serve:]
+
+    def next_batch(self) -> Tensor:
+        """The next shuffled batch ``[train_batch_size_tokens, d_in]``."""
+        if self._ready.shape[0] < self.train_batch_size_tokens:
+            self._refill()
+        batch = self._ready[: self.train_batch_size_tokens]
+        self._ready = self._ready[self.train_batch_size_tokens :]
+        return batch
+
+    def __next__(self) -> Tensor:
+        return self.next_batch()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    # ------------------------------------------------------------------------------------
+    # exact resume: state_dict, save / load
+    # ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to continue exactly: buffer contents, the shuffling
+        generator's state and the dataset position. All values are tensors, so the dict
+        can be saved with safetensors (``save``)."""
+        return {
+            "storage": self._storage.contiguous().clone(),
+            "ready": self._ready.contiguous().clone(),
+            "generator_state": self._generator.get_state(),
+            "d_in": torch.tensor(self.d_in),
+            "context_size": torch.tensor(self.context_size),
+            "n_rows_seen": torch.tensor(self._n_rows_seen),
+            "row_shard": torch.tensor(self.row_shard),
+            **self._rows.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Continue from ``state_dict()``: no model forward and no tokenization of the
+        documents before the saved position."""
+        required = (
+            "storage", "ready", "generator_state", "d_in", "context_size", "epoch",
+            "doc_index", "doc_offset", "n_dataset_processed",
+        )  # fmt: skip
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"activations store state is missing {missing}")
+        for key, mine in (("d_in", self.d_in), ("context_size", self.context_size)):
+            if int(state[key]) != mine:
+                raise ValueError(f"state has {key}={int(state[key])}, this store has {mine}")
+        self._storage = state["storage"].to(device=self.device, dtype=self.dtype)
+        self._ready = state["ready"].to(device=self.device, dtype=self.dtype)
+        saved_shard = tuple(int(v) for v in state.get("row_shard", torch.tensor([0, 1])))
+        if saved_shard != self.row_shard:
+            raise ValueError(
+                f"state is data-parallel rank {saved_shard[0]} of {saved_shard[1]}'s data, "
+                f"this store is rank {self.row_shard[0]} of {self.row_shard[1]} (see "
+                "furthest_position to continue under another world size)"
+            )
+        self._generator.set_state(state["generator_state"].cpu())
+        self._rows.load_state_dict(state)
+        self._n_rows_seen = int(state.get("n_rows_seen", 0))
+
+    def save(self, file_path: str | os.PathLike) -> None:
+        """Write ``state_dict()`` to a safetensors file."""
+        save_file(self.state_dict(), os.fspath(file_path))
+
+    def load(self, file_path: str | os.PathLike) -> None:
+        """Read a file written by ``save`` and ``load_state_dict`` it (a missing,
+        truncated or corrupt file, or a state that does not fit, raises naming it)."""
+        path = Path(file_path)
+        try:
+            self.load_state_dict(read_tensors(path, "activations store state"))
+        except ValueError as e:
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: {e}") from e
+
+    def save_to_checkpoint(self, checkpoint_path: str | os.PathLike) -> None:
+        self.save(Path(checkpoint_path) / ACTIVATIONS_STORE_STATE_FILENAME)
+
+    def load_from_checkpoint(self, checkpoint_path: str | os.PathLike) -> None:
+        self.load(Path(checkpoint_path) / ACTIVATIONS_STORE_STATE_FILENAME)
+
+    def reset_input_dataset(self) -> None:
+        """Restart the token stream at the dataset's first document (same epoch count)."""
+        self._rows.load_state_dict({**self._rows.state_dict(), "doc_index": 0, "doc_offset": 0})

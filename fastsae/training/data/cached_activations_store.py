@@ -1,0 +1,292 @@
+"""Reading an activation cache written by
+:func:`fastsae.training.data.activation_cache.cache_activations`: the format's constants,
+``read_cache_info`` (the checked ``cache_info.json``), shard header checks that read no
+data, and :class:`CachedActivationsStore`, which serves ``[train_batch_size_tokens,
+d_in]`` batches from the shards, epoch after epoch, resumable exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from fastsae.loading.atomic_dir import recover_dir
+from fastsae.saes.config import dtype_to_str, str_to_dtype
+
+CACHE_INFO_FILENAME = "cache_info.json"
+CACHE_FORMAT = "fastsae-activation-cache"
+CACHE_FORMAT_VERSION = 1
+SHARD_KEY = "activations"
+_INFO_KEYS = ("d_in", "dtype", "n_tokens", "shards")
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def cache_dir_to_read(path: str | os.PathLike) -> Path:
+    """The folder to read for cache ``path``: ``path``, after finishing a swap that a
+    killed :func:`~fastsae.training.data.activation_cache.cache_activations` left between its
+    two renames (the recovery rule of :mod:`fastsae.loading.atomic_dir`), or the complete
+    new cache where it lies when that swap cannot be finished (a read-only filesystem)."""
+    return recover_dir(Path(path))
+
+
+def read_cache_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``cache_info.json`` of a cache directory, its keys checked (the
+    directory as :func:`cache_dir_to_read` finds it)."""
+    root = cache_dir_to_read(path)
+    if not root.exists():
+        raise FileNotFoundError(f"activation cache directory {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"activation cache path {root} is not a directory")
+    info_file = root / CACHE_INFO_FILENAME
+    if not info_file.exists():
+        raise FileNotFoundError(
+            f"{info_file} is missing: {root} is not a cache written by cache_activations"
+        )
+    try:
+        info = json.loads(info_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{info_file} is corrupt (not valid JSON): {e}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_file} is corrupt: expected a JSON object")
+    missing = [k for k in _INFO_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"{info_file} is corrupt: missing keys {missing}")
+    shards = info["shards"]
+    if (
+        not isinstance(shards, list)
+        or not shards
+        or not all(isinstance(s, dict) and "file" in s and "n_rows" in s for s in shards)
+    ):
+        raise ValueError(f"{info_file} is corrupt: 'shards' must list {{file, n_rows}} entries")
+    if sum(int(s["n_rows"]) for s in shards) != int(info["n_tokens"]):
+        raise ValueError(f"{info_file} is corrupt: shard rows do not add up to n_tokens")
+    str_to_dtype(info["dtype"])
+    return info
+
+
+def _check_shard(file: Path, n_rows: int, d_in: int, dtype: str) -> None:
+    """Check a shard's safetensors header and length without reading its data."""
+    if not file.exists():
+        raise FileNotFoundError(f"activation cache shard {file} is missing")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 0 or 8 + header_len > size:
+            raise ValueError(f"activation cache shard {file} is truncated (no complete header)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"activation cache shard {file} is corrupt (bad header)") from None
+    entry = header.get(SHARD_KEY) if isinstance(header, dict) else None
+    if not isinstance(entry, dict):
+        raise ValueError(f"activation cache shard {file} has no {SHARD_KEY!r} tensor")
+    shape = entry.get("shape", [])
+    if len(shape) != 2 or shape[1] != d_in:
+        raise ValueError(
+            f"activation cache shard {file} holds shape {shape}; cache_info says d_in={d_in}"
+        )
+    if shape[0] != n_rows:
+        raise ValueError(
+            f"activation cache shard {file} has {shape[0]} rows; cache_info says {n_rows}"
+        )
+    if entry.get("dtype") != _SAFETENSORS_DTYPES[dtype]:
+        raise ValueError(
+            f"activation cache shard {file} has dtype {entry.get('dtype')}; cache_info says {dtype}"
+        )
+    data_end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    if 8 + header_len + data_end > size:
+        raise ValueError(
+            f"activation cache shard {file} is truncated: {size} bytes, expected "
+            f"{8 + header_len + data_end}"
+        )
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, epoch, group): distinct tuples give distinct streams."""
+    value = 0
+    for p in parts:
+        value = (value * 1_000_003 + p + 1) % (2**63 - 1)
+    return value
+
+
+class CachedActivationsStore:
+    """``[train_batch_size_tokens, d_in]`` batches from a cache directory, epoch after epoch.
+
+    With ``shuffle``, every epoch visits the shards in a fresh random order, in groups
+    of ``n_shards_in_buffer``; the rows of a group are loaded together and permuted.
+    Without it, rows come in the order they were written, read through memory-mapped
+    slices. Batches may span two groups or two epochs. Both orders are functions of
+    (seed, epoch, position), so ``state_dict`` is just the position and resumes exactly.
+
+    Args:
+        path: a directory written by ``cache_activations``.
+        train_batch_size_tokens: rows per batch.
+        shuffle: shuffle shards and rows (seeded by ``seed``).
+        device, dtype: where and in what dtype batches are returned (default: the
+            cache's dtype).
+        n_shards_in_buffer: shards loaded and mixed together when shuffling.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        train_batch_size_tokens: int,
+        shuffle: bool = True,
+        seed: int = 42,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        n_shards_in_buffer: int = 4,
+    ):
+        for name, value in (
+            ("train_batch_size_tokens", train_batch_size_tokens),
+            ("n_shards_in_buffer", n_shards_in_buffer),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(shuffle, bool):
+            raise ValueError(f"shuffle must be a bool, got {shuffle!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.path = cache_dir_to_read(path)
+        self.info = read_cache_info(self.path)
+        self.d_in = int(self.info["d_in"])
+        self.n_tokens = int(self.info["n_tokens"])
+        self.hook_name = self.info.get("hook_name")
+        self.cache_dtype = str_to_dtype(self.info["dtype"])
+        self.dtype = self.cache_dtype if dtype is None else str_to_dtype(dtype)
+        self.device = torch.device(device)
+        self.train_batch_size_tokens = train_batch_size_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.n_shards_in_buffer = n_shards_in_buffer
+        self._files = [self.path / s["file"] for s in self.info["shards"]]
+        self._rows = [int(s["n_rows"]) for s in self.info["shards"]]
+        for file, n_rows in zip(self._files, self._rows, strict=True):
+            _check_shard(file, n_rows, self.d_in, dtype_to_str(self.cache_dtype))
+        self.epoch = 0
+        self._offset = 0  # rows of this epoch already served
+        self._layout: tuple[int, list[list[int]], list[int]] | None = None
+        self._group: tuple[int, int, Tensor] | None = None  # (epoch, group, rows)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> CachedActivationsStore:
+        """From a runner config: cached_activations_path, train_batch_size_tokens, seed,
+        act_store_device (or device) and dtype, read by name."""
+        device = getattr(cfg, "act_store_device", None) or getattr(cfg, "device", "cpu")
+        return cls(
+            cfg.cached_activations_path,
+            train_batch_size_tokens=getattr(cfg, "train_batch_size_tokens", 4096),
+            seed=getattr(cfg, "seed", 42),
+            device="cpu" if device == "with_model" else device,
+            dtype=getattr(cfg, "dtype", None),
+        )
+
+    # -- the order of one epoch --------------------------------------------------------------
+    def _epoch_layout(self) -> tuple[list[list[int]], list[int]]:
+        """Shard groups of the current epoch and the epoch offset each group starts at."""
+        if self._layout is None or self._layout[0] != self.epoch:
+            n = len(self._files)
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
+                order = torch.randperm(n, generator=gen).tolist()
+            else:
+                order = list(range(n))
+            # unshuffled reads go shard by shard: nothing is gained by grouping
+            size = self.n_shards_in_buffer if self.shuffle else 1
+            groups = [order[i : i + size] for i in range(0, n, size)]
+            starts = [0]
+            for g in groups[:-1]:
+                starts.append(starts[-1] + sum(self._rows[i] for i in g))
+            self._layout = (self.epoch, groups, starts)
+        return self._layout[1], self._layout[2]
+
+    def _group_rows(self, index: int, shards: list[int]) -> Tensor:
+        """All rows of a shuffled group, permuted: ``[rows, d_in]`` in the cache dtype."""
+        if self._group is not None and self._group[:2] == (self.epoch, index):
+            return self._group[2]
+        parts = []
+        for i in shards:
+            with safe_open(str(self._files[i]), framework="pt") as f:
+                parts.append(f.get_tensor(SHARD_KEY))
+        rows = torch.cat(parts)
+        gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, index))
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)]
+        self._group = (self.epoch, index, rows)
+        return rows
+
+    def _read(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of the current epoch, within one group."""
+        groups, starts = self._epoch_layout()
+        index = max(i for i, s in enumerate(starts) if s <= start)
+        base = starts[index]
+        if self.shuffle:
+            return self._group_rows(index, groups[index])[start - base : stop - base]
+        with safe_open(str(self._files[groups[index][0]]), framework="pt") as f:
+            return f.get_slice(SHARD_KEY)[start - base : stop - base]
+
+    def _group_end(self, offset: int) -> int:
+        groups, starts = self._epoch_layout()
+        ends = starts[1:] + [self.n_tokens]
+        return min(e for e in ends if e > offset)
+
+    # -- batches -----------------------------------------------------------------------------
+    def next_batch(self) -> Tensor:
+        """The next batch ``[train_batch_size_tokens, d_in]`` on ``device`` in ``dtype``."""
+        pieces = []
+        need = self.train_batch_size_tokens
+        while need:
+            if self._offset == self.n_tokens:
+                self.epoch += 1
+                self._offset = 0
+            stop = min(self._offset + need, self._group_end(self._offset))
+            pieces.append(self._read(self._offset, stop))
+            need -= stop - self._offset
+            self._offset = stop
+        batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return batch.to(device=self.device, dtype=self.dtype)
+
+    def __next__(self) -> Tensor:
+        return self.next_batch()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    # -- exact resume ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """The position (epoch, rows served in it) and what defines the order."""
+        return {
+            "epoch": torch.tensor(self.epoch),
+            "offset": torch.tensor(self._offset),
+            "seed": torch.tensor(self.seed),
+            "shuffle": torch.tensor(self.shuffle),
+            "n_shards_in_buffer": torch.tensor(self.n_shards_in_buffer),
+            "n_tokens": torch.tensor(self.n_tokens),
+            "d_in": torch.tensor(self.d_in),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Continue from ``state_dict()`` of a store over the same cache, built the same way."""
+        missing = [k for k in self.state_dict() if k not in state]
+        if missing:
+            raise ValueError(f"cached activations store state is missing {missing}")
+        for key in ("seed", "shuffle", "n_shards_in_buffer", "n_tokens", "d_in"):
+            mine = getattr(self, key)
+            if type(mine)(state[key].item()) != mine:
+                raise ValueError(
+                    f"state has {key}={state[key].item()}, this cached store has {mine}"
+                )
+        offset = int(state["offset"])
+        if not 0 <= offset <= self.n_tokens:
+            raise ValueError(f"state offset {offset} is outside this cache of {self.n_tokens}")
+        self.epoch = int(state["epoch"])
+        self._offset = offset
+        self._group = None
