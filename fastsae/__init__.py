@@ -29,7 +29,7 @@ _SAE_NAMES = frozenset(
 
 _TRAINING_NAMES = frozenset(
     {
-        "LanguageModelSAERunnerConfig", "LoggingConfig", "SAETrainingRunner",
+        "LanguageModelSAERunnerConfig", "LoggingConfig", "SAETrainerConfig", "SAETrainingRunner",
         "LanguageModelSAETrainingRunner", "SAETrainer", "ActivationsStore",
         "CachedActivationsStore", "TrainingSAE", "TrainingSAEConfig", "TrainStepInput",
         "TrainStepOutput", "TrainCoefficientConfig", "StandardTrainingSAE",
@@ -37,6 +37,7 @@ _TRAINING_NAMES = frozenset(
         "JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig", "TopKTrainingSAE",
         "TopKTrainingSAEConfig", "BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig",
         "MatryoshkaBatchTopKTrainingSAE", "MatryoshkaBatchTopKTrainingSAEConfig",
+        "AbsTopKTrainingSAE", "AbsTopKTrainingSAEConfig",
     }
 )  # fmt: skip
 

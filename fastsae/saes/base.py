@@ -13,10 +13,10 @@ SAE (``fastsae.loading`` is light, this module pulls in TransformerLens).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ from fastsae.saes.config import SAEConfig, dtype_to_str, str_to_dtype
 from fastsae.saes.registry import sae_class_for_architecture
 from fastsae.sparse_code import SparseCode
 
+# As in SAELens (sae_lens.saes.sae): ``SAE[StandardSAEConfig]`` is an SAE whose cfg is a
+# StandardSAEConfig; ``T_SAE`` types the classmethods that build ``cls``.
+T_SAE_CONFIG = TypeVar("T_SAE_CONFIG", bound=SAEConfig)
 T_SAE = TypeVar("T_SAE", bound="SAE")
 
 _HOOK_NAMES = (
@@ -69,7 +72,7 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-class SAE(HookedRootModule):
+class SAE(HookedRootModule, Generic[T_SAE_CONFIG]):
     """A sparse autoencoder with SAELens 6.x's parameters, hooks and maths.
 
     Parameters keep SAELens names and orientation: ``W_enc [d_in, d_sae]``,
@@ -79,17 +82,23 @@ class SAE(HookedRootModule):
     ``encode(x) -> [..., d_sae]`` dense, as SAELens; ``encode_sparse(x) -> SparseCode``
     and ``decode_sparse(code)`` are the fast path, which ``forward`` takes whenever
     nothing is hooked on ``hook_sae_acts_pre`` / ``hook_sae_acts_post``.
+
+    Generic in its config class, as in SAELens: ``SAE[StandardSAEConfig]`` in an
+    annotation. ``activation_fn`` (``get_activation_fn()``) and
+    ``run_time_activation_norm_fn_in`` / ``_out`` are SAELens's public callables with
+    the same meaning; the forward does not go through them (it takes the fused paths).
     """
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
-    cfg: SAEConfig
+    cfg: T_SAE_CONFIG
+    activation_fn: Callable[[Tensor], Tensor]
     W_enc: nn.Parameter
     W_dec: nn.Parameter
     b_dec: nn.Parameter
     # True when every token has exactly k active latents (TopK): forward never goes dense
     _fixed_k: ClassVar[bool] = False
 
-    def __init__(self, cfg: SAEConfig, use_error_term: bool = False):
+    def __init__(self, cfg: T_SAE_CONFIG, use_error_term: bool = False):
         super().__init__()
         if not isinstance(cfg, self.config_class):
             raise TypeError(
@@ -100,6 +109,8 @@ class SAE(HookedRootModule):
         self.dtype = str_to_dtype(cfg.dtype)
         self.device = torch.device(cfg.device)
         self.use_error_term = use_error_term
+        # SAELens's activation module (a parameter-free child module, as there)
+        self.activation_fn = self.get_activation_fn()
         self._init_parameters()
         for name in _HOOK_NAMES:
             setattr(self, name, HookPoint())
@@ -132,6 +143,12 @@ class SAE(HookedRootModule):
     def d_out(self) -> int:
         return self.W_dec.shape[1]
 
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        """SAELens's activation of the architecture, ``hidden_pre [..., d_sae]`` -> dense
+        activations: ``nn.ReLU()`` here (JumpReLU and gated SAEs too: their threshold or
+        gate is applied beside it, as in SAELens); TopK-family SAEs override it."""
+        return nn.ReLU()
+
     # ------------------------------------------------------------------ normalisation
     def _normalize_in(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         mode = self.cfg.normalize_activations
@@ -146,6 +163,18 @@ class SAE(HookedRootModule):
         # "none", "expected_average_only_in" and "covariance_whitening" are folded into
         # the weights (or applied by the activation store), so inference is the identity.
         return x, None
+
+    def run_time_activation_norm_fn_in(self, x: Tensor) -> Tensor:
+        """SAELens's run-time input normalisation (``constant_norm_rescale``,
+        ``layer_norm``; the identity otherwise). Keeps the statistics of ``x`` for
+        :meth:`run_time_activation_norm_fn_out` and the next ``decode``."""
+        x, self._norm_stats = self._normalize_in(x)
+        return x
+
+    def run_time_activation_norm_fn_out(self, x: Tensor) -> Tensor:
+        """Undo :meth:`run_time_activation_norm_fn_in` on a reconstruction, with the
+        statistics of the last normalised input (the identity for the other modes)."""
+        return self._normalize_out(x, self._norm_stats)
 
     def _normalize_out(self, x: Tensor, stats: tuple[Tensor, ...] | None) -> Tensor:
         mode = self.cfg.normalize_activations
@@ -255,18 +284,25 @@ class SAE(HookedRootModule):
         return self._encode_dense(sae_in)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
-        """Dense ``[..., d_sae]`` activations -> reconstruction ``[..., d_out]``.
+        """``[..., d_sae]`` activations -> reconstruction ``[..., d_out]``.
 
-        Floating-point activations of another dtype are cast to the SAE's, as ``encode``
-        casts its input; integer or bool tensors are a TypeError naming the dtype.
+        Dense, or a ``torch.sparse_coo`` tensor of any rank (SAELens's TopK with
+        ``use_sparse_activations=True`` makes those): a COO input is decoded sparsely
+        (differentiable in its values), never densified. Floating-point activations of
+        another dtype are cast to the SAE's, as ``encode`` casts its input; integer or
+        bool tensors are a TypeError naming the dtype.
         """
         check_floating_tensor(feature_acts, "decode's feature activations")
-        if feature_acts.shape[-1] != self.cfg.d_sae:
+        if feature_acts.ndim == 0 or feature_acts.shape[-1] != self.cfg.d_sae:
             raise ValueError(
                 f"decode expects last dimension d_sae={self.cfg.d_sae}, "
                 f"got shape {tuple(feature_acts.shape)}"
             )
         feature_acts = feature_acts.to(self.dtype)
+        if feature_acts.layout == torch.sparse_coo:
+            if feature_acts.dense_dim() == 0:
+                return self._decode_code(_coo_to_code(feature_acts), self._norm_stats)
+            feature_acts = feature_acts.to_dense()  # hybrid COO: rows stored dense anyway
         return self._finish_decode(self._dense_decoder(feature_acts), self._norm_stats)
 
     def _dense_decoder(self, feature_acts: Tensor) -> Tensor:
@@ -555,6 +591,24 @@ class SAE(HookedRootModule):
     def get_name(self) -> str:
         md = self.cfg.metadata
         return f"sae_{md.model_name}_{md.hook_name}_{self.cfg.d_sae}"
+
+
+def _coo_to_code(acts: Tensor) -> SparseCode:
+    """A ``torch.sparse_coo`` ``[..., d_sae]`` tensor (no dense dims) -> padded
+    ``SparseCode [..., K]``, K = the most entries any token has (padding: value 0).
+    Differentiable in the COO values."""
+    acts = acts.coalesce()  # sorted, duplicates summed: token-major flat positions
+    ids, values = acts.indices(), acts.values()
+    lead, d_sae = acts.shape[:-1], acts.shape[-1]
+    rows = torch.zeros_like(ids[-1])
+    for dim, size in enumerate(lead):  # row-major token number
+        rows = rows * size + ids[dim]
+    n_tokens = lead.numel()
+    rows, slot, width = torch_ops.padded_layout(rows * d_sae + ids[-1], n_tokens, d_sae)
+    code_values = values.new_zeros(n_tokens, width).index_put((rows, slot), values)
+    code_ids = torch.zeros(n_tokens, width, dtype=torch.long, device=values.device)
+    code_ids[rows, slot] = ids[-1]
+    return SparseCode(code_values.reshape(*lead, width), code_ids.reshape(*lead, width))
 
 
 _IDENTITY = nn.Identity()

@@ -10,12 +10,13 @@ latent-sharded step (the batch-wide selection made exactly across the ranks).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastsae import ops
 from fastsae.saes.registry import register
@@ -31,6 +32,22 @@ from fastsae.sparse_code import SparseCode
 from fastsae.torch_ops import encoder_preacts, padded_layout
 from fastsae.training.parallel.latent.base import all_reduce
 from fastsae.training.parallel.latent.selection import merge_candidates
+
+
+class BatchTopK(nn.Module):
+    """SAELens's BatchTopK activation (``activation_fn`` of the BatchTopK SAEs): the
+    ``int(k * tokens)`` largest ReLU'd entries of the whole ``[..., d_sae]`` batch kept,
+    the rest zeroed."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:
+        acts = x.relu()
+        flat = acts.flatten()
+        top = torch.topk(flat, int(self.k * acts.shape[:-1].numel()), dim=-1)
+        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
 
 
 @dataclass
@@ -69,6 +86,9 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         self.register_buffer(
             "topk_threshold", torch.tensor(0.0, dtype=torch.double, device=self.W_dec.device)
         )
+
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return BatchTopK(self.cfg.k)
 
     def _n_selected(self, n_tokens: int) -> int:
         return int(self.cfg.k * n_tokens)

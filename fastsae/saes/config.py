@@ -10,12 +10,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from fastsae import __version__ as FASTSAE_VERSION
 from fastsae.saes.registry import config_class_for_architecture, known_architectures
 
-# The on-disk format fastsae reads and writes is SAELens 6.x's. A cfg.json whose
-# metadata carries no sae_lens_version >= 6 is read as a pre-6.0 config, so every
-# file we write says which format it is in.
-SAE_LENS_FORMAT_VERSION = "6.0.0"
+# The sae-lens release whose format and behaviour fastsae matches (the parity target).
+# It fills ``sae_lens_version`` / ``sae_lens_training_version`` where sae-lens writes
+# its own ``__version__``. A cfg.json whose metadata carries no sae_lens_version >= 6
+# is read as a pre-6.0 config, so every file we write says which format it is in.
+SAE_LENS_FORMAT_VERSION = "6.54.12"
 
 DTYPE_MAP: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -88,6 +90,10 @@ class SAEMetadata:
 
     Any key may be set; reading a key that was never set gives None, as in SAELens.
     Supports both attribute (``md.hook_name``) and item (``md["hook_name"]``) access.
+
+    ``sae_lens_version`` / ``sae_lens_training_version`` default to the sae-lens
+    release fastsae matches, where SAELens puts its own version; ``fastsae_version``
+    (beside them) to this fastsae's. A value given (read from a file) is kept.
     """
 
     def __init__(self, **kwargs: Any):
@@ -95,6 +101,7 @@ class SAEMetadata:
         self.sae_lens_training_version = kwargs.pop(
             "sae_lens_training_version", SAE_LENS_FORMAT_VERSION
         )
+        self.fastsae_version = kwargs.pop("fastsae_version", FASTSAE_VERSION)
         for key, value in kwargs.items():
             setattr(self, key, value)
 

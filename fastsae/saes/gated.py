@@ -27,7 +27,7 @@ class GatedSAEConfig(SAEConfig):
     _architecture: ClassVar[str | None] = "gated"
 
 
-class GatedSAE(SAE):
+class GatedSAE(SAE[GatedSAEConfig]):
     """Gate ``(x @ W_enc + b_gate) > 0`` times magnitude ``relu(x @ (W_enc * exp(r_mag)) + b_mag)``.
 
     Parameters as SAELens ``GatedSAE``: ``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``,
@@ -81,7 +81,7 @@ class GatedTrainingSAEConfig(TrainingSAEConfig, GatedSAEConfig):
     _architecture: ClassVar[str | None] = "gated"
 
 
-class GatedTrainingSAE(TrainingSAE, GatedSAE):
+class GatedTrainingSAE(TrainingSAE[GatedTrainingSAEConfig], GatedSAE):
     """Gated SAE with SAELens's losses: L1 of ``relu(gate) * ||W_dec||`` and the
     reconstruction from the gate path alone."""
 

@@ -33,7 +33,7 @@ class JumpReLUSAEConfig(SAEConfig):
     _architecture: ClassVar[str | None] = "jumprelu"
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(SAE[JumpReLUSAEConfig]):
     """``relu(h) * (h > threshold)`` with ``h = x @ W_enc + b_enc`` (SAELens ``JumpReLUSAE``).
 
     ``threshold [d_sae]`` is stored raw (not as a log), as SAELens does.
@@ -113,7 +113,7 @@ class JumpReLUTrainingSAEConfig(TrainingSAEConfig, JumpReLUSAEConfig):
                 )
 
 
-class JumpReLUTrainingSAE(TrainingSAE, JumpReLUSAE):
+class JumpReLUTrainingSAE(TrainingSAE[JumpReLUTrainingSAEConfig], JumpReLUSAE):
     """JumpReLU SAE trained as SAELens 6.x does: the threshold is a raw fp32 parameter
     (projected to >= 0 before each step), its gradient from the rectangle estimator."""
 

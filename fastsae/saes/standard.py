@@ -30,7 +30,7 @@ class StandardSAEConfig(SAEConfig):
     _architecture: ClassVar[str | None] = "standard"
 
 
-class StandardSAE(SAE):
+class StandardSAE(SAE[StandardSAEConfig]):
     """``relu(x @ W_enc + b_enc) @ W_dec + b_dec`` (SAELens ``StandardSAE``)."""
 
     config_class = StandardSAEConfig
@@ -68,7 +68,7 @@ class StandardTrainingSAEConfig(TrainingSAEConfig, StandardSAEConfig):
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm!r}")
 
 
-class StandardTrainingSAE(TrainingSAE, StandardSAE):
+class StandardTrainingSAE(TrainingSAE[StandardTrainingSAEConfig], StandardSAE):
     """ReLU SAE with SAELens's training losses."""
 
     config_class = StandardTrainingSAEConfig

@@ -1,14 +1,15 @@
 """The TopK and AbsTopK architectures, whose forward is sparse end to end: ``TopKSAE``,
-``AbsTopKSAE`` and their configs, the TopK training SAE (a sparse step with AuxK) and
-its latent-sharded step (an exact top-k across the ranks)."""
+``AbsTopKSAE`` and their configs, the TopK and AbsTopK training SAEs (a sparse step with
+AuxK) and TopK's latent-sharded step (an exact top-k across the ranks)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastsae import ops, torch_ops
 from fastsae.saes.base import SAE
@@ -25,7 +26,7 @@ from fastsae.saes.training_sae import (
 from fastsae.sparse_autograd import TRITON_BACKEND, TopKEncodeFunction
 from fastsae.sparse_code import SparseCode
 from fastsae.torch_ops import TORCH_BACKEND, encoder_preacts
-from fastsae.training.losses import auxk_loss, total_loss
+from fastsae.training.losses import auxk_loss, topk_rows, total_loss
 from fastsae.training.parallel.latent.base import (
     ShardedTrainingSAE,
     all_reduce,
@@ -63,7 +64,42 @@ class AbsTopKSAEConfig(TopKSAEConfig):
     _architecture: ClassVar[str | None] = "abstopk"
 
 
-class TopKSAE(SAE):
+class TopK(nn.Module):
+    """SAELens's TopK activation (``activation_fn`` of the TopK SAEs): each row's k
+    largest entries with ReLU applied, the rest zero; a ``torch.sparse`` COO tensor of
+    the input's shape with ``use_sparse_activations``. The SAEs' own forward does not
+    call it (it takes the fused sparse path); it is there for code that does."""
+
+    def __init__(self, k: int, use_sparse_activations: bool = False):
+        super().__init__()
+        self.k = k
+        self.use_sparse_activations = use_sparse_activations
+
+    def forward(self, x: Tensor) -> Tensor:
+        values, indices = torch.topk(x, k=self.k, dim=-1, sorted=False)
+        values = values.relu()
+        if not self.use_sparse_activations:
+            return torch.zeros_like(x).scatter(-1, indices, values)
+        rows = torch.arange(x.shape[:-1].numel(), device=x.device).repeat_interleave(self.k)
+        row_coords = torch.unravel_index(rows, x.shape[:-1]) if x.dim() > 1 else ()
+        coords = torch.stack([*row_coords, indices.flatten()])
+        return torch.sparse_coo_tensor(coords, values.flatten(), x.shape)
+
+
+class AbsTopK(nn.Module):
+    """SAELens's AbsTopK activation: each row's k largest-magnitude entries, sign kept,
+    the rest zero."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:
+        indices = torch.topk(x.abs(), k=self.k, dim=-1, sorted=False).indices
+        return torch.zeros_like(x).scatter(-1, indices, x.gather(-1, indices))
+
+
+class TopKSAE(SAE[TopKSAEConfig]):
     """Keep the k largest pre-activations per token, ReLU applied (SAELens ``TopKSAE``).
 
     With ``rescale_acts_by_decoder_norm`` the selection is on ``h * ||W_dec||`` and the
@@ -74,6 +110,9 @@ class TopKSAE(SAE):
     cfg: TopKSAEConfig
     _abs_select = False
     _fixed_k = True
+
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return TopK(self.cfg.k)
 
     def _init_parameters(self) -> None:
         super()._init_parameters()
@@ -138,6 +177,9 @@ class AbsTopKSAE(TopKSAE):
     cfg: AbsTopKSAEConfig
     _abs_select = True
 
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return AbsTopK(self.cfg.k)
+
 
 @dataclass
 class TopKTrainingSAEConfig(TrainingSAEConfig, TopKSAEConfig):
@@ -157,11 +199,14 @@ class TopKTrainingSAEConfig(TrainingSAEConfig, TopKSAEConfig):
     _architecture: ClassVar[str | None] = "topk"
 
 
-class TopKTrainingSAE(TrainingSAE, TopKSAE):
+class TopKTrainingSAE(TrainingSAE[TopKTrainingSAEConfig], TopKSAE):
     """TopK SAE with SAELens's losses (MSE + AuxK) on a sparse step."""
 
     config_class = TopKTrainingSAEConfig
     cfg: TopKTrainingSAEConfig
+
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return TopK(self.cfg.k, use_sparse_activations=self.cfg.use_sparse_activations)
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {}
@@ -194,7 +239,12 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
     def _train_code(self, sae_in: Tensor, weights: StepWeights) -> SparseCode:
         """Processed input ``[batch, d_in]`` -> the step's code ``[batch, K]`` (differentiable values)."""
         return ops.topk_encode(
-            sae_in, weights.W_enc, self.b_enc, self.cfg.k, dec_norm=weights.dec_norm
+            sae_in,
+            weights.W_enc,
+            self.b_enc,
+            self.cfg.k,
+            dec_norm=weights.dec_norm,
+            abs_select=self._abs_select,
         )
 
     def _step_weights(self, dead_neuron_mask: Tensor | None) -> StepWeights:
@@ -231,7 +281,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
                 sae_in, stats = self._process_sae_in(x)
             code = self._train_code(sae_in, weights)
             values = _InputBiasGrad.apply(
-                code.values, code.indices, self.b_dec, self.W_enc, dec_norm
+                code.values, code.indices, self.b_dec, self.W_enc, dec_norm, self._abs_select
             )
             code = SparseCode(values, code.indices)
             sae_in = x - self.b_dec  # differentiable twin, for AuxK's dead-subset matmul
@@ -342,6 +392,7 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         return auxk_loss(
             x, sae_out, h_dead, W_dec_dead, num_dead, self.cfg.aux_loss_coefficient,
             dec_norm=dec_norm,
+            select=abs_topk_rows if self._abs_select else topk_rows,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ saving
@@ -366,24 +417,26 @@ class _InputBiasGrad(torch.autograd.Function):
     """Identity on a code's values whose backward adds ``b_dec``'s gradient through the
     encoder input ``x - b_dec``: ``-W_enc @ g``, ``g[n]`` = the summed gradient of latent
     n's pre-activation (``d values * [value > 0] * dec_norm[n]``, as the top-k's ReLU
-    and decoder-norm scaling give it)."""
+    and decoder-norm scaling give it; ``abs_select`` (AbsTopK, no ReLU): ``d values *
+    dec_norm[n]``)."""
 
     @staticmethod
-    def forward(ctx, values, indices, b_dec, W_enc, dec_norm):  # type: ignore[override]
+    def forward(ctx, values, indices, b_dec, W_enc, dec_norm, abs_select=False):  # type: ignore[override]
         ctx.save_for_backward(values, indices, W_enc, dec_norm)
+        ctx.abs_select = abs_select
         return values.clone()
 
     @staticmethod
     def backward(ctx, d_values):  # type: ignore[override]
         values, indices, W_enc, dec_norm = ctx.saved_tensors
-        d_pre = d_values * (values > 0)
+        d_pre = d_values if ctx.abs_select else d_values * (values > 0)
         if dec_norm is not None:
             d_pre = d_pre * dec_norm[indices]
         dtype = torch.promote_types(d_pre.dtype, torch.float32)
         g = torch.zeros(W_enc.shape[1], dtype=dtype, device=W_enc.device)
         g.index_add_(0, indices.reshape(-1).long(), d_pre.reshape(-1).to(dtype))
         d_b_dec = -matvec_upcast(W_enc, g)
-        return d_values, None, d_b_dec.to(W_enc.dtype), None, None
+        return d_values, None, d_b_dec.to(W_enc.dtype), None, None, None
 
 
 MATVEC_BLOCK_BYTES = 1 << 26
@@ -400,6 +453,47 @@ def matvec_upcast(W: Tensor, g: Tensor, block_bytes: int = MATVEC_BLOCK_BYTES) -
     for start in range(0, W.shape[1], cols):
         out += W[:, start : start + cols].to(g.dtype) @ g[start : start + cols]
     return out
+
+
+# --------------------------------------------------------------------------- AbsTopK training
+@dataclass
+class AbsTopKTrainingSAEConfig(TopKTrainingSAEConfig):
+    """Training config of an AbsTopK SAE (SAELens 6.x ``AbsTopKTrainingSAEConfig``): the
+    TopK training fields and defaults (``k`` 100, ``aux_loss_coefficient`` 1.0,
+    ``rescale_acts_by_decoder_norm`` True, ``decoder_init_norm`` 0.1); the k latents of
+    largest pre-activation magnitude are kept with their sign, and AuxK picks its dead
+    latents by magnitude too. ``use_sparse_activations``: accepted, changes nothing (as
+    in SAELens, whose AbsTopK ignores it). Saved as ``abstopk`` (``AbsTopKSAE``).
+    """
+
+    _architecture: ClassVar[str | None] = "abstopk"
+
+
+def abs_topk_rows(h: Tensor, k: int) -> Tensor:
+    """``h`` with each row's k largest-magnitude entries kept, sign and all, the rest 0:
+    AbsTopK's AuxK selection (SAELens ``calculate_abstopk_aux_acts``)."""
+    indices = h.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(h).scatter(-1, indices, h.gather(-1, indices))
+
+
+class AbsTopKTrainingSAE(TopKTrainingSAE):
+    """AbsTopK SAE with SAELens's losses on TopK's sparse step (SAELens
+    ``AbsTopKTrainingSAE``): the k largest-magnitude pre-activations (times the decoder
+    norms with ``rescale_acts_by_decoder_norm``) are kept with their sign, no ReLU, so a
+    latent fires in either direction; MSE + AuxK, whose ``min(d_in // 2, n_dead)`` dead
+    latents are the largest in ``|hidden_pre|`` and reconstruct with their signed values.
+    """
+
+    config_class = AbsTopKTrainingSAEConfig
+    cfg: AbsTopKTrainingSAEConfig
+    _abs_select = True
+
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return AbsTopK(self.cfg.k)
+
+    def _activation(self, hidden_pre: Tensor) -> Tensor:
+        indices = torch.topk(hidden_pre.abs(), self.cfg.k, dim=-1, sorted=False).indices
+        return torch.zeros_like(hidden_pre).scatter(-1, indices, hidden_pre.gather(-1, indices))
 
 
 # --------------------------------------------------------------------------- the module
@@ -610,4 +704,10 @@ register(
     training_cfg_cls=TopKTrainingSAEConfig,
     sharded=ShardedTopKTrainingSAE,
 )
-register("abstopk", AbsTopKSAE, AbsTopKSAEConfig)
+register(
+    "abstopk",
+    AbsTopKSAE,
+    AbsTopKSAEConfig,
+    training_cls=AbsTopKTrainingSAE,
+    training_cfg_cls=AbsTopKTrainingSAEConfig,
+)

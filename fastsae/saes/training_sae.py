@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +108,11 @@ class TrainingSAEConfig(SAEConfig):
         metadata.pop("training_architecture_details", None)
         kwargs["metadata"] = SAEMetadata(**metadata)
         return cfg_cls(**kwargs)
+
+
+# As in SAELens: ``TrainingSAE[TopKTrainingSAEConfig]`` in an annotation.
+T_TRAINING_SAE_CONFIG = TypeVar("T_TRAINING_SAE_CONFIG", bound=TrainingSAEConfig)
+T_TRAINING_SAE = TypeVar("T_TRAINING_SAE", bound="TrainingSAE")
 
 
 class TrainCoefficientConfig(NamedTuple):
@@ -221,18 +226,18 @@ class TrainStepOutput:
         return (acts != 0).reshape(-1, acts.shape[-1]).sum(-1).float().mean()
 
 
-class TrainingSAE(SAE):
+class TrainingSAE(SAE[T_TRAINING_SAE_CONFIG]):
     """Base of the training SAEs: an architecture's training class derives from it and
     from the architecture's inference class (``TopKTrainingSAE(TrainingSAE, TopKSAE)``),
-    as in SAELens.
+    as in SAELens; generic in its training config (``TrainingSAE[TopKTrainingSAEConfig]``).
 
     Subclasses give ``encode_with_hidden_pre``, ``calculate_aux_loss`` and
     ``get_coefficients``; the dense ``training_forward_pass`` below is SAELens's.
     """
 
-    cfg: TrainingSAEConfig
+    cfg: T_TRAINING_SAE_CONFIG
 
-    def __init__(self, cfg: TrainingSAEConfig, use_error_term: bool = False):
+    def __init__(self, cfg: T_TRAINING_SAE_CONFIG, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         # the activation store hands the SAE flat [batch, d_in] rows while training
         self.turn_off_forward_pass_hook_z_reshaping()

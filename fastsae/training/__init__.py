@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 _NAMES: dict[str, str] = {
     "LanguageModelSAERunnerConfig": "fastsae.training.config",
     "LoggingConfig": "fastsae.training.config",
+    "SAETrainerConfig": "fastsae.training.config",
     "NonFiniteLossError": "fastsae.training.nonfinite",
     "SAETrainer": "fastsae.training.trainer",
     "SAETrainingRunner": "fastsae.training.runner",
@@ -34,6 +35,8 @@ _NAMES: dict[str, str] = {
     "JumpReLUTrainingSAEConfig": "fastsae.saes.jumprelu",
     "TopKTrainingSAE": "fastsae.saes.topk",
     "TopKTrainingSAEConfig": "fastsae.saes.topk",
+    "AbsTopKTrainingSAE": "fastsae.saes.topk",
+    "AbsTopKTrainingSAEConfig": "fastsae.saes.topk",
     "BatchTopKTrainingSAE": "fastsae.saes.batchtopk",
     "BatchTopKTrainingSAEConfig": "fastsae.saes.batchtopk",
     "MatryoshkaBatchTopKTrainingSAE": "fastsae.saes.batchtopk",
@@ -63,7 +66,12 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
     from fastsae.saes.gated import GatedTrainingSAE, GatedTrainingSAEConfig
     from fastsae.saes.jumprelu import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from fastsae.saes.standard import StandardTrainingSAE, StandardTrainingSAEConfig
-    from fastsae.saes.topk import TopKTrainingSAE, TopKTrainingSAEConfig
+    from fastsae.saes.topk import (
+        AbsTopKTrainingSAE,
+        AbsTopKTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from fastsae.saes.training_sae import (
         TrainCoefficientConfig,
         TrainingSAE,
@@ -71,7 +79,11 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
         TrainStepInput,
         TrainStepOutput,
     )
-    from fastsae.training.config import LanguageModelSAERunnerConfig, LoggingConfig
+    from fastsae.training.config import (
+        LanguageModelSAERunnerConfig,
+        LoggingConfig,
+        SAETrainerConfig,
+    )
     from fastsae.training.data.activations_store import ActivationsStore
     from fastsae.training.data.cached_activations_store import CachedActivationsStore
     from fastsae.training.nonfinite import NonFiniteLossError
@@ -81,6 +93,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
 __all__ = [
     "LanguageModelSAERunnerConfig",
     "LoggingConfig",
+    "SAETrainerConfig",
     "NonFiniteLossError",
     "SAETrainer",
     "SAETrainingRunner",
@@ -100,6 +113,8 @@ __all__ = [
     "JumpReLUTrainingSAEConfig",
     "TopKTrainingSAE",
     "TopKTrainingSAEConfig",
+    "AbsTopKTrainingSAE",
+    "AbsTopKTrainingSAEConfig",
     "BatchTopKTrainingSAE",
     "BatchTopKTrainingSAEConfig",
     "MatryoshkaBatchTopKTrainingSAE",

@@ -4,6 +4,9 @@ The module holds, in this order:
 
 * :class:`LoggingConfig` and :class:`LanguageModelSAERunnerConfig`, each field with its
   docstring, in SAELens 6's field order (fastsae's additions last);
+* :class:`SAETrainerConfig`: what :class:`~fastsae.training.trainer.SAETrainer` itself
+  reads (SAELens 6's trainer config), which a runner config converts to
+  (``to_sae_trainer_config``);
 * ``check_runner_config``: every field validated before anything runs, with errors that
   name the field (and the defaults that depend on other fields filled);
 * the ``sae=`` argument and the older flat form of SAELens < 6 (``architecture``,
@@ -28,12 +31,14 @@ import warnings
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import yaml
 
 from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
 from fastsae.saes.training_sae import TrainingSAEConfig, training_config_class_for_architecture
+
+T_TRAINING_SAE_CONFIG = TypeVar("T_TRAINING_SAE_CONFIG", bound=TrainingSAEConfig)
 
 
 @dataclass
@@ -81,7 +86,7 @@ def _logging_config(logger: Any) -> LoggingConfig:
 
 
 @dataclass(init=False)
-class LanguageModelSAERunnerConfig:
+class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
     """Everything a training run needs: SAELens 6.x's names and defaults (deliberate
     differences noted on the field), validated on construction.
 
@@ -95,7 +100,7 @@ class LanguageModelSAERunnerConfig:
       fields to ``cfg.logger``; reading them flat (``cfg.l1_coefficient``) still works.
     """
 
-    sae: TrainingSAEConfig
+    sae: T_TRAINING_SAE_CONFIG
     """The SAE to train (e.g. ``TopKTrainingSAEConfig``), or a mapping of its fields with its
     ``architecture``; built from the flat SAE fields when not given."""
 
@@ -162,7 +167,9 @@ class LanguageModelSAERunnerConfig:
     """Device of the shuffling buffer (None or ``"with_model"``: ``llm_device``; SAELens
     uses ``device`` for None)."""
     prefetch_llm_batches: bool | int = False
-    """Accepted for SAELens configs (a bool, or an int >= 0); it has no effect here."""
+    """Run the model on the next token batches on a background thread while training
+    (True: one batch ahead; an int n: up to n); the batches, their order and exact resume
+    are the same as without it."""
     seed: int = 42
     """Seed of the SAE's initialisation and of the data order."""
     dtype: str = "float32"
@@ -312,6 +319,10 @@ class LanguageModelSAERunnerConfig:
             sae, flat_sae, dtype=self.dtype, device=self.device, names=[*names, *_LOGGER_KEYS]
         )
         self.__post_init__()
+        if "dataset_path" in runner_kwargs and not self.use_cached_activations:
+            # left out, it is asked for when the data is (SAETrainingRunner); given empty
+            # (an unset shell variable), it is refused now
+            require_dataset_path(self)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -343,6 +354,38 @@ class LanguageModelSAERunnerConfig:
             if obj is not None and name in {f.name for f in fields(obj)}:
                 return getattr(obj, name)
         raise AttributeError(f"LanguageModelSAERunnerConfig has no field {name!r}")
+
+    def get_training_sae_cfg_dict(self) -> dict[str, Any]:
+        """The training SAE config as a dict (``self.sae.to_dict()``), as SAELens has it."""
+        return self.sae.to_dict()
+
+    def to_sae_trainer_config(self) -> SAETrainerConfig:
+        """What :class:`~fastsae.training.trainer.SAETrainer` reads of this run: SAELens's
+        fields (tokens are the trainer's samples) and fastsae's ``max_grad_norm`` and
+        ``skip_nonfinite_batches``. The ``logger`` is this config's own object."""
+        return SAETrainerConfig(
+            total_training_samples=self.total_training_tokens,
+            train_batch_size_samples=self.train_batch_size_tokens,
+            lr=self.lr,
+            lr_end=self.lr_end,
+            lr_scheduler_name=self.lr_scheduler_name,
+            lr_warm_up_steps=self.lr_warm_up_steps,
+            lr_decay_steps=self.lr_decay_steps,
+            n_restart_cycles=self.n_restart_cycles,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+            device=self.device,
+            autocast=self.autocast,
+            dead_feature_window=self.dead_feature_window,
+            feature_sampling_window=self.feature_sampling_window,
+            n_checkpoints=self.n_checkpoints,
+            checkpoint_path=self.checkpoint_path,
+            save_final_checkpoint=self.save_final_checkpoint,
+            logger=self.logger,
+            n_batches_for_norm_estimate=self.n_batches_for_norm_estimate,
+            max_grad_norm=self.max_grad_norm,
+            skip_nonfinite_batches=self.skip_nonfinite_batches,
+        )
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
@@ -378,6 +421,10 @@ class LanguageModelSAERunnerConfig:
             )
         if isinstance(data.get("seqpos_slice"), list):
             data["seqpos_slice"] = tuple(data["seqpos_slice"])
+        if data.get("dataset_path") == "":
+            # what to_dict writes for a config built without one: read back as left out
+            # (the runner asks for it when the data is needed)
+            data.pop("dataset_path")
         return cls(sae=sae, **data)
 
     def to_json(self, path: str | Path) -> None:
@@ -403,6 +450,114 @@ class LanguageModelSAERunnerConfig:
         if path.suffix == ".json":
             return cls.from_json(path)
         raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
+
+
+@dataclass
+class SAETrainerConfig:
+    """What :class:`~fastsae.training.trainer.SAETrainer` reads: SAELens 6's trainer
+    config (its fields, order and defaults; fastsae's additions last), for training on
+    activations of your own::
+
+        SAETrainer(cfg=SAETrainerConfig(total_training_samples=..., train_batch_size_samples=...,
+                   lr=...), sae=..., data_provider=...)
+
+    A runner config gives one with ``to_sae_trainer_config()``. Validated on construction
+    (errors name the field); ``lr_end`` None becomes ``lr / 10`` as in the runner config.
+    """
+
+    total_training_samples: int
+    """Activations (samples) to train on: ``total_training_samples //
+    train_batch_size_samples`` steps."""
+    train_batch_size_samples: int
+    """Activations per training step (the rows of each batch the data provider yields)."""
+    lr: float = 3e-4
+    """The learning rate."""
+    lr_end: float | None = None
+    """The learning rate the cosine schedules anneal to, and the linear decay starts from
+    (None: ``lr / 10``)."""
+    lr_scheduler_name: str = "constant"
+    """``"constant"``, ``"cosineannealing"`` or ``"cosineannealingwarmrestarts"``."""
+    lr_warm_up_steps: int = 0
+    """Steps of linear warm-up to ``lr`` at the start."""
+    lr_decay_steps: int = 0
+    """Steps of linear decay to 0 at the end."""
+    n_restart_cycles: int = 1
+    """Cycles of ``"cosineannealingwarmrestarts"``."""
+    adam_beta1: float = 0.9
+    """Adam's beta1, in [0, 1)."""
+    adam_beta2: float = 0.999
+    """Adam's beta2, in [0, 1)."""
+    device: str = "cpu"
+    """Device of the SAE (and of the dead-latent statistics)."""
+    autocast: bool = False
+    """bf16 autocast of the training step."""
+    dead_feature_window: int = 1000
+    """Steps without firing after which a latent counts as dead."""
+    feature_sampling_window: int = 2000
+    """Steps over which firing frequencies are measured (and logged) before a reset."""
+    n_checkpoints: int = 0
+    """Checkpoints saved during training, evenly spaced."""
+    checkpoint_path: str | None = None
+    """Folder of the checkpoints (None: none written; a ``save_checkpoint_fn`` is still
+    called, with ``checkpoint_path=None``, as in SAELens)."""
+    save_final_checkpoint: bool = False
+    """Also save a checkpoint when training ends."""
+    logger: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_to_wandb=False))
+    """Logging cadence (``wandb_log_frequency``, ``eval_every_n_wandb_logs``) and W&B."""
+    n_batches_for_norm_estimate: int = 1000
+    """Batches the activation-norm scaling factor is estimated on (with
+    ``normalize_activations="expected_average_only_in"``)."""
+
+    # ---------------------------------------------------------------- fastsae additions
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm, None for none (SAELens hard-codes 1.0)."""
+    skip_nonfinite_batches: bool = False
+    """Skip a batch whose step is not finite (with a warning) instead of raising
+    ``NonFiniteLossError``."""
+
+    def __post_init__(self) -> None:
+        self.logger = _logging_config(self.logger)
+        check_field_types(
+            "", SAETrainerConfig, {f.name: getattr(self, f.name) for f in fields(self)},
+            skip=("device",),
+        )  # fmt: skip
+        for name in (
+            "total_training_samples",
+            "train_batch_size_samples",
+            "dead_feature_window",
+            "feature_sampling_window",
+            "n_restart_cycles",
+            "n_batches_for_norm_estimate",
+        ):
+            check_positive_int(self, name)
+        for name in ("lr_warm_up_steps", "lr_decay_steps", "n_checkpoints"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.total_training_samples < self.train_batch_size_samples:
+            raise ValueError(
+                f"total_training_samples={self.total_training_samples} is less than one batch "
+                f"(train_batch_size_samples={self.train_batch_size_samples}): the run would "
+                "train no step"
+            )
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        check_lr_schedule(self, self.total_training_steps)
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if isinstance(self.checkpoint_path, str) and not self.checkpoint_path.strip():
+            raise ValueError(
+                "checkpoint_path is an empty string, which would mean the current folder; "
+                "give a folder (use '.' for the current one) or leave it unset (None)"
+            )
+
+    @property
+    def total_training_steps(self) -> int:
+        return self.total_training_samples // self.train_batch_size_samples
 
 
 # ======================================================================================
@@ -505,6 +660,39 @@ def _check_the_run_trains(cfg: LanguageModelSAERunnerConfig) -> None:
             )
 
 
+def check_lr_schedule(cfg: Any, total_training_steps: int) -> None:
+    """The LR schedule's fields of a runner or trainer config (``lr_end`` None filled
+    with ``lr / 10``)."""
+    if cfg.lr_scheduler_name.lower() not in (
+        "constant",
+        "cosineannealing",
+        "cosineannealingwarmrestarts",
+    ):
+        raise ValueError(
+            "lr_scheduler_name must be 'constant', 'cosineannealing' or "
+            f"'cosineannealingwarmrestarts', got {cfg.lr_scheduler_name!r}"
+        )
+    if cfg.lr_end is None:
+        cfg.lr_end = cfg.lr / 10
+    if cfg.lr_decay_steps > 0 and cfg.lr_end == 0:
+        raise ValueError("lr_decay_steps > 0 needs lr_end > 0 (it decays from lr_end to 0)")
+    if cfg.lr_warm_up_steps + cfg.lr_decay_steps > total_training_steps:
+        raise ValueError(
+            f"lr_warm_up_steps + lr_decay_steps ({cfg.lr_warm_up_steps} + "
+            f"{cfg.lr_decay_steps}) exceed the run's {total_training_steps} steps"
+        )
+
+
+def require_dataset_path(cfg: Any) -> None:
+    """Raise naming ``dataset_path`` when the run needs text data and the config names
+    none (checked when the data is needed: a config may be built without one)."""
+    if not cfg.dataset_path:
+        raise ValueError(
+            "dataset_path is empty: give a Hugging Face dataset, a local file or folder "
+            "(or use_cached_activations with cached_activations_path)"
+        )
+
+
 def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
     """Validate a runner config's fields and fill the defaults that depend on others."""
     _check_types(cfg)
@@ -546,24 +734,7 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
         value = getattr(cfg, name)
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if cfg.lr_scheduler_name.lower() not in (
-        "constant",
-        "cosineannealing",
-        "cosineannealingwarmrestarts",
-    ):
-        raise ValueError(
-            "lr_scheduler_name must be 'constant', 'cosineannealing' or "
-            f"'cosineannealingwarmrestarts', got {cfg.lr_scheduler_name!r}"
-        )
-    if cfg.lr_end is None:
-        cfg.lr_end = cfg.lr / 10
-    if cfg.lr_decay_steps > 0 and cfg.lr_end == 0:
-        raise ValueError("lr_decay_steps > 0 needs lr_end > 0 (it decays from lr_end to 0)")
-    if cfg.lr_warm_up_steps + cfg.lr_decay_steps > cfg.total_training_steps:
-        raise ValueError(
-            f"lr_warm_up_steps + lr_decay_steps ({cfg.lr_warm_up_steps} + "
-            f"{cfg.lr_decay_steps}) exceed the run's {cfg.total_training_steps} steps"
-        )
+    check_lr_schedule(cfg, cfg.total_training_steps)
     if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {cfg.max_grad_norm!r}")
     str_to_dtype(cfg.dtype)
@@ -578,7 +749,7 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
         )
     if cfg.use_chat_formatting:
         raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
-    prefetch = cfg.prefetch_llm_batches  # accepted for SAELens configs; no effect here
+    prefetch = cfg.prefetch_llm_batches
     if not isinstance(prefetch, (bool, int)) or (not isinstance(prefetch, bool) and prefetch < 0):
         raise ValueError(f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch!r}")
     for name in (
@@ -596,11 +767,6 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
             )
     if cfg.use_cached_activations and not cfg.cached_activations_path:
         raise ValueError("use_cached_activations=True needs cached_activations_path")
-    if not cfg.use_cached_activations and not cfg.dataset_path:
-        raise ValueError(
-            "dataset_path is empty: give a Hugging Face dataset, a local file or folder "
-            "(or use_cached_activations with cached_activations_path)"
-        )
     cfg.seqpos_slice = tuple(cfg.seqpos_slice)
     if cfg.sae.normalize_activations not in NORMALIZE_ACTIVATIONS:
         raise ValueError(f"sae.normalize_activations: {cfg.sae.normalize_activations!r}")

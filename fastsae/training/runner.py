@@ -25,7 +25,11 @@ from fastsae.loading.disk import read_json, save_sae
 from fastsae.saes.training_sae import TrainingSAE, TrainingSAEConfig
 from fastsae.tl_compat import require_hooked_transformer, require_transformer_bridge
 from fastsae.training.checkpoints import RUNNER_CFG_FILENAME
-from fastsae.training.config import LanguageModelSAERunnerConfig
+from fastsae.training.config import (
+    LanguageModelSAERunnerConfig,
+    SAETrainerConfig,
+    require_dataset_path,
+)
 from fastsae.training.data.activations_store import ActivationsStore
 from fastsae.training.data.cached_activations_store import CachedActivationsStore
 from fastsae.training.parallel.strategy import ParallelStrategy, choose_strategy
@@ -158,6 +162,8 @@ class SAETrainingRunner:
                     f"{cfg.cached_activations_path} have width {self.activations_store.d_in}"
                 )
         else:
+            if override_dataset is None:
+                require_dataset_path(cfg)  # before the model loads
             if override_model is not None:
                 self.model = override_model
             else:
@@ -250,6 +256,10 @@ class SAETrainingRunner:
         try:
             fitted = self.trainer.fit()
         finally:
+            # stop the store's prefetch thread (prefetch_llm_batches), if it has one
+            close = getattr(self.activations_store, "close", None)
+            if close is not None:
+                close()
             if wandb_run is not None:
                 wandb_run.finish()
         # with latent sharding, rank 0 gathers the full SAE (and its sparsity) to save
@@ -297,6 +307,11 @@ class _WithCheckpointPath:
 
     def to_dict(self) -> dict[str, Any]:
         return self._cfg.to_dict()
+
+    def to_sae_trainer_config(self) -> SAETrainerConfig:
+        trainer_cfg = self._cfg.to_sae_trainer_config()
+        trainer_cfg.checkpoint_path = self.checkpoint_path
+        return trainer_cfg
 
 
 def _is_language_model(model: Any) -> bool:

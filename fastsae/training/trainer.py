@@ -3,6 +3,12 @@
 Three separate pieces, so data parallelism and latent sharding can replace one
 without touching the others:
 
+* the **config**: an :class:`~fastsae.training.config.SAETrainerConfig` (SAELens 6's
+  trainer config: ``SAETrainer(cfg=SAETrainerConfig(total_training_samples=...,
+  train_batch_size_samples=..., lr=...), sae=..., data_provider=...)``) or the runner's
+  :class:`~fastsae.training.config.LanguageModelSAERunnerConfig`, which the trainer turns
+  into one (``to_sae_trainer_config()``) and keeps for the run config its checkpoints
+  record;
 * the **step** (:meth:`SAETrainer.step`): the SAE's ``training_forward_pass``,
   backward, clipping, Adam, schedules, dead-latent statistics;
 * the **data**: any iterator of ``[batch, d_in]`` activation tensors (an
@@ -23,13 +29,14 @@ written to a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -60,6 +67,7 @@ from fastsae.training.checkpoints import (
     write_pending_batch,
     write_runner_cfg,
 )
+from fastsae.training.config import T_TRAINING_SAE_CONFIG, SAETrainerConfig
 from fastsae.training.interrupts import deferred_sigint
 from fastsae.training.metrics import MetricsLogger, step_metrics
 from fastsae.training.nonfinite import (
@@ -76,24 +84,92 @@ from fastsae.training.parallel.latent.checkpoint import (
     read_latent_range,
 )
 
-Evaluator = Callable[[TrainingSAE], dict[str, Any]]
+T_TRAINING_SAE = TypeVar("T_TRAINING_SAE", bound=TrainingSAE)
+
+Evaluator = Callable[..., dict[str, Any]]
+"""``evaluator(sae) -> dict`` (fastsae's), or SAELens's ``evaluator(sae, data_provider,
+activation_scaler) -> dict``."""
 
 
-class SAETrainer:
-    """Train ``sae`` on batches from ``data_provider`` as ``cfg`` says.
+class SaveCheckpointFn(Protocol):
+    """Called after each checkpoint (SAELens's hook): ``checkpoint_path`` is the folder
+    written, None when ``checkpoint_path`` is None (nothing written)."""
 
-    ``cfg`` is a :class:`~fastsae.training.config.LanguageModelSAERunnerConfig` (or any
-    object with its optimisation/logging fields). ``evaluator(sae) -> dict`` runs every
-    ``wandb_log_frequency * eval_every_n_wandb_logs`` steps. ``run_dir`` receives
-    ``metrics.jsonl``/``training_curves.png``; checkpoints go to ``cfg.checkpoint_path``.
+    def __call__(self, checkpoint_path: Path | None) -> None: ...
+
+
+def trainer_config(cfg: Any) -> SAETrainerConfig:
+    """``cfg`` as the :class:`SAETrainerConfig` the trainer reads: itself, or a runner
+    config's ``to_sae_trainer_config()``."""
+    if isinstance(cfg, SAETrainerConfig):
+        return cfg
+    convert = getattr(cfg, "to_sae_trainer_config", None)
+    if not callable(convert):
+        raise TypeError(
+            "cfg must be an SAETrainerConfig or a LanguageModelSAERunnerConfig, "
+            f"got {type(cfg).__name__}"
+        )
+    return convert()
+
+
+def _active_wandb_run() -> Any:
+    """The W&B run the caller started (``wandb.init``), where an ``SAETrainerConfig``
+    asks to log to W&B: as in SAELens, the trainer logs to it and does not start one."""
+    try:
+        import wandb  # optional dependency (the fastsae[wandb] extra)
+    except ImportError:
+        raise ValueError(
+            "logger.log_to_wandb=True but wandb is not installed: pip install 'fastsae[wandb]'"
+        ) from None
+    if wandb.run is None:
+        raise ValueError(
+            "logger.log_to_wandb=True: call wandb.init() before creating the SAETrainer "
+            "(or pass wandb_run=, or set log_to_wandb=False)"
+        )
+    return wandb.run
+
+
+def _takes_sae_lens_evaluator_args(evaluator: Callable[..., Any]) -> bool:
+    """True when ``evaluator`` is called as SAELens calls its evaluators, ``(sae,
+    data_provider, activation_scaler)``, and not as ``evaluator(sae)``."""
+    try:
+        signature = inspect.signature(evaluator)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(None)
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        return False
+    return True
+
+
+class SAETrainer(Generic[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
+    """Train ``sae`` on batches from ``data_provider`` as ``cfg`` says (SAELens 6's
+    ``SAETrainer(cfg, sae, data_provider, evaluator=None, save_checkpoint_fn=None)``).
+
+    ``cfg`` is an :class:`~fastsae.training.config.SAETrainerConfig`, or a
+    :class:`~fastsae.training.config.LanguageModelSAERunnerConfig`: the trainer then reads
+    its ``to_sae_trainer_config()`` (``trainer_cfg``) and records the runner config in its
+    checkpoints. ``trainer.cfg`` is ``cfg`` as given. ``evaluator(sae) -> dict`` (or
+    SAELens's ``evaluator(sae, data_provider, activation_scaler)``) runs every
+    ``wandb_log_frequency * eval_every_n_wandb_logs`` steps. ``save_checkpoint_fn
+    (checkpoint_path=...)`` is called after each checkpoint of this (single-process)
+    trainer. ``run_dir`` receives ``metrics.jsonl``/``training_curves.png``; checkpoints
+    go to ``checkpoint_path``.
     """
 
     def __init__(
         self,
-        cfg: Any,
-        sae: TrainingSAE,
+        cfg: SAETrainerConfig | Any,
+        sae: T_TRAINING_SAE,
         data_provider: Iterator[Tensor],
         evaluator: Evaluator | None = None,
+        save_checkpoint_fn: SaveCheckpointFn | None = None,
         *,
         run_dir: str | Path | None = None,
         wandb_run: Any = None,
@@ -105,32 +181,40 @@ class SAETrainer:
                 # an infinite step size makes every weight NaN after the first step
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         self.cfg = cfg
-        self.sae = sae.to(cfg.device)
+        self.trainer_cfg = trainer_cfg = trainer_config(cfg)
+        if wandb_run is None and cfg is trainer_cfg and trainer_cfg.logger.log_to_wandb:
+            wandb_run = _active_wandb_run()
+        self.sae = sae.to(trainer_cfg.device)
         self.data_provider = data_provider
         self.evaluator = evaluator
+        self._sae_lens_evaluator = evaluator is not None and _takes_sae_lens_evaluator_args(
+            evaluator
+        )
+        self.save_checkpoint_fn = save_checkpoint_fn
         self.show_progress = show_progress
         self.state = TrainerState()
         self.scaler = ActivationScaler()
         self.metrics = MetricsLogger(run_dir, wandb_run)
         d_sae = sae.cfg.d_sae
-        device = torch.device(cfg.device)
+        device = torch.device(trainer_cfg.device)
         self.act_freq_scores = torch.zeros(d_sae, device=device)
         self.n_forward_passes_since_fired = torch.zeros(d_sae, device=device)
         self.optimizer = torch.optim.Adam(
             sae.parameters(),
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            lr=trainer_cfg.lr,
+            betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
             **fused_adam_kwargs(sae.parameters()),
         )
+        lr_end = trainer_cfg.lr_end if trainer_cfg.lr_end is not None else trainer_cfg.lr / 10
         self.lr_scheduler = get_lr_scheduler(
-            cfg.lr_scheduler_name,
+            trainer_cfg.lr_scheduler_name,
             self.optimizer,
             training_steps=self.total_training_steps,
-            lr=cfg.lr,
-            warm_up_steps=cfg.lr_warm_up_steps,
-            decay_steps=cfg.lr_decay_steps,
-            lr_end=cfg.lr_end,
-            num_cycles=cfg.n_restart_cycles,
+            lr=trainer_cfg.lr,
+            warm_up_steps=trainer_cfg.lr_warm_up_steps,
+            decay_steps=trainer_cfg.lr_decay_steps,
+            lr_end=lr_end,
+            num_cycles=trainer_cfg.n_restart_cycles,
         )
         self.coefficient_schedulers: dict[str, CoefficientScheduler] = {}
         for name, coeff in sae.get_coefficients().items():
@@ -142,7 +226,7 @@ class SAETrainer:
         self.checkpoint_thresholds = self._checkpoint_thresholds()
         self.autocast = (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if cfg.autocast
+            if trainer_cfg.autocast
             else contextlib.nullcontext()
         )
         # a batch drawn from the data but not trained on yet (an interrupted step)
@@ -155,16 +239,16 @@ class SAETrainer:
     # ------------------------------------------------------------------ derived
     @property
     def total_training_samples(self) -> int:
-        return self.cfg.training_tokens
+        return self.trainer_cfg.total_training_samples
 
     @property
     def total_training_steps(self) -> int:
-        return self.cfg.training_tokens // self.cfg.train_batch_size_tokens
+        return self.trainer_cfg.total_training_steps
 
     @property
     def dead_neurons(self) -> Tensor:
         """``[d_sae]`` bool: latents that have not fired for ``dead_feature_window`` steps."""
-        return self.n_forward_passes_since_fired > self.cfg.dead_feature_window
+        return self.n_forward_passes_since_fired > self.trainer_cfg.dead_feature_window
 
     @property
     def feature_sparsity(self) -> Tensor:
@@ -179,8 +263,8 @@ class SAETrainer:
         return {name: s.value for name, s in self.coefficient_schedulers.items()}
 
     def _checkpoint_thresholds(self) -> list[int]:
-        n = self.cfg.n_checkpoints
-        if n <= 0 or self.cfg.checkpoint_path is None:
+        n = self.trainer_cfg.n_checkpoints
+        if n <= 0 or (self.trainer_cfg.checkpoint_path is None and self.save_checkpoint_fn is None):
             return []
         total = self.total_training_samples
         return list(range(0, total, math.ceil(total / (n + 1))))[1:]
@@ -206,7 +290,7 @@ class SAETrainer:
         sae_in = self.scaler(batch.to(sae.device, sae.dtype))
         is_logging_step = (
             self.state.n_training_steps + 1
-        ) % self.cfg.logger.wandb_log_frequency == 0
+        ) % self.trainer_cfg.logger.wandb_log_frequency == 0
         buffers = {name: b.clone() for name, b in sae.named_buffers()}
         try:
             with self.autocast:
@@ -250,8 +334,8 @@ class SAETrainer:
         """The gradients' global L2 norm, clipped to ``max_grad_norm`` when it is set
         (clipping computes the norm anyway); else this process's gradients' norm, which
         is finite exactly when every gradient is."""
-        if self.cfg.max_grad_norm is not None:
-            return self._clip_gradients(self.cfg.max_grad_norm)
+        if self.trainer_cfg.max_grad_norm is not None:
+            return self._clip_gradients(self.trainer_cfg.max_grad_norm)
         grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.sae.device)
@@ -312,7 +396,7 @@ class SAETrainer:
             "nothing of this step was applied"
             + (
                 "; set skip_nonfinite_batches: true to skip such batches with a warning"
-                if not getattr(self.cfg, "skip_nonfinite_batches", False)
+                if not self.trainer_cfg.skip_nonfinite_batches
                 else ""
             )
         )
@@ -357,7 +441,7 @@ class SAETrainer:
     # ------------------------------------------------------------------ the loop
     def _estimate_normalisation(self) -> None:
         mode = self.sae.cfg.normalize_activations
-        n, d_in = self.cfg.n_batches_for_norm_estimate, self.sae.cfg.d_in
+        n, d_in = self.trainer_cfg.n_batches_for_norm_estimate, self.sae.cfg.d_in
         if mode == "expected_average_only_in" and self.scaler.scaling_factor is None:
             self.scaler.estimate_scaling_factor(self.data_provider, n, d_in)
         elif mode == "covariance_whitening" and not self.scaler.whitening:
@@ -400,7 +484,10 @@ class SAETrainer:
                     self._consecutive_skips = 0
                     self._pending_batch = None
                     self.state.n_training_steps += 1
-                    if self.state.n_training_steps % self.cfg.logger.wandb_log_frequency == 0:
+                    if (
+                        self.state.n_training_steps % self.trainer_cfg.logger.wandb_log_frequency
+                        == 0
+                    ):
                         self._log(output, pbar)
                     self._maybe_evaluate()
                     self._checkpoint_if_needed()
@@ -409,7 +496,7 @@ class SAETrainer:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 pbar.close()
-                if self.cfg.checkpoint_path is not None:
+                if self.trainer_cfg.checkpoint_path is not None:
                     name = f"interrupted_{self.state.n_training_samples}"
                     self.check_weights_finite(f"checkpoint {name}")
                     path = self.save_checkpoint(name)
@@ -427,7 +514,7 @@ class SAETrainer:
         the SAE's weights are still finite; else count the skipped batch (``TrainerState``,
         and a ``details/n_skipped_batches`` metrics row) and warn. Every rank decides alike
         (the error's facts were reduced over the ranks)."""
-        if not getattr(self.cfg, "skip_nonfinite_batches", False) or not error.weights_finite:
+        if not self.trainer_cfg.skip_nonfinite_batches or not error.weights_finite:
             raise error
         self._consecutive_skips += 1
         if self._consecutive_skips > MAX_CONSECUTIVE_SKIPS:
@@ -451,8 +538,11 @@ class SAETrainer:
             self.sae.cfg.metadata.num_dead_features = int(self.dead_neurons.sum())
         self.check_weights_finite("the final SAE")
         self.scaler.fold_into(self.sae)
-        if self.cfg.save_final_checkpoint and self.cfg.checkpoint_path is not None:
-            self.save_checkpoint(f"final_{self.state.n_training_samples}")
+        if self.trainer_cfg.save_final_checkpoint:
+            if self.trainer_cfg.checkpoint_path is not None:
+                self.save_checkpoint(f"final_{self.state.n_training_samples}")
+            elif self.save_checkpoint_fn is not None:
+                self.save_checkpoint_fn(checkpoint_path=None)  # nothing written (SAELens)
         self.metrics.plot()
 
     def _log(self, output: TrainStepOutput, pbar: tqdm) -> None:
@@ -494,18 +584,24 @@ class SAETrainer:
         }
 
     def _maybe_evaluate(self) -> None:
-        every = self.cfg.logger.wandb_log_frequency * self.cfg.logger.eval_every_n_wandb_logs
+        every = (
+            self.trainer_cfg.logger.wandb_log_frequency
+            * self.trainer_cfg.logger.eval_every_n_wandb_logs
+        )
         if self.evaluator is None or self.state.n_training_steps % every != 0:
             return
         self.sae.eval()
         with torch.no_grad():
-            results = self.evaluator(self.sae)
+            if self._sae_lens_evaluator:
+                results = self.evaluator(self.sae, self.data_provider, self.scaler)
+            else:
+                results = self.evaluator(self.sae)
         self.sae.train()
         self.metrics.log(results, self.state.n_training_steps)
 
     def _maybe_reset_sparsity(self) -> None:
         steps = self.state.n_training_steps
-        if steps > 0 and steps % self.cfg.feature_sampling_window == 0:
+        if steps > 0 and steps % self.trainer_cfg.feature_sampling_window == 0:
             log_sparsity = self.log_feature_sparsity
             self.metrics.log(
                 {
@@ -529,6 +625,11 @@ class SAETrainer:
             and self.state.n_training_samples > self.checkpoint_thresholds[0]
         ):
             self.checkpoint_thresholds.pop(0)
+            if self.trainer_cfg.checkpoint_path is None:
+                # thresholds without a folder: only a save_checkpoint_fn to call (SAELens)
+                if self.save_checkpoint_fn is not None:
+                    self.save_checkpoint_fn(checkpoint_path=None)
+                return
             name = str(self.state.n_training_samples)
             self.check_weights_finite(f"checkpoint {name}")
             self.save_checkpoint(name)
@@ -539,7 +640,7 @@ class SAETrainer:
     def save_checkpoint(self, name: str, base_path: str | Path | None = None) -> Path:
         """Write ``<checkpoint_path>/<name>/`` atomically: the SAE (SAELens format,
         training config), the trainer state, the data position and the run config."""
-        base = Path(base_path if base_path is not None else self.cfg.checkpoint_path)
+        base = Path(base_path if base_path is not None else self.trainer_cfg.checkpoint_path)
         final = base / name
 
         def write(folder: Path) -> None:
@@ -549,6 +650,8 @@ class SAETrainer:
         # the whole folder is swapped in: a kill at any moment leaves the old checkpoint
         # or the new one, complete (fastsae.loading.atomic_dir)
         replace_dir(final, write)
+        if self.save_checkpoint_fn is not None:
+            self.save_checkpoint_fn(checkpoint_path=final)
         return final
 
     @contextlib.contextmanager

@@ -43,6 +43,7 @@ from sae_testing import assert_close
 
 import fastsae
 from fastsae.saes import (
+    AbsTopKTrainingSAEConfig,
     BatchTopKTrainingSAEConfig,
     GatedTrainingSAEConfig,
     JumpReLUTrainingSAEConfig,
@@ -201,6 +202,41 @@ CASES = [
         None,
     ),
     ("jumprelu-layer-norm", "jumprelu", {"normalize_activations": "layer_norm"}, {"l0": 0.3}, 60),
+    # AbsTopK: TopK's step with the selection (and AuxK's) on |hidden_pre|, sign kept
+    ("abstopk-rescale-nodead", "abstopk", {"k": K}, {}, None),
+    ("abstopk-rescale-zerodead", "abstopk", {"k": K}, {}, 0),
+    ("abstopk-rescale-fewdead", "abstopk", {"k": K}, {}, 10),
+    ("abstopk-rescale-manydead", "abstopk", {"k": K}, {}, 100),
+    (
+        "abstopk-norescale-fewdead",
+        "abstopk",
+        {"k": K, "rescale_acts_by_decoder_norm": False},
+        {},
+        10,
+    ),
+    (
+        "abstopk-norescale-manydead",
+        "abstopk",
+        {"k": K, "rescale_acts_by_decoder_norm": False, "aux_loss_coefficient": 0.4},
+        {},
+        100,
+    ),
+    ("abstopk-no-bdec", "abstopk", {"k": K, "apply_b_dec_to_input": False}, {}, 100),
+    (
+        "abstopk-expected-average",
+        "abstopk",
+        {"k": K, "normalize_activations": "expected_average_only_in"},
+        {},
+        100,
+    ),
+    (
+        "abstopk-constant-norm",
+        "abstopk",
+        {"k": K, "normalize_activations": "constant_norm_rescale"},
+        {},
+        None,
+    ),
+    ("abstopk-layer-norm", "abstopk", {"k": K, "normalize_activations": "layer_norm"}, {}, None),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -219,8 +255,10 @@ def test_training_step_matches_sae_lens(case):
     out_t = _run(theirs, SLTrainStepInput, x, coefficients, mask)
     _compare_steps(ours, theirs, out_o, out_t, FP32_TOL)
     # every case exercises what it names: aux losses are non-zero when latents are dead
-    if n_dead and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+    if n_dead and arch in ("topk", "abstopk", "batchtopk", "matryoshka_batchtopk"):
         assert float(out_t.losses["auxiliary_reconstruction_loss"].detach()) > 0
+    if arch == "abstopk":  # signed codes: the case exercises negative activations
+        assert (out_t.feature_acts < 0).any() and (out_t.feature_acts > 0).any()
     if kwargs.get("pre_act_loss_coefficient") and n_dead:
         assert float(out_t.losses["pre_act_loss"].detach()) > 0
     if arch == "jumprelu":
@@ -257,6 +295,7 @@ SPARSE_ARCHS = [
     ("topk", {"k": K}),
     ("batchtopk", {"k": 4.5}),
     ("matryoshka_batchtopk", {"k": 4.5, "matryoshka_widths": WIDTHS}),
+    ("abstopk", {"k": K}),
 ]
 
 
@@ -292,7 +331,7 @@ def test_sparse_step_is_lazy_and_hooks_switch_to_the_dense_path(arch, kwargs):
     dense_params = dict(dense_sae.named_parameters())
     for name, p in ours.named_parameters():
         assert_close(p.grad, dense_params[name].grad, FP32_TOL, f"grad {name}")
-    if arch != "topk":
+    if arch not in ("topk", "abstopk"):
         assert float(ours.topk_threshold) == pytest.approx(float(dense_sae.topk_threshold))
 
 
@@ -306,6 +345,8 @@ SAVE_CASES = [
     ("batchtopk", {"k": 4.5}),
     ("batchtopk", {"k": 4.5, "rescale_acts_by_decoder_norm": False}),
     ("matryoshka_batchtopk", {"k": 4.5, "matryoshka_widths": WIDTHS}),
+    ("abstopk", {"k": K}),
+    ("abstopk", {"k": K, "rescale_acts_by_decoder_norm": False}),
 ]
 
 
@@ -368,6 +409,7 @@ def test_decoder_init_norm(arch, kwargs):
         "topk-norescale-manydead",
         "batchtopk-norescale",
         "matryoshka-aux",
+        "abstopk-norescale-manydead",
     ],
 )
 def test_config_dict_round_trips_and_reads_in_sae_lens(case_id):
@@ -421,6 +463,9 @@ def test_config_validation_errors():
     _raises(r"\bk\b", TopKTrainingSAEConfig, k=4.5)
     _raises(r"\bk\b", TopKTrainingSAEConfig, k=0)
     _raises(r"\bk\b", TopKTrainingSAEConfig, k=D_SAE + 1)
+    _raises(r"\bk\b", AbsTopKTrainingSAEConfig, k=4.5)
+    _raises(r"\bk\b", AbsTopKTrainingSAEConfig, k=D_SAE + 1)
+    _raises("aux_loss_coefficient", AbsTopKTrainingSAEConfig, aux_loss_coefficient=-1.0)
     _raises(r"\bk\b", BatchTopKTrainingSAEConfig, k=0.0)
     _raises(r"\bk\b", BatchTopKTrainingSAEConfig, k=D_SAE + 0.5)
     _raises("topk_threshold_lr", BatchTopKTrainingSAEConfig, k=4.5, topk_threshold_lr=1.5)
@@ -455,9 +500,8 @@ def test_saved_cfg_json_equals_sae_lens(arch, kwargs, tmp_path):
     theirs.save_inference_model(tmp_path / "theirs")
     cfg_o = json.loads((tmp_path / "ours" / "cfg.json").read_text())
     cfg_t = json.loads((tmp_path / "theirs" / "cfg.json").read_text())
-    for cfg in (cfg_o, cfg_t):  # the writer's version differs by design
-        cfg["metadata"].pop("sae_lens_version")
-        cfg["metadata"].pop("sae_lens_training_version")
+    # the sae-lens versions are the parity target's; fastsae adds its own beside them
+    assert cfg_o["metadata"].pop("fastsae_version") == fastsae.__version__
     # fastsae's one extra training field (ghost grads, dropped by SAELens 6)
     assert cfg_o["metadata"]["training_architecture_details"].pop("use_ghost_grads", False) is False
     assert cfg_o == cfg_t
@@ -470,8 +514,9 @@ def test_saved_cfg_json_equals_sae_lens(arch, kwargs, tmp_path):
         ("batchtopk", {"k": 4.5}),
         ("batchtopk", {"k": 4.5, "rescale_acts_by_decoder_norm": False}),
         ("jumprelu", {}),
+        ("abstopk", {"k": K}),
     ],
-    ids=["topk", "batchtopk", "batchtopk-norescale", "jumprelu"],
+    ids=["topk", "batchtopk", "batchtopk-norescale", "jumprelu", "abstopk"],
 )
 def test_fold_activation_norm_scaling_factor_matches_sae_lens(arch, kwargs):
     ours, theirs = _make_pair(arch, kwargs)
@@ -503,13 +548,13 @@ def test_lazy_hidden_pre_refuses_after_an_optimizer_step(arch, kwargs):
     assert expected.shape == read_first.hidden_pre.shape
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk", "abstopk"])
 def test_sparse_step_gradients_are_bitwise_deterministic(arch):
     """Two identical steps give bit-identical gradients (exact resume depends on it; CPU
     advanced-indexing backward accumulates with parallel atomics and would not)."""
     from fastsae.saes import training_sae_class_for_architecture
 
-    extra = {"topk": {"k": 16}, "batchtopk": {"k": 16.0},
+    extra = {"topk": {"k": 16}, "abstopk": {"k": 16}, "batchtopk": {"k": 16.0},
              "matryoshka_batchtopk": {"k": 16.0, "matryoshka_widths": [256, 1536]}}[arch]  # fmt: skip
     cls = training_sae_class_for_architecture(arch)
     sae = cls(TrainingSAEConfig.from_dict({"architecture": arch, "d_in": 192, "d_sae": 1536,
@@ -536,6 +581,7 @@ def test_sparse_step_gradients_are_bitwise_deterministic(arch):
         ("topk", {"k": 4}),
         ("batchtopk", {"k": 4.0}),
         ("matryoshka_batchtopk", {"k": 4.0, "matryoshka_widths": [16, 64]}),
+        ("abstopk", {"k": 4}),
     ],
 )
 def test_training_sae_forward_matches_sae_lens(arch, kw):

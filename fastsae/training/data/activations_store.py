@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,6 +236,17 @@ class ActivationsStore:
         model_kwargs: extra keyword arguments for the model call.
         autocast_lm: run the model under bf16 autocast.
         streaming, dataset_trust_remote_code: used when ``dataset`` is a path/id.
+        prefetch_llm_batches: False/0 runs the model when the buffer needs activations;
+            True (1) or an int ``n`` runs it on a background thread that keeps up to
+            ``n`` model batches ready (token rows -> filtered activations, in the order
+            the synchronous store would make them), so the model's forward overlaps
+            with the caller's work between batches. The yielded batches and
+            ``state_dict()`` are exactly the synchronous store's; ``get_batch_tokens``,
+            ``get_filtered_llm_batch``, ``load_state_dict``, ``reset_input_dataset`` and
+            ``close()`` stop the thread first and drop the batches it made ahead (they
+            are made again, identically, when needed). Nothing else may run the model
+            while the thread does (TransformerLens hooks are the model's state): call
+            ``close()`` (or ``get_batch_tokens``) before using the model elsewhere.
     """
 
     def __init__(
@@ -263,7 +276,12 @@ class ActivationsStore:
         autocast_lm: bool = False,
         streaming: bool = True,
         dataset_trust_remote_code: bool = False,
+        prefetch_llm_batches: bool | int = False,
     ):
+        if not isinstance(prefetch_llm_batches, (bool, int)) or prefetch_llm_batches < 0:
+            raise ValueError(
+                f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch_llm_batches!r}"
+            )
         n_pos, buffer_tokens = check_store_arguments(
             model, hook_name, d_in, context_size, train_batch_size_tokens,
             store_batch_size_prompts, n_batches_in_buffer, prepend_bos, hook_head_index,
@@ -298,6 +316,8 @@ class ActivationsStore:
         self.seed = seed
         self.model_kwargs = dict(model_kwargs or {})
         self.autocast_lm = autocast_lm
+        self.prefetch_llm_batches = int(prefetch_llm_batches)
+        self._prefetcher: _LLMBatchPrefetcher | None = None
 
         # -- the model's hook (no forward yet) ------------------------------------------
         is_tl = hasattr(model, "hook_dict") and hasattr(model, "run_with_cache")
@@ -471,6 +491,7 @@ class ActivationsStore:
             streaming=get("streaming", True),
             dataset_trust_remote_code=bool(get("dataset_trust_remote_code", False)),
             tokenizer=tokenizer,
+            prefetch_llm_batches=get("prefetch_llm_batches", False),
         )
 
     # ------------------------------------------------------------------------------------
@@ -574,7 +595,7 @@ class ActivationsStore:
     @property
     def epoch(self) -> int:
         """Passes over the dataset finished so far."""
-        return self._rows.epoch
+        return int(self._position()[0]["epoch"])
 
     @property
     def row_shard(self) -> tuple[int, int]:
@@ -586,7 +607,7 @@ class ActivationsStore:
     def n_dataset_processed(self) -> int:
         """Dataset rows (documents) read so far, over all epochs (this replica's, under
         data parallelism)."""
-        return self._rows.n_dataset_processed
+        return int(self._position()[0]["n_dataset_processed"])
 
     def get_batch_tokens(
         self, batch_size: int | None = None, raise_at_epoch_end: bool = False
@@ -598,6 +619,10 @@ class ActivationsStore:
         ``raise_at_epoch_end`` a ``StopIteration`` is raised there and the rows already
         taken for this batch are dropped (as SAELens does).
         """
+        self._stop_prefetch()
+        return self._take_rows(batch_size, raise_at_epoch_end)
+
+    def _take_rows(self, batch_size: int | None, raise_at_epoch_end: bool) -> Tensor:
         n = batch_size or self.store_batch_size_prompts
         rows: list[Tensor] = []
         while len(rows) < n:
@@ -605,8 +630,8 @@ class ActivationsStore:
             if row is None:
                 warnings.warn(
                     "All samples in the training dataset have been exhausted, beginning new "
-                    f"epoch ({self.epoch}).",
-                    stacklevel=2,
+                    f"epoch ({self._rows.epoch}).",
+                    stacklevel=3,
                 )
                 if raise_at_epoch_end:
                     raise StopIteration(
@@ -632,6 +657,7 @@ class ActivationsStore:
                 f"train_batch_size_tokens={self.train_batch_size_tokens} does not split over "
                 f"{world_size} data-parallel ranks"
             )
+        self._stop_prefetch()
         if self._n_rows_seen or self._ready.shape[0] or self._storage.shape[0]:
             raise RuntimeError("shard_for_data_parallel must be called before the first batch")
         self._rows.doc_shard = (rank, world_size)
@@ -680,8 +706,58 @@ class ActivationsStore:
     def get_filtered_llm_batch(self, raise_on_epoch_end: bool = False) -> Tensor:
         """Activations of the next ``store_batch_size_prompts`` rows, flattened and
         filtered: ``[n_kept, d_in]`` in dataset order (no shuffling)."""
-        tokens = self.get_batch_tokens(raise_at_epoch_end=raise_on_epoch_end)
+        self._stop_prefetch()
+        return self._make_llm_batch(raise_on_epoch_end)
+
+    def _make_llm_batch(self, raise_on_epoch_end: bool = False) -> Tensor:
+        tokens = self._take_rows(None, raise_on_epoch_end)
         return self.filter_activations(tokens, self.get_activations(tokens))
+
+    # ------------------------------------------------------------------------------------
+    # background prefetching of model batches (prefetch_llm_batches)
+    # ------------------------------------------------------------------------------------
+    def _position(self) -> tuple[dict[str, Tensor], int]:
+        """Token-stream position and rows seen after the last model batch the buffer
+        took: with a prefetch thread running, not the thread's (further) position."""
+        if self._prefetcher is not None:
+            return self._prefetcher.position
+        return self._rows.state_dict(), self._n_rows_seen
+
+    def _next_llm_batch(self) -> Tensor:
+        """The next model batch for the buffer, from the prefetch thread when on."""
+        if not self.prefetch_llm_batches:
+            return self._make_llm_batch()
+        if self._prefetcher is None:
+            self._prefetcher = _LLMBatchPrefetcher(
+                self._produce_llm_batch,
+                (self._rows.state_dict(), self._n_rows_seen),
+                self.prefetch_llm_batches,
+            )
+        try:
+            return self._prefetcher.get()
+        except BaseException:
+            self._stop_prefetch()
+            raise
+
+    def _produce_llm_batch(self) -> tuple[Tensor, tuple[dict[str, Tensor], int]]:
+        """Runs on the prefetch thread: a model batch and the position after it."""
+        acts = self._make_llm_batch()
+        return acts, (self._rows.state_dict(), self._n_rows_seen)
+
+    def _stop_prefetch(self) -> None:
+        """Stop the prefetch thread (waiting for a forward in progress) and move the
+        token stream back to the last batch taken: batches made ahead are dropped."""
+        prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is None:
+            return
+        prefetcher.close()
+        rows_state, n_rows_seen = prefetcher.position
+        self._rows.load_state_dict(rows_state)
+        self._n_rows_seen = n_rows_seen
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if any (a later batch starts it again)."""
+        self._stop_prefetch()
 
     # ------------------------------------------------------------------------------------
     # the shuffling buffer
@@ -702,7 +778,7 @@ class ActivationsStore:
             or (need - have) < 8 * self.store_batch_size_prompts * self.training_context_size,
         )
         while have < need:
-            acts = self.get_filtered_llm_batch()
+            acts = self._next_llm_batch()
             pieces.append(acts)
             have += acts.shape[0]
             bar.update(min(acts.shape[0], max(need - bar.n, 0)))
@@ -734,21 +810,24 @@ class ActivationsStore:
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to continue exactly: buffer contents, the shuffling
         generator's state and the dataset position. All values are tensors, so the dict
-        can be saved with safetensors (``save``)."""
+        can be saved with safetensors (``save``). With prefetching on, the position is
+        that of the last model batch the buffer took (batches made ahead are not in it)."""
+        rows_state, n_rows_seen = self._position()
         return {
             "storage": self._storage.contiguous().clone(),
             "ready": self._ready.contiguous().clone(),
             "generator_state": self._generator.get_state(),
             "d_in": torch.tensor(self.d_in),
             "context_size": torch.tensor(self.context_size),
-            "n_rows_seen": torch.tensor(self._n_rows_seen),
+            "n_rows_seen": torch.tensor(n_rows_seen),
             "row_shard": torch.tensor(self.row_shard),
-            **self._rows.state_dict(),
+            **rows_state,
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Continue from ``state_dict()``: no model forward and no tokenization of the
         documents before the saved position."""
+        self._stop_prefetch()
         required = (
             "storage", "ready", "generator_state", "d_in", "context_size", "epoch",
             "doc_index", "doc_offset", "n_dataset_processed",
@@ -795,4 +874,65 @@ class ActivationsStore:
 
     def reset_input_dataset(self) -> None:
         """Restart the token stream at the dataset's first document (same epoch count)."""
+        self._stop_prefetch()
         self._rows.load_state_dict({**self._rows.state_dict(), "doc_index": 0, "doc_offset": 0})
+
+
+_DONE = object()
+
+
+class _LLMBatchPrefetcher:
+    """A daemon thread that calls ``produce()`` (-> ``(item, position after it)``) and
+    keeps up to ``depth`` results in a bounded queue. ``get()`` returns the items in
+    order and records the position after the last one taken (``position``); an
+    exception in ``produce`` is raised by the ``get()`` that would have returned its
+    item. ``close()`` stops the thread, waiting for a ``produce()`` in progress."""
+
+    def __init__(self, produce: Any, position: tuple[dict[str, Tensor], int], depth: int):
+        self.position = position
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(produce,), name="fastsae-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, produce: Any) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._put(produce()):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._error = e
+            self._put(_DONE)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> Tensor:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    item = _DONE
+                    break
+        if item is _DONE:
+            error = self._error
+            raise error if error is not None else RuntimeError("the prefetch thread stopped")
+        acts, self.position = item
+        return acts
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()

@@ -558,3 +558,101 @@ def test_data_parallel_store_state_and_furthest_position(tl_model, token_rows):
         tl_store(tl_model, token_rows).shard_for_data_parallel(0, 3)
     with pytest.raises(RuntimeError, match="before the first batch"):
         stores[0].shard_for_data_parallel(0, 2)
+
+
+# ----------------------------------------------------------------------------------------
+# prefetch_llm_batches: a background thread runs the model ahead
+# ----------------------------------------------------------------------------------------
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# the model is shared: a synchronous store must not run it while a prefetch thread does
+# (TransformerLens hooks are the model's state), so the references are made first
+
+
+@pytest.mark.parametrize("depth", [True, 3])
+def test_prefetch_yields_and_states_equal_synchronous(tl_model, token_rows, depth):
+    sync = tl_store(tl_model, token_rows)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All samples")  # > 2 epochs
+        expected = []
+        for _ in range(24):
+            batch = sync.next_batch()
+            expected.append((batch, sync.state_dict(), sync.epoch, sync.n_dataset_processed))
+        assert sync.epoch >= 2
+        pre = tl_store(tl_model, token_rows, prefetch_llm_batches=depth)
+        assert pre.prefetch_llm_batches == int(depth)
+        for batch, state, epoch, n_docs in expected:
+            assert torch.equal(pre.next_batch(), batch)
+            # the position is the last batch taken, not the thread's
+            assert _state_equal(pre.state_dict(), state)
+            assert (pre.epoch, pre.n_dataset_processed) == (epoch, n_docs)
+    pre.close()
+    assert pre._prefetcher is None
+
+
+def test_prefetch_resume_is_exact(tl_model, token_rows, tmp_path):
+    store = tl_store(tl_model, token_rows, prefetch_llm_batches=2)
+    for _ in range(5):
+        store.next_batch()
+    store.save(tmp_path / "state.safetensors")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All samples")
+        expected = [store.next_batch() for _ in range(12)]
+        store.close()
+        for prefetch in (0, 2):
+            fresh = tl_store(tl_model, token_rows, prefetch_llm_batches=prefetch)
+            fresh.next_batch()  # a thread running ahead is stopped and rewound by load
+            fresh.load(tmp_path / "state.safetensors")
+            got = [fresh.next_batch() for _ in range(12)]
+            fresh.close()
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_prefetch_interleaved_batch_tokens_equal_synchronous(tl_model, token_rows):
+    """get_batch_tokens (the runner's evaluation) takes the rows the synchronous store
+    would: the thread's rows made ahead are dropped and made again."""
+    sync = tl_store(tl_model, token_rows)
+    expected = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All samples")
+        for step in range(10):
+            expected.append(sync.next_batch())
+            if step % 3 == 1:
+                expected.append((sync.get_batch_tokens(2), sync.state_dict()))
+        pre = tl_store(tl_model, token_rows, prefetch_llm_batches=2)
+        for step in range(10):
+            assert torch.equal(pre.next_batch(), expected.pop(0))
+            if step % 3 == 1:
+                tokens, state = expected.pop(0)
+                assert torch.equal(pre.get_batch_tokens(2), tokens)
+                assert _state_equal(pre.state_dict(), state)
+    pre.close()
+
+
+def test_prefetch_error_is_raised_by_next_batch(tl_model):
+    rows = torch.randint(3, 100, (12, CTX)).tolist()
+    rows[9] = rows[9][:-1]  # a short row, read by the thread
+    ds = Dataset.from_dict({"tokens": rows})
+    store = tl_store(tl_model, ds, prefetch_llm_batches=1, n_batches_in_buffer=2)
+    with pytest.raises(ValueError, match="row 9 has 15 tokens"):
+        for _ in range(10):
+            store.next_batch()
+    assert store._prefetcher is None
+
+
+def test_prefetch_argument_and_config(tl_model, token_rows):
+    with pytest.raises(ValueError, match="prefetch_llm_batches"):
+        tl_store(tl_model, token_rows, prefetch_llm_batches=-1)
+    cfg = SimpleNamespace(
+        hook_name="blocks.1.hook_resid_pre", d_in=16, context_size=CTX,
+        train_batch_size_tokens=32, store_batch_size_prompts=4, n_batches_in_buffer=2,
+        prepend_bos=False, prefetch_llm_batches=True,
+    )  # fmt: skip
+    store = ActivationsStore.from_config(tl_model, cfg, override_dataset=token_rows)
+    assert store.prefetch_llm_batches == 1
+    store.next_batch()
+    store.close()
