@@ -64,6 +64,13 @@ class AbsTopKSAEConfig(TopKSAEConfig):
     _architecture: ClassVar[str | None] = "abstopk"
 
 
+def abs_topk_rows(h: Tensor, k: int) -> Tensor:
+    """``h`` with each row's k largest-magnitude entries kept, sign and all, the rest 0:
+    AbsTopK's AuxK selection (SAELens ``calculate_abstopk_aux_acts``)."""
+    indices = h.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(h).scatter(-1, indices, h.gather(-1, indices))
+
+
 class TopK(nn.Module):
     """SAELens's TopK activation (``activation_fn`` of the TopK SAEs): each row's k
     largest entries with ReLU applied, the rest zero; a ``torch.sparse`` COO tensor of
@@ -95,8 +102,7 @@ class AbsTopK(nn.Module):
         self.k = k
 
     def forward(self, x: Tensor) -> Tensor:
-        indices = torch.topk(x.abs(), k=self.k, dim=-1, sorted=False).indices
-        return torch.zeros_like(x).scatter(-1, indices, x.gather(-1, indices))
+        return abs_topk_rows(x, self.k)
 
 
 class TopKSAE(SAE[TopKSAEConfig]):
@@ -467,13 +473,6 @@ class AbsTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     """
 
     _architecture: ClassVar[str | None] = "abstopk"
-
-
-def abs_topk_rows(h: Tensor, k: int) -> Tensor:
-    """``h`` with each row's k largest-magnitude entries kept, sign and all, the rest 0:
-    AbsTopK's AuxK selection (SAELens ``calculate_abstopk_aux_acts``)."""
-    indices = h.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(h).scatter(-1, indices, h.gather(-1, indices))
 
 
 class AbsTopKTrainingSAE(TopKTrainingSAE):
