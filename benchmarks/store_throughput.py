@@ -14,12 +14,9 @@ with the same model, dataset, hook, context size, ``n_batches_in_buffer``,
 ``store_batch_size_prompts`` and ``train_batch_size_tokens`` (``prepend_bos=False``,
 no separator: the rows are used as given by both stores).
 
-The two libraries size the shuffling buffer differently from the same arguments:
-sae-lens 6.x holds ``n_batches_in_buffer * context_size`` activations, fastsae (as
-SAELens <= 5) ``n_batches_in_buffer * store_batch_size_prompts * context_size``. So
-the table also has a row ``fastsae (same buffer)``: fastsae with ``n_batches_in_buffer``
-divided by ``store_batch_size_prompts`` (when it divides), i.e. the same buffer size in
-tokens as sae-lens's, which separates the cost of a bigger buffer from per-token speed.
+Both libraries size the shuffling buffer from the same arguments in the same way
+(``n_batches_in_buffer * context_size`` activations, sae-lens 6's meaning), so every
+row of the table moves the same number of tokens through the same buffer.
 
 ``fastsae-prefetch`` is fastsae with ``prefetch_llm_batches=1`` (the model runs on a
 background thread); this script does nothing between batches, so on a CPU it measures
@@ -32,7 +29,7 @@ Usage::
 
     python benchmarks/store_throughput.py [--contexts 128 1024] [--batches 0]
         [--n-batches-in-buffer 16] [--store-batch 16] [--train-batch 1024]
-        [--libs fastsae fastsae-same-buffer fastsae-prefetch sae-lens] [--repeats 2]
+        [--libs fastsae fastsae-prefetch sae-lens] [--repeats 2]
         [--threads 2] [--out benchmarks/results/store-throughput-cpu-DATE.json]
 
 The reported case (``n_batches_in_buffer=64``, 16 prompts, context 1024) is
@@ -164,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
     p.add_argument(
         "--batches", type=int, default=0,
-        help="training batches timed after the first (0: enough to refill fastsae's "
-        "buffer twice)",
+        help="training batches timed after the first (0: enough to refill the buffer "
+        "twice, at least 4)",
     )  # fmt: skip
     p.add_argument("--n-batches-in-buffer", type=int, default=16)
     p.add_argument("--store-batch", type=int, default=16, help="store_batch_size_prompts")
@@ -178,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(
-        "--libs", nargs="+", default=["fastsae", "fastsae-same-buffer", "sae-lens"],
-        choices=["fastsae", "fastsae-same-buffer", "fastsae-prefetch", "sae-lens"],
+        "--libs", nargs="+", default=["fastsae", "sae-lens"],
+        choices=["fastsae", "fastsae-prefetch", "sae-lens"],
     )  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="runs per library (best is kept)")
     p.add_argument("--out", type=Path, default=None)
@@ -198,10 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     all_runs: list[dict[str, Any]] = []
     for ctx in args.contexts:
         model = build_model(max(ctx, 1024), args.seed, args.d_model, args.n_layers, args.d_vocab)
-        buffer_fast = args.n_batches_in_buffer * args.store_batch * ctx
-        n_batches = args.batches or max(1, buffer_fast // args.train_batch)
+        buffer_tokens = args.n_batches_in_buffer * ctx
+        n_batches = args.batches or max(4, buffer_tokens // args.train_batch)
         tokens_needed = (n_batches + 2) * args.train_batch
-        n_rows = args.rows or max(tokens_needed + buffer_fast, 4 * buffer_fast) // ctx + 1
+        n_rows = args.rows or max(tokens_needed + buffer_tokens, 4 * buffer_tokens) // ctx + 1
         dataset = build_dataset(n_rows, ctx, args.d_vocab, args.seed)
         with torch.no_grad():  # warm-up: the first forward at a new shape pays extra
             model(torch.tensor(dataset[: args.store_batch]["tokens"]), stop_at_layer=1)
@@ -212,18 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best: dict[str, dict[str, Any]] = {}
         for rep, lib in order:
             nb = args.n_batches_in_buffer
-            if lib == "fastsae-same-buffer":
-                if nb % args.store_batch:
-                    print(f"skip {lib}: n_batches_in_buffer {nb} % store_batch != 0")
-                    continue
-                nb //= args.store_batch
             maker = saelens_store if lib == "sae-lens" else fastsae_store
             if lib == "fastsae-prefetch":  # prefetch_llm_batches=1: one model batch ahead
                 maker = functools.partial(fastsae_store, prefetch=1)
-            buffer_tokens = nb * ctx * (1 if lib == "sae-lens" else args.store_batch)
-            if buffer_tokens < args.train_batch:
-                print(f"skip {lib} at context {ctx}: buffer {buffer_tokens} < train batch")
-                continue
+            if buffer_tokens < args.train_batch:  # sae-lens 6 refuses a buffer under a batch
+                print(f"skip context {ctx}: buffer {buffer_tokens} < train batch")
+                break
             make = functools.partial(maker, model, dataset, args, ctx, nb)  # type: ignore
             r = measure(make, n_batches, args.train_batch)
             r.update(

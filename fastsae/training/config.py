@@ -140,7 +140,9 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
 
     # ---------------------------------------------------------------- activations store
     n_batches_in_buffer: int = 20
-    """Model batches the shuffling buffer holds; a larger buffer shuffles better."""
+    """Contexts the shuffling buffer holds (``n_batches_in_buffer * context_size``
+    activations after ``seqpos_slice``, as in sae-lens 6; at least one training batch);
+    a larger buffer shuffles better."""
     training_tokens: int = 2_000_000
     """Tokens to train on: ``training_tokens // train_batch_size_tokens`` steps."""
     store_batch_size_prompts: int = 32
@@ -595,21 +597,11 @@ def check_seqpos_slice(seqpos_slice: Any, context_size: int) -> int:
     return n_pos
 
 
-def check_buffer_holds_a_batch(
-    n_batches_in_buffer: int,
-    store_batch_size_prompts: int,
-    n_pos: int,
-    train_batch_size_tokens: int,
-) -> int:
-    """The shuffling buffer's size in tokens; an error when it cannot hold one batch."""
-    buffer_tokens = n_batches_in_buffer * store_batch_size_prompts * n_pos
-    if buffer_tokens < train_batch_size_tokens:
-        raise ValueError(
-            f"the buffer (n_batches_in_buffer * store_batch_size_prompts * positions = "
-            f"{n_batches_in_buffer} * {store_batch_size_prompts} * {n_pos} = {buffer_tokens}"
-            f") must hold at least train_batch_size_tokens={train_batch_size_tokens}"
-        )
-    return buffer_tokens
+def buffer_size_tokens(n_batches_in_buffer: int, n_pos: int, train_batch_size_tokens: int) -> int:
+    """The shuffling buffer's size in activations: ``n_batches_in_buffer`` training
+    contexts of ``n_pos`` positions each (sae-lens 6's meaning), and never less than one
+    training batch (where sae-lens 6 raises, the buffer grows to one batch)."""
+    return max(n_batches_in_buffer * n_pos, train_batch_size_tokens)
 
 
 def _check_types(cfg: LanguageModelSAERunnerConfig) -> None:
@@ -639,14 +631,7 @@ def _check_the_run_trains(cfg: LanguageModelSAERunnerConfig) -> None:
             f"(train_batch_size_tokens={cfg.train_batch_size_tokens}): the run would train "
             "no step; raise training_tokens or lower train_batch_size_tokens"
         )
-    n_pos = check_seqpos_slice(cfg.seqpos_slice, cfg.context_size)
-    if not cfg.use_cached_activations:
-        check_buffer_holds_a_batch(
-            cfg.n_batches_in_buffer,
-            cfg.store_batch_size_prompts,
-            n_pos,
-            cfg.train_batch_size_tokens,
-        )
+    check_seqpos_slice(cfg.seqpos_slice, cfg.context_size)
     if cfg.checkpoint_path is None:
         asked = [
             f"{name}={getattr(cfg, name)!r}"

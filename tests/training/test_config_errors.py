@@ -266,8 +266,6 @@ def test_training_tokens_below_one_batch_is_refused_before_the_model_loads(tmp_p
         ({"seqpos_slice": [200, None], "context_size": 128}, r"seqpos_slice=\(200, None\) keeps"
          " no position of context_size=128"),
         ({"seqpos_slice": [0, 8, 0]}, "seqpos_slice step must be positive"),
-        ({"n_batches_in_buffer": 1, "store_batch_size_prompts": 1, "context_size": 16},
-         r"the buffer .* = 16\) must hold at least train_batch_size_tokens=100"),
         ({"checkpoint_path": None, "n_checkpoints": 3}, "n_checkpoints=3 ask for checkpoints "
          "but checkpoint_path is None"),
         ({"checkpoint_path": None, "save_final_checkpoint": True}, "save_final_checkpoint=True"),

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from fastsae.loading.disk import read_tensors
 from fastsae.saes.config import str_to_dtype
-from fastsae.training.config import check_buffer_holds_a_batch, check_seqpos_slice
+from fastsae.training.config import buffer_size_tokens, check_seqpos_slice
 from fastsae.training.data.model_hooks import ModuleReader, TransformerLensReader
 from fastsae.training.data.text_loading import HfDataset, load_text_dataset
 from fastsae.training.data.token_rows import TokenRowSource, special_token_id
@@ -163,9 +163,7 @@ def check_store_arguments(
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise ValueError(f"model_kwargs must be a dict or None, got {model_kwargs!r}")
     n_pos = check_seqpos_slice(seqpos_slice, context_size)
-    buffer_tokens = check_buffer_holds_a_batch(
-        n_batches_in_buffer, store_batch_size_prompts, n_pos, train_batch_size_tokens
-    )
+    buffer_tokens = buffer_size_tokens(n_batches_in_buffer, n_pos, train_batch_size_tokens)
     return n_pos, buffer_tokens
 
 
@@ -215,8 +213,9 @@ class ActivationsStore:
         context_size: tokens per row fed to the model.
         train_batch_size_tokens: rows of each yielded batch.
         store_batch_size_prompts: rows (sequences) per model forward.
-        n_batches_in_buffer: the buffer holds ``n_batches_in_buffer *
-            store_batch_size_prompts * n_pos`` activations; each refill replaces half.
+        n_batches_in_buffer: the buffer holds ``n_batches_in_buffer * n_pos``
+            activations (``n_pos``: positions kept per row after ``seqpos_slice``), as in
+            sae-lens 6, and at least one training batch; each refill replaces half.
         prepend_bos: every packed row starts with BOS (CLS for encoder tokenizers such
             as BERT/MiniLM, which have no BOS). Pre-tokenized rows of exactly
             ``context_size`` tokens are used as given.

@@ -62,7 +62,7 @@ def text_ds():
 def tl_store(model, dataset, **kw):
     args = dict(
         hook_name="blocks.1.hook_resid_pre", d_in=16, context_size=CTX,
-        train_batch_size_tokens=32, store_batch_size_prompts=4, n_batches_in_buffer=4,
+        train_batch_size_tokens=32, store_batch_size_prompts=4, n_batches_in_buffer=16,
     )  # fmt: skip
     args.update(kw)
     return ActivationsStore(model, dataset, **args)
@@ -72,7 +72,7 @@ def hf_store(minilm, dataset, **kw):
     model, tok = minilm
     args = dict(
         hook_name="encoder.layer.2", d_in=384, context_size=CTX, tokenizer=tok,
-        train_batch_size_tokens=24, store_batch_size_prompts=3, n_batches_in_buffer=2,
+        train_batch_size_tokens=24, store_batch_size_prompts=3, n_batches_in_buffer=6,
     )  # fmt: skip
     args.update(kw)
     return ActivationsStore(model, dataset, **args)
@@ -289,8 +289,23 @@ def test_text_rows_are_packed_documents(minilm, text_ds):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "n_batches,seqpos,batch,expected",
+    [(16, (None,), 32, 256), (3, (None,), 32, 48), (1, (None,), 32, 32), (8, (2, 10), 8, 64)],
+)
+def test_buffer_holds_n_batches_contexts(tl_model, token_rows, n_batches, seqpos, batch, expected):
+    # sae-lens 6: n_batches_in_buffer * positions kept per context, independent of
+    # store_batch_size_prompts; grown to one training batch where sae-lens would raise
+    store = tl_store(
+        tl_model, token_rows, n_batches_in_buffer=n_batches, seqpos_slice=seqpos,
+        train_batch_size_tokens=batch, store_batch_size_prompts=4,
+    )  # fmt: skip
+    assert store.buffer_size_tokens == expected
+    assert store.next_batch().shape == (batch, 16)
+
+
 def test_shuffling_changes_order_and_keeps_rows(tl_model, token_rows):
-    store = tl_store(tl_model, token_rows)  # buffer 4 * 4 * 16 = 256, batch 32
+    store = tl_store(tl_model, token_rows)  # buffer 16 contexts * 16 = 256, batch 32
     served = torch.cat([store.next_batch() for _ in range(4)])  # first refill serves half
     assert served.shape == (128, 16)
     reference = tl_store(tl_model, token_rows)
@@ -343,7 +358,7 @@ def test_tl_state_dict_resumes_exactly_across_epochs(tl_model, token_rows, tmp_p
 
 
 def test_hf_text_state_dict_resumes_mid_document(minilm, text_ds):
-    kw = dict(store_batch_size_prompts=2, train_batch_size_tokens=16)
+    kw = dict(store_batch_size_prompts=2, train_batch_size_tokens=16, n_batches_in_buffer=4)
     store = hf_store(minilm, text_ds, **kw)
     store.next_batch()
     state = store.state_dict()
@@ -398,7 +413,7 @@ def test_d_in_mismatch(tl_model, token_rows, minilm, text_ds):
         ({"d_in": -1}, None, "d_in"),
         ({"seqpos_slice": (20, None)}, None, "seqpos_slice"),
         ({"seqpos_slice": (0, None, 0)}, None, "seqpos_slice"),
-        ({"train_batch_size_tokens": 10**6}, None, "train_batch_size_tokens"),
+        ({"train_batch_size_tokens": 0}, None, "train_batch_size_tokens"),
         ({"prepend_bos": "yes"}, None, "prepend_bos"),
         ({"dtype": "float8"}, None, "dtype"),
         ({"exclude_special_tokens": "all"}, None, "exclude_special_tokens"),
@@ -521,7 +536,7 @@ def test_shard_for_data_parallel_reads_own_documents_and_runs_the_model_on_own_r
     assert store.train_batch_size_tokens == 15 and store.row_shard == (1, 2)
     batch = store.next_batch()
     assert batch.shape == (15, 16)
-    # the model ran on this rank's rows only: the buffer (4 x 4 rows) needs 16 own rows,
+    # the model ran on this rank's rows only: the buffer (16 rows) needs 16 own rows,
     # read from this rank's documents (rows 1, 3, 5, ...) and no other
     assert sum(seen) == store.buffer_size_tokens // CTX == store._n_rows_seen == 16
     own = torch.tensor(token_rows["tokens"])[1::2]  # 12 rows: the second epoch began
