@@ -5,7 +5,8 @@ class, and ending with one :func:`~fastsae.saes.registry.register` call.
 * :mod:`.config` / :mod:`.base`: what every SAE config and SAE has;
 * :mod:`.training_sae`: what every training SAE has (step input/output, the dense step);
 * :mod:`.standard`, :mod:`.gated`, :mod:`.jumprelu`, :mod:`.topk` (TopK, AbsTopK),
-  :mod:`.batchtopk` (BatchTopK, Matryoshka), :mod:`.transcoder`: the architectures;
+  :mod:`.batchtopk` (BatchTopK, Matryoshka), :mod:`.transcoder`,
+  :mod:`.matching_pursuit`, :mod:`.temporal`: the architectures;
 * :mod:`.registry`: the one architecture registry.
 
 Names load on first access, so importing one module of this package (which the
@@ -73,6 +74,12 @@ _NAMES: dict[str, str] = {
     "JumpReLUTranscoderConfig": "transcoder",
     "JumpReLUSkipTranscoder": "transcoder",
     "JumpReLUSkipTranscoderConfig": "transcoder",
+    "MatchingPursuitSAE": "matching_pursuit",
+    "MatchingPursuitSAEConfig": "matching_pursuit",
+    "MatchingPursuitTrainingSAE": "matching_pursuit",
+    "MatchingPursuitTrainingSAEConfig": "matching_pursuit",
+    "TemporalSAE": "temporal",
+    "TemporalSAEConfig": "temporal",
 }
 
 
@@ -114,6 +121,12 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
         JumpReLUTrainingSAEConfig,
         ShardedJumpReLUTrainingSAE,
     )
+    from fastsae.saes.matching_pursuit import (
+        MatchingPursuitSAE,
+        MatchingPursuitSAEConfig,
+        MatchingPursuitTrainingSAE,
+        MatchingPursuitTrainingSAEConfig,
+    )
     from fastsae.saes.registry import (
         config_class_for_architecture,
         known_architectures,
@@ -132,6 +145,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
     )
+    from fastsae.saes.temporal import TemporalSAE, TemporalSAEConfig
     from fastsae.saes.topk import (
         AbsTopKSAE,
         AbsTopKSAEConfig,
@@ -218,4 +232,10 @@ __all__ = [
     "JumpReLUTranscoderConfig",
     "JumpReLUSkipTranscoder",
     "JumpReLUSkipTranscoderConfig",
+    "MatchingPursuitSAE",
+    "MatchingPursuitSAEConfig",
+    "MatchingPursuitTrainingSAE",
+    "MatchingPursuitTrainingSAEConfig",
+    "TemporalSAE",
+    "TemporalSAEConfig",
 ]

@@ -41,6 +41,8 @@ BUILTIN_MODULES = (
     "fastsae.saes.topk",
     "fastsae.saes.batchtopk",
     "fastsae.saes.transcoder",
+    "fastsae.saes.matching_pursuit",
+    "fastsae.saes.temporal",
 )
 PARTS = ("sae_cls", "cfg_cls", "training_cls", "training_cfg_cls", "sharded")
 

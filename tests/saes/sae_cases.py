@@ -32,9 +32,18 @@ from fastsae.saes.config import SAEMetadata
 FP32_TOL = 1e-5
 
 # --------------------------------------------------------------------------- inference
-ARCHS = sorted(SAE_CLASSES)
+# Sequence SAEs take only [batch, seq, d_in] and, as in sae-lens, fold nothing: the flat
+# inputs and folds of the shared suites do not apply. tests/saes/test_temporal.py runs
+# the same checks on sequences (make_pair and cfg_kwargs still build its pairs).
+SEQUENCE_ARCHS = ["temporal"]
+ARCHS = sorted(a for a in SAE_CLASSES if a not in SEQUENCE_ARCHS)
 TRANSCODERS = [a for a in ARCHS if "transcoder" in a]
 TOPK_ARCHS = ["topk", "abstopk"]
+# Matching pursuit, as in sae-lens: its greedy encoder has no single pre-activation, so
+# hook_sae_acts_pre / hook_sae_acts_post never fire, and its encoder is tied to W_dec, so
+# fold_W_dec_norm and fold_activation_whitening raise NotImplementedError in both.
+NO_ACT_HOOK_ARCHS = ["matching_pursuit"]
+TIED_ARCHS = ["matching_pursuit"]
 D_IN, D_SAE, K, D_OUT = 20, 60, 5, 12
 HOOK_NAME = "blocks.0.hook_resid_pre"
 SHAPES = {"2d": (7, D_IN), "3d": (3, 5, D_IN)}
@@ -85,6 +94,8 @@ def cfg_kwargs(
     if arch in TOPK_ARCHS:
         kwargs["k"] = K
         kwargs["rescale_acts_by_decoder_norm"] = rescale_acts_by_decoder_norm
+    if arch == "temporal":  # attention widths: D_SAE // 3 = 20 over 4 heads
+        kwargs.update(n_heads=4, bottleneck_factor=3, kval_topk=K)
     return kwargs
 
 
