@@ -25,7 +25,7 @@ from fastsae.loading.atomic_dir import recover_dir
 from fastsae.loading.disk import (
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
-    DiskConverter,
+    PretrainedSaeDiskLoader,
     build_sae,
     check_device,
     handle_config_defaulting,
@@ -291,7 +291,7 @@ def dictionary_learning_disk_loader(
 
 
 # ---------------------------------------------------------------------------- detection
-DISK_CONVERTERS: dict[str, DiskConverter] = {
+DISK_CONVERTERS: dict[str, PretrainedSaeDiskLoader] = {
     "sae_lens": sae_lens_disk_loader,
     "gemma_scope": gemma_scope_disk_loader,
     "sparsify": sparsify_disk_loader,
@@ -299,7 +299,7 @@ DISK_CONVERTERS: dict[str, DiskConverter] = {
 }
 
 
-def detect_disk_converter(path: str | Path) -> DiskConverter:
+def detect_disk_converter(path: str | Path) -> PretrainedSaeDiskLoader:
     """Pick the converter for a directory from the files in it."""
     path = Path(path)
     if path.is_file():
@@ -327,7 +327,7 @@ def load_sae_from_disk(
     path: str | Path,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
-    converter: DiskConverter | None = None,
+    converter: PretrainedSaeDiskLoader | None = None,
     *,
     expected_cls: type[SAE] | None = None,
     validate: bool = False,

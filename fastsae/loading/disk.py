@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,8 +49,17 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # per-file temporaries of fastsae versions that renamed files one at a time
 _LEGACY_FILE_TMP = re.compile(r"^\..+\.(json|safetensors)(\.[A-Za-z0-9_]+)?\.tmp$")
 
-# A converter reads a directory and returns (cfg_dict, state_dict).
-DiskConverter = Callable[..., tuple[dict[str, Any], dict[str, Tensor]]]
+
+class PretrainedSaeDiskLoader(Protocol):
+    """Reads one SAE directory: ``(cfg_dict, state_dict)``, the config not yet defaulted
+    (``SAE.load_from_disk(path, converter=...)``; sae-lens's protocol)."""
+
+    def __call__(
+        self,
+        path: str | Path,
+        device: str,
+        cfg_overrides: dict[str, Any] | None,
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]: ...
 
 
 # ---------------------------------------------------------------------------- reading

@@ -17,29 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from fastsae.loading.atomic_dir import recover_dir
-from fastsae.loading.converters import (
-    DICTIONARY_LEARNING_FILENAME,
-    GEMMA_SCOPE_FILENAME,
-    SPARSIFY_WEIGHTS_FILENAME,
-    detect_disk_converter,
-    dictionary_learning_disk_loader,
-    gemma_scope_disk_loader,
-    sparsify_disk_loader,
-)
-from fastsae.loading.disk import (
-    SAE_CFG_FILENAME,
-    SAE_WEIGHTS_FILENAME,
-    SPARSITY_FILENAME,
-    DiskConverter,
-    build_sae,
-    handle_config_defaulting,
-    read_log_sparsity,
-    sae_lens_disk_loader,
-)
+from fastsae.loading.converters import detect_disk_converter
+from fastsae.loading.disk import build_sae, handle_config_defaulting
+from fastsae.loading.hub import PretrainedSaeHuggingfaceLoader, fetch, local_repo, offline
+from fastsae.loading.hub_loaders import DISK_FORMATS, PROBES, loader_for_format
 from fastsae.saes.config import LLM_METADATA_KEYS, dtype_to_str
 
 if TYPE_CHECKING:
@@ -83,86 +66,23 @@ def get_pretrained_saes_directory() -> dict[str, PretrainedRelease]:
     return directory
 
 
-# registry format name -> (files to fetch, optional files, disk converter)
-_FORMATS: dict[str, tuple[list[str], list[str], DiskConverter]] = {
-    "sae_lens": (
-        [SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME],
-        [SPARSITY_FILENAME],
-        sae_lens_disk_loader,
-    ),
-    "gemma_2": ([GEMMA_SCOPE_FILENAME], [], gemma_scope_disk_loader),
-    "sparsify": ([SAE_CFG_FILENAME, SPARSIFY_WEIGHTS_FILENAME], [], sparsify_disk_loader),
-    "dictionary_learning_1": (
-        [DICTIONARY_LEARNING_FILENAME, "config.json"],
-        [],
-        dictionary_learning_disk_loader,
-    ),
-}
-# files that identify a format in a plain repo folder, tried in this order
-_PROBES = [
-    (SAE_WEIGHTS_FILENAME, "sae_lens"),
-    (SPARSIFY_WEIGHTS_FILENAME, "sparsify"),
-    (GEMMA_SCOPE_FILENAME, "gemma_2"),
-    (DICTIONARY_LEARNING_FILENAME, "dictionary_learning_1"),
-]
-
-
-def _hf_download(repo_id: str, filename: str, force_download: bool) -> Path | None:
-    """Download one file (or find it in the cache); None when the repo has no such file."""
-    try:
-        return Path(
-            hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download)
-        )
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
-
-
-def _fetch_folder(
-    repo_id: str, folder: str, fmt: str | None, force_download: bool
-) -> tuple[Path, str]:
-    """Make ``folder`` of ``repo_id`` available locally; returns (local folder, format)."""
-    local_root = Path(repo_id).expanduser()
-    if local_root.is_dir():  # a local directory laid out like a hub repo
-        local = recover_dir(local_root / folder)  # finish a swap that a kill interrupted
+def detect_format(repo_id: str, folder: str, force_download: bool) -> str:
+    """The registry format of a folder of a repo that is not in the registry, from the
+    files in it (a local directory ``repo_id`` is read directly)."""
+    root = local_repo(repo_id)
+    if root is not None:
+        local = recover_dir(root / folder)  # finish a swap that a kill interrupted
         if not local.is_dir():
             raise FileNotFoundError(f"{local}: SAE folder not found")
-        converter = detect_disk_converter(local)  # raises naming what is missing
-        return local, fmt or _format_of(converter)
+        return DISK_FORMATS[detect_disk_converter(local)]  # raises naming what is missing
     prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
-    if fmt is None:
-        for probe, name in _PROBES:
-            if _hf_download(repo_id, prefix + probe, force_download) is not None:
-                fmt = name
-                break
-        else:
-            raise FileNotFoundError(
-                f"{repo_id}/{folder}: no SAE files found (looked for "
-                f"{[p for p, _ in _PROBES]}; offline={_offline()})"
-            )
-    needed, optional, _ = _FORMATS[fmt]
-    local = None
-    for name in needed:
-        got = _hf_download(repo_id, prefix + name, force_download)
-        if got is None:
-            raise FileNotFoundError(f"{repo_id}: missing {prefix + name} (offline={_offline()})")
-        local = got.parent
-    for name in optional:
-        _hf_download(repo_id, prefix + name, force_download)
-    if fmt == "sparsify" and prefix:  # the run config beside the layer folders names the model
-        _hf_download(repo_id, "config.json", force_download)
-    assert local is not None
-    return local, fmt
-
-
-def _offline() -> bool:
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _format_of(converter: DiskConverter) -> str:
-    for name, (_, _, conv) in _FORMATS.items():
-        if conv is converter:
+    for probe, name in PROBES:
+        if fetch(repo_id, prefix + probe, force_download, required=False) is not None:
             return name
-    raise AssertionError(converter)
+    raise FileNotFoundError(
+        f"{repo_id}/{folder}: no SAE files found (looked for "
+        f"{[p for p, _ in PROBES]}; offline={offline()})"
+    )
 
 
 def load_pretrained(
@@ -172,11 +92,15 @@ def load_pretrained(
     device: str = "cpu",
     dtype: str | torch.dtype = "float32",
     force_download: bool = False,
-    converter: DiskConverter | None = None,
+    converter: PretrainedSaeHuggingfaceLoader | None = None,
     fold_W_dec_norm: bool = False,
     expected_cls: type[SAE] | None = None,
 ) -> tuple[SAE, dict[str, Any], torch.Tensor | None]:
-    """Resolve, download, convert and build: ``(sae, cfg_dict, log_sparsity)``."""
+    """Resolve, download, convert and build: ``(sae, cfg_dict, log_sparsity)``.
+
+    ``converter`` (sae-lens's ``PretrainedSaeHuggingfaceLoader``) replaces the loader
+    the release's format names.
+    """
     directory = get_pretrained_saes_directory()
     overrides: dict[str, Any] = {}
     fmt: str | None = None
@@ -188,12 +112,6 @@ def load_pretrained(
             raise ValueError(f"ID {sae_id} not found in release {release}. Valid IDs are {shown}.")
         repo_id, folder = info.repo_id, info.saes_map[sae_id]
         fmt = info.conversion_func or "sae_lens"
-        if fmt not in _FORMATS and converter is None:
-            raise NotImplementedError(
-                f"release {release!r} is in the {fmt!r} format, which fastsae does not convert "
-                f"yet (supported: {sorted(_FORMATS)}). Load it with sae_lens and convert it with "
-                "fastsae.SAE.from_sae_lens(sae)."
-            )
         overrides.update(info.config_overrides or {})
         if sae_id in info.neuronpedia_id:
             overrides["neuronpedia_id"] = info.neuronpedia_id[sae_id]
@@ -213,23 +131,29 @@ def load_pretrained(
             "huggingface repo."
         )
 
-    local, fmt = _fetch_folder(repo_id, folder, fmt, force_download)
-    convert = converter or _FORMATS[fmt][2]
+    if converter is None:
+        if fmt is None:
+            fmt = detect_format(repo_id, folder, force_download)
+        converter = loader_for_format(fmt)
+    elif local_repo(repo_id) is not None:  # a user's loader may read the folder itself
+        recover_dir(local_repo(repo_id) / folder)
     dtype_str = dtype_to_str(dtype)
     overrides.update(device=device, dtype=dtype_str)
-    if convert is gemma_scope_disk_loader:
-        cfg_dict, state_dict = gemma_scope_disk_loader(
-            local, device=device, cfg_overrides=overrides, repo_id=repo_id, folder=folder
-        )
-    else:
-        cfg_dict, state_dict = convert(local, device=device, cfg_overrides=overrides)
-    cfg_dict = handle_config_defaulting(cfg_dict, where=f"{repo_id}/{folder}")
+    where = f"{repo_id}/{folder}"
+    cfg_dict, state_dict, log_sparsity = converter(
+        repo_id=repo_id,
+        folder_name=folder,
+        device=device,
+        force_download=force_download,
+        cfg_overrides=overrides,
+    )
+    cfg_dict = handle_config_defaulting(cfg_dict, where=where)
     # registry metadata (neuronpedia_id, dataset_path, ...) must land in ``metadata``: a
     # 6.x cfg.json is not rewritten, and top-level keys that are not fields are dropped
     metadata_overrides = {k: v for k, v in overrides.items() if k in LLM_METADATA_KEYS}
     if metadata_overrides:
         cfg_dict["metadata"] = {**(cfg_dict.get("metadata") or {}), **metadata_overrides}
-    sae = build_sae(cfg_dict, state_dict, where=f"{repo_id}/{folder}", expected_cls=expected_cls)
+    sae = build_sae(cfg_dict, state_dict, where=where, expected_cls=expected_cls)
     if sae.cfg.normalize_activations == "expected_average_only_in":
         factor = info.norm_scaling_factor.get(sae_id) if info is not None else None
         if factor is not None:
@@ -243,9 +167,20 @@ def load_pretrained(
             )
     if fold_W_dec_norm:
         sae.fold_W_dec_norm()
-    log_sparsity = read_log_sparsity(local / SPARSITY_FILENAME, device, d_sae=sae.cfg.d_sae)
+    if log_sparsity is not None:
+        log_sparsity = check_log_sparsity(log_sparsity, sae.cfg.d_sae, where)
     sae._log_sparsity = log_sparsity
     return sae, flat_cfg_dict(sae), log_sparsity
+
+
+def check_log_sparsity(log_sparsity: torch.Tensor, d_sae: int, where: str) -> torch.Tensor:
+    """A loader's log sparsity, after checking it is the SAE's (``[d_sae]``)."""
+    if log_sparsity.numel() != d_sae or max(log_sparsity.shape, default=1) != d_sae:
+        raise ValueError(
+            f"{where}: sparsity has shape {list(log_sparsity.shape)}, but the SAE has "
+            f"d_sae={d_sae} (expected [{d_sae}]); the file belongs to another SAE"
+        )
+    return log_sparsity
 
 
 def flat_cfg_dict(sae: SAE) -> dict[str, Any]:

@@ -460,8 +460,10 @@ class SAE(HookedRootModule, Generic[T_SAE_CONFIG]):
     ) -> T_SAE:
         """Load an SAE directory written by sae-lens (6.x or older) or fastsae.
 
-        ``converter=None`` also recognises Gemma Scope (``params.npz``), EleutherAI
-        sparsify (``sae.safetensors``) and dictionary_learning (``ae.pt``) folders.
+        ``converter`` is a ``PretrainedSaeDiskLoader`` (``(path, device, cfg_overrides)
+        -> (cfg_dict, state_dict)``); ``None`` also recognises Gemma Scope
+        (``params.npz``), EleutherAI sparsify (``sae.safetensors``) and
+        dictionary_learning (``ae.pt``) folders.
         ``dtype`` overrides the stored dtype; ``validate=True`` rejects NaN/inf weights.
         """
         sae = load_sae_from_disk(
@@ -498,8 +500,11 @@ class SAE(HookedRootModule, Generic[T_SAE_CONFIG]):
         (``sae_id`` = folder) or local repo directory.
 
         Downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE`` and
-        ``force_download`` apply). Unpacking the result as ``sae, cfg_dict, sparsity``
-        still works, with a DeprecationWarning.
+        ``force_download`` apply). ``converter`` (a ``PretrainedSaeHuggingfaceLoader``,
+        ``(repo_id, folder_name, device, force_download, cfg_overrides) -> (cfg_dict,
+        state_dict, log_sparsity)``) replaces the loader of the release's format.
+        Unpacking the result as ``sae, cfg_dict, sparsity`` still works, with a
+        DeprecationWarning.
         """
         return cls.from_pretrained_with_cfg_and_sparsity(
             release,

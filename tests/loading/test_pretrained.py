@@ -9,10 +9,7 @@ tried to download would fail instead of reaching the network.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from safetensors.torch import save_file
 
 import fastsae
 from fastsae.loading import pretrained
+from fastsae.loading.hub_loaders import NAMED_PRETRAINED_SAE_LOADERS
 from fastsae.loading.pretrained import PretrainedRelease, get_pretrained_saes_directory
 
 D_IN, D_SAE, K = 20, 60, 5
@@ -54,58 +52,6 @@ def random_sae(arch: str = "standard", seed: int = 1, **extra) -> fastsae.SAE:
         else:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return sae
-
-
-# --------------------------------------------------------------------------- a fake hub
-class FakeHub:
-    """Writes repos straight into a Hugging Face cache directory."""
-
-    def __init__(self, cache: Path):
-        self.cache = cache
-
-    def snapshot(self, repo_id: str, *, blobs: bool = False) -> Path:
-        """The snapshot folder of ``repo_id`` (created, with ``refs/main``).
-
-        With ``blobs=True`` call :meth:`to_blobs` after writing to get the layout
-        huggingface_hub itself writes: files in ``blobs/`` and symlinks in the snapshot.
-        """
-        repo_dir = self.cache / f"models--{repo_id.replace('/', '--')}"
-        sha = hashlib.sha1(repo_id.encode()).hexdigest()
-        snap = repo_dir / "snapshots" / sha
-        snap.mkdir(parents=True, exist_ok=True)
-        (repo_dir / "refs").mkdir(exist_ok=True)
-        (repo_dir / "refs" / "main").write_text(sha)
-        return snap
-
-    @staticmethod
-    def to_blobs(snap: Path) -> None:
-        blobs = snap.parent.parent / "blobs"
-        blobs.mkdir(exist_ok=True)
-        for file in [p for p in snap.rglob("*") if p.is_file() and not p.is_symlink()]:
-            blob = blobs / hashlib.sha256(file.read_bytes()).hexdigest()
-            file.replace(blob)
-            file.symlink_to(os.path.relpath(blob, file.parent))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> FakeHub:
-    import huggingface_hub.constants as hf_constants
-
-    cache = tmp_path / "hf_cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    # huggingface_hub read the environment at import time: patch what it reads at call time
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to reach the network")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    return FakeHub(cache)
 
 
 def use_registry(monkeypatch, *releases: PretrainedRelease) -> None:
@@ -287,11 +233,34 @@ def test_unknown_sae_id_shortens_a_long_list(hub, monkeypatch):
     assert "id7" not in str(e.value)
 
 
-def test_unsupported_conversion_func(hub, monkeypatch):
-    use_registry(monkeypatch, release(conversion_func="llama_scope"))
-    with pytest.raises(NotImplementedError, match="llama_scope") as e:
+def test_unknown_conversion_func_names_the_known_formats(hub, monkeypatch):
+    use_registry(monkeypatch, release(conversion_func="no_such_format"))
+    with pytest.raises(ValueError, match="no_such_format") as e:
         fastsae.SAE.from_pretrained("fake-release", HOOK)
-    assert "from_sae_lens" in str(e.value)
+    assert "'gemma_2'" in str(e.value) and "'sae_lens'" in str(e.value)
+
+
+def test_every_registry_format_has_a_loader():
+    formats = {r.conversion_func or "sae_lens" for r in get_pretrained_saes_directory().values()}
+    missing = sorted(formats - set(NAMED_PRETRAINED_SAE_LOADERS))
+    assert not missing, f"registry formats without a loader: {missing}"
+
+
+def test_user_converter_is_a_hub_loader(hub, monkeypatch):
+    # sae-lens's converter= protocol: called with repo_id/folder_name, returns 3 things
+    sae = random_sae()
+    calls = []
+
+    def loader(repo_id, folder_name, device, force_download, cfg_overrides):
+        calls.append((repo_id, folder_name, device, force_download, cfg_overrides["dtype"]))
+        cfg = {**sae.cfg.to_dict(), **(cfg_overrides or {})}
+        return cfg, dict(sae.state_dict()), None
+
+    use_registry(monkeypatch, release(saes_map={HOOK: "anywhere"}))
+    got = fastsae.SAE.from_pretrained("fake-release", HOOK, converter=loader)
+    assert calls == [("user/repo", "anywhere", "cpu", False, "float32")]
+    x = random_input()
+    assert_close(got(x), sae(x), what="user converter")
 
 
 def test_gemma_scope_release(hub, monkeypatch):
