@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar
 
 import yaml
 
-from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
+from fastsae.saes.config import NORMALIZE_ACTIVATIONS, SAE_LENS_FORMAT_VERSION, str_to_dtype
 from fastsae.saes.training_sae import TrainingSAEConfig, training_config_class_for_architecture
 
 T_TRAINING_SAE_CONFIG = TypeVar("T_TRAINING_SAE_CONFIG", bound=TrainingSAEConfig)
@@ -113,6 +113,8 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
     hook_name: str = "blocks.0.hook_mlp_out"
     """Where the activations are read: a TransformerLens hook, or the module path of a
     ``transformers`` model (``encoder.layer.3``)."""
+    hook_eval: str = "NOT_IN_USE"
+    """Deprecated in SAELens 6 and unused there too: a value other than the default warns."""
     hook_head_index: int | None = None
     """With a hook that has a head dimension, the one head to train on."""
     dataset_path: str = ""
@@ -157,8 +159,8 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
     """The token put between concatenated documents: a token id, ``"bos"``, ``"eos"``,
     ``"sep"``, or None for none."""
     activations_mixing_fraction: float = 0.5
-    """Fraction of the shuffling buffer kept to mix with new activations: fastsae always
-    keeps half, so only 0.5 is accepted."""
+    """Fraction of the shuffling buffer kept to mix with new activations (higher: more
+    mixing, more model batches per served batch); 0 serves activations in order."""
 
     # ---------------------------------------------------------------- devices and dtype
     device: str = "cpu"
@@ -247,12 +249,16 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
 
     # ---------------------------------------------------------------- misc
     verbose: bool = True
-    """Accepted for SAELens configs; fastsae does not read it."""
+    """Log the run's plan (steps, buffer, sparsity windows) to ``fastsae.logger`` at INFO."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the model's forward when generating activations."""
     model_from_pretrained_kwargs: dict[str, Any] | None = None
     """Keyword arguments of the model's ``from_pretrained`` (None:
     ``{"center_writing_weights": False}`` for ``HookedTransformer``, else ``{}``)."""
+    sae_lens_version: str = SAE_LENS_FORMAT_VERSION
+    """The SAELens version whose format this config is (what sae-lens writes here)."""
+    sae_lens_training_version: str = SAE_LENS_FORMAT_VERSION
+    """The SAELens training version the run matches; written to the SAE's metadata."""
     exclude_special_tokens: bool | list[int] = False
     """Drop the activations of special tokens: True for all of the tokenizer's, or a list of
     token ids."""
@@ -597,6 +603,17 @@ def check_seqpos_slice(seqpos_slice: Any, context_size: int) -> int:
     return n_pos
 
 
+def check_mixing_fraction(fraction: Any) -> None:
+    """``activations_mixing_fraction`` is a number in [0, 1]: the share of the shuffling
+    buffer kept to mix with the next activations (0 serves them in order, unshuffled)."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not (0 <= fraction <= 1)
+    ):
+        raise ValueError(f"activations_mixing_fraction must be in [0, 1], got {fraction!r}")
+
+
 def buffer_size_tokens(n_batches_in_buffer: int, n_pos: int, train_batch_size_tokens: int) -> int:
     """The shuffling buffer's size in activations: ``n_batches_in_buffer`` training
     contexts of ``n_pos`` positions each (sae-lens 6's meaning), and never less than one
@@ -727,10 +744,12 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
         cfg.llm_device = cfg.device
     if cfg.act_store_device is None or cfg.act_store_device == "with_model":
         cfg.act_store_device = cfg.llm_device
-    if cfg.activations_mixing_fraction != 0.5:
-        raise ValueError(
-            "activations_mixing_fraction: fastsae's shuffling buffer always keeps half of "
-            f"its activations for mixing (0.5), got {cfg.activations_mixing_fraction!r}"
+    check_mixing_fraction(cfg.activations_mixing_fraction)
+    if cfg.hook_eval != "NOT_IN_USE":
+        warnings.warn(
+            "hook_eval is deprecated (as in SAELens 6) and not used: evaluation reads hook_name",
+            DeprecationWarning,
+            stacklevel=3,
         )
     if cfg.use_chat_formatting:
         raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
@@ -787,7 +806,6 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
 # ignored (LanguageModelSAERunnerConfig.__init__).
 LEGACY_IGNORED = {
     "hook_layer": None,
-    "hook_eval": None,
     "b_dec_init_method": None,
     "normalize_sae_decoder": None,
     "decoder_heuristic_init": None,
@@ -798,8 +816,6 @@ LEGACY_IGNORED = {
     "noise_scale": None,
     "finetuning_method": None,
     "finetuning_tokens": None,
-    "sae_lens_version": None,
-    "sae_lens_training_version": None,
     "model_class_name_eval": None,
     "resume": None,
 }

@@ -20,6 +20,7 @@ import torch
 import torch.distributed
 from transformers import AutoModel, AutoTokenizer
 
+from fastsae import logger
 from fastsae.loading.atomic_dir import recover_dir
 from fastsae.loading.disk import read_json, save_sae
 from fastsae.saes.training_sae import TrainingSAE, TrainingSAEConfig
@@ -119,8 +120,9 @@ def seed_everything(seed: int) -> None:
 class SAETrainingRunner:
     """Train an SAE as ``cfg`` says: ``SAETrainingRunner(cfg).run()`` returns the training SAE.
 
-    ``override_model`` / ``override_dataset``: use these instead of loading
-    ``cfg.model_name`` / ``cfg.dataset_path`` (a model object, a ``datasets`` dataset).
+    ``override_dataset`` / ``override_model``: use these instead of loading
+    ``cfg.dataset_path`` / ``cfg.model_name`` (a ``datasets`` dataset, a model object;
+    SAELens's positional order).
     ``override_tokenizer``: the tokenizer of a ``transformers`` override_model.
     ``override_sae``: start from this training SAE instead of a fresh one.
     """
@@ -128,8 +130,8 @@ class SAETrainingRunner:
     def __init__(
         self,
         cfg: LanguageModelSAERunnerConfig,
-        override_model: Any = None,
         override_dataset: Any = None,
+        override_model: Any = None,
         override_sae: TrainingSAE | None = None,
         *,
         override_tokenizer: Any = None,
@@ -155,6 +157,7 @@ class SAETrainingRunner:
                 seed=cfg.seed,
                 device=cfg.act_store_device,
                 dtype=cfg.dtype,
+                hook_name=cfg.hook_name,
             )
             if self.activations_store.d_in != cfg.sae.d_in:
                 raise ValueError(
@@ -225,6 +228,8 @@ class SAETrainingRunner:
         cfg = self.cfg
         run_dir = Path(cfg.output_path) if cfg.output_path is not None else None
         parallel = self.parallel
+        if cfg.verbose and parallel.is_main:
+            log_run_plan(cfg, self.activations_store)
         wandb_run = None
         if cfg.logger.log_to_wandb and parallel.is_main:
             import wandb  # optional dependency (the fastsae[wandb] extra): only when logging
@@ -283,6 +288,26 @@ class SAETrainingRunner:
 
 
 LanguageModelSAETrainingRunner = SAETrainingRunner
+
+
+def log_run_plan(cfg: LanguageModelSAERunnerConfig, store: Any) -> None:
+    """The run's plan at INFO on ``fastsae.logger`` (what SAELens logs when ``verbose``)."""
+    steps = cfg.training_tokens // cfg.train_batch_size_tokens
+    logger.info(
+        "Run: %s-%d, lr %g, %.3e tokens, %d steps of %d tokens",
+        cfg.sae.architecture(), cfg.sae.d_sae, cfg.lr, cfg.training_tokens, steps,
+        cfg.train_batch_size_tokens,
+    )  # fmt: skip
+    buffer = getattr(store, "buffer_size_tokens", None)
+    if buffer is not None:
+        logger.info("Shuffling buffer: %d activations (%d contexts)", buffer,
+                    buffer // max(1, store.training_context_size))  # fmt: skip
+    logger.info(
+        "Sparsity window: %d steps (%.2e tokens); dead-feature window: %d steps; "
+        "%d window resets",
+        cfg.feature_sampling_window, cfg.feature_sampling_window * cfg.train_batch_size_tokens,
+        cfg.dead_feature_window, steps // max(1, cfg.feature_sampling_window),
+    )  # fmt: skip
 
 
 def _shared_run_id(run_id: str | None, world_size: int) -> str:

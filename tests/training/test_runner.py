@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import datasets
@@ -50,11 +51,16 @@ def _cfg(tmp_path, sae=None, **kw) -> LanguageModelSAERunnerConfig:
     return tiny_runs.runner_config(tmp_path, sae, **defaults)
 
 
-def test_runner_trains_saves_and_evaluates(tmp_path, tiny_model, token_dataset):
+def test_runner_trains_saves_and_evaluates(tmp_path, tiny_model, token_dataset, caplog):
     cfg = _cfg(tmp_path)
     runner = SAETrainingRunner(cfg, override_model=tiny_model, override_dataset=token_dataset,
                                show_progress=False)  # fmt: skip
-    sae = runner.run()
+    with caplog.at_level(logging.INFO, logger="fastsae"):
+        sae = runner.run()
+    # verbose=True (the default) logs the run's plan to fastsae.logger, as SAELens does
+    plan = [r.getMessage() for r in caplog.records if r.name == "fastsae"]
+    assert any("30 steps of 64 tokens" in m for m in plan), plan
+    assert any("Shuffling buffer:" in m for m in plan), plan
     out = tmp_path / "out"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "losses/overall_loss" in r]

@@ -40,13 +40,27 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastsae.loading.disk import read_tensors
-from fastsae.saes.config import str_to_dtype
-from fastsae.training.config import buffer_size_tokens, check_seqpos_slice
-from fastsae.training.data.model_hooks import ModuleReader, TransformerLensReader
+from fastsae.saes.config import NORMALIZE_ACTIVATIONS, str_to_dtype
+from fastsae.training.config import (
+    buffer_size_tokens,
+    check_mixing_fraction,
+    check_seqpos_slice,
+)
+from fastsae.training.data.model_hooks import (
+    ModuleReader,
+    MultiHookReader,
+    TransformerLensReader,
+    is_transformer_lens,
+)
 from fastsae.training.data.text_loading import HfDataset, load_text_dataset
 from fastsae.training.data.token_rows import TokenRowSource, special_token_id
 
-__all__ = ["ActivationsStore", "furthest_position"]
+__all__ = [
+    "ActivationsStore",
+    "MultiHookBatches",
+    "furthest_position",
+    "multi_hook_concat_split_iter",
+]
 
 ACTIVATIONS_STORE_STATE_FILENAME = "activations_store_state.safetensors"  # as SAELens
 _TOKEN_COLUMNS = ("tokens", "input_ids", "text")
@@ -167,6 +181,45 @@ def check_store_arguments(
     return n_pos, buffer_tokens
 
 
+def _check_hook_output(hook_name: str, head_index: int | None, d_in: int, out: Tensor) -> None:
+    """Raise naming the hook when its probe output ``out`` does not give ``d_in``
+    features (after ``head_index``)."""
+    shape = tuple(out.shape)
+    if out.ndim < 3:
+        raise ValueError(
+            f"hook {hook_name!r} gives shape {shape}; expected [batch, pos, d] or "
+            "[batch, pos, n_heads, d_head]"
+        )
+    if head_index is not None:
+        if out.ndim != 4:
+            raise ValueError(
+                f"hook_head_index={head_index} needs a hook with a head "
+                f"dimension [batch, pos, n_heads, d_head]; {hook_name!r} gives {shape}"
+            )
+        if head_index >= shape[2]:
+            raise ValueError(
+                f"hook_head_index={head_index} is out of range for "
+                f"{shape[2]} heads at {hook_name!r}"
+            )
+        width = shape[3]
+    else:
+        width = math.prod(shape[2:])
+    if width != d_in:
+        raise ValueError(
+            f"d_in={d_in} does not match hook {hook_name!r}, whose activations "
+            f"have width {width} (hook output shape {shape})"
+        )
+
+
+def _select_head(acts: Tensor, head_index: int | None) -> Tensor:
+    """``[batch, pos, ...]`` -> ``[batch, pos, d]``: one head, or all heads flattened."""
+    if head_index is not None:
+        return acts[:, :, head_index]
+    if acts.ndim > 3:
+        return acts.reshape(*acts.shape[:2], -1)
+    return acts
+
+
 def furthest_position(
     states: list[dict[str, Tensor]], row_shard: tuple[int, int]
 ) -> tuple[dict[str, Tensor], int]:
@@ -235,6 +288,16 @@ class ActivationsStore:
         model_kwargs: extra keyword arguments for the model call.
         autocast_lm: run the model under bf16 autocast.
         streaming, dataset_trust_remote_code: used when ``dataset`` is a path/id.
+        activations_mixing_fraction: share of the buffer kept to mix with the next
+            activations at each refill (sae-lens 6's meaning); 0 serves them in order.
+        total_training_tokens: the run's tokens; a dataset that cannot hold them
+            (fewer rows than ``total_training_tokens / context_size``) warns that rows
+            will be reused.
+        normalize_activations: recorded for SAELens code that reads it; the trainer's
+            ``ActivationScaler`` normalises, as in sae-lens 6.
+        cached_activations_path, use_chat_formatting: SAELens's arguments; a cache is
+            read by ``CachedActivationsStore``, chat formatting by ``PretokenizeRunner``
+            (each refused here with an error saying so).
         prefetch_llm_batches: False/0 runs the model when the buffer needs activations;
             True (1) or an int ``n`` runs it on a background thread that keeps up to
             ``n`` model batches ready (token rows -> filtered activations, in the order
@@ -276,7 +339,32 @@ class ActivationsStore:
         streaming: bool = True,
         dataset_trust_remote_code: bool = False,
         prefetch_llm_batches: bool | int = False,
+        activations_mixing_fraction: float = 0.5,
+        total_training_tokens: int | None = None,
+        normalize_activations: str = "none",
+        cached_activations_path: str | os.PathLike | None = None,
+        use_chat_formatting: bool = False,
     ):
+        check_mixing_fraction(activations_mixing_fraction)
+        if cached_activations_path is not None:
+            raise ValueError(
+                f"cached_activations_path={str(cached_activations_path)!r}: fastsae reads "
+                "activation caches with CachedActivationsStore (or the runner config's "
+                "use_cached_activations=True), not with ActivationsStore"
+            )
+        if use_chat_formatting:
+            raise ValueError(
+                "use_chat_formatting=True is not supported by fastsae's ActivationsStore; "
+                "pre-tokenize with PretokenizeRunner(use_chat_formatting=True) and train on "
+                "the rows"
+            )
+        if normalize_activations not in NORMALIZE_ACTIVATIONS:
+            raise ValueError(
+                f"normalize_activations must be one of {NORMALIZE_ACTIVATIONS}, "
+                f"got {normalize_activations!r}"
+            )
+        if total_training_tokens is not None:
+            _check_positive_int("total_training_tokens", total_training_tokens)
         if not isinstance(prefetch_llm_batches, (bool, int)) or prefetch_llm_batches < 0:
             raise ValueError(
                 f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch_llm_batches!r}"
@@ -300,12 +388,24 @@ class ActivationsStore:
         self.hook_name = hook_name
         self.hook_head_index = hook_head_index
         self.d_in = d_in
+        # the hooks captured (one, or several after from_config_multi_hook: then every
+        # model batch holds all of them side by side, [n, sum of widths], so one shuffle
+        # keeps their tokens aligned) and the buffer's width
+        self.hook_names = [hook_name]
+        self.hook_d_ins = {hook_name: d_in}
+        self.hook_head_indices: dict[str, int | None] = {hook_name: hook_head_index}
+        self._multi_reader: MultiHookReader | None = None
+        self._width = d_in
         self.context_size = context_size
         self.training_context_size = n_pos
         self.train_batch_size_tokens = train_batch_size_tokens
         self.store_batch_size_prompts = store_batch_size_prompts
         self.n_batches_in_buffer = n_batches_in_buffer
         self.buffer_size_tokens = buffer_tokens
+        self.activations_mixing_fraction = float(activations_mixing_fraction)
+        # as in sae-lens 6, the trainer's ActivationScaler normalises; the store records it
+        self.normalize_activations = normalize_activations
+        self.total_training_tokens = total_training_tokens
         self.prepend_bos = prepend_bos
         self.seqpos_slice = tuple(seqpos_slice)
         self.disable_concat_sequences = disable_concat_sequences
@@ -319,7 +419,7 @@ class ActivationsStore:
         self._prefetcher: _LLMBatchPrefetcher | None = None
 
         # -- the model's hook (no forward yet) ------------------------------------------
-        is_tl = hasattr(model, "hook_dict") and hasattr(model, "run_with_cache")
+        is_tl = is_transformer_lens(model)
         self._reader = (TransformerLensReader if is_tl else ModuleReader)(model, hook_name)
         if self._reader.max_context is not None and context_size > self._reader.max_context:
             raise ValueError(
@@ -330,6 +430,16 @@ class ActivationsStore:
 
         # -- the dataset ----------------------------------------------------------------
         self.dataset = resolve_dataset(dataset, streaming, dataset_trust_remote_code)
+        n_rows = len(self.dataset) if hasattr(self.dataset, "__len__") else None
+        too_few = n_rows is not None and n_rows * n_pos < (total_training_tokens or 0)
+        if too_few:
+            warnings.warn(
+                f"the dataset has {n_rows} rows, fewer than total_training_tokens="
+                f"{total_training_tokens} needs at {n_pos} positions per row: training "
+                "will take several epochs and reuse rows",
+                UserWarning,
+                stacklevel=2,
+            )
         self.tokens_column, self.is_dataset_tokenized, first = self._pick_column(
             dataset_column, is_dataset_tokenized
         )
@@ -379,8 +489,8 @@ class ActivationsStore:
 
         self._generator = torch.Generator().manual_seed(seed)
         self._n_rows_seen = 0
-        self._storage = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
-        self._ready = torch.empty(0, d_in, dtype=self.dtype, device=self.device)
+        self._storage = torch.empty(0, self._width, dtype=self.dtype, device=self.device)
+        self._ready = torch.empty(0, self._width, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------------------------
     # building a store from an SAE or a runner config
@@ -491,7 +601,124 @@ class ActivationsStore:
             dataset_trust_remote_code=bool(get("dataset_trust_remote_code", False)),
             tokenizer=tokenizer,
             prefetch_llm_batches=get("prefetch_llm_batches", False),
+            activations_mixing_fraction=get("activations_mixing_fraction", 0.5),
         )
+
+    @classmethod
+    def from_config_multi_hook(
+        cls,
+        model: nn.Module,
+        *,
+        dataset: HfDataset | DatasetDict | str,
+        hook_names: list[str],
+        hook_d_ins: dict[str, int],
+        hook_head_indices: dict[str, int | None] | None = None,
+        streaming: bool = True,
+        context_size: int = 128,
+        n_batches_in_buffer: int = 20,
+        total_training_tokens: int = 2_000_000,
+        store_batch_size_prompts: int = 32,
+        train_batch_size_tokens: int = 4096,
+        prepend_bos: bool = True,
+        normalize_activations: str = "none",
+        device: torch.device | str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        model_kwargs: dict[str, Any] | None = None,
+        autocast_lm: bool = False,
+        dataset_trust_remote_code: bool | None = None,
+        seqpos_slice: tuple[int | None, ...] = (None,),
+        exclude_special_tokens: bool | list[int] | Tensor | None = None,
+        disable_concat_sequences: bool = False,
+        sequence_separator_token: int | str | None = "bos",
+        activations_mixing_fraction: float = 0.5,
+        use_chat_formatting: bool = False,
+        **kwargs: Any,
+    ) -> ActivationsStore:
+        """A store that captures every hook of ``hook_names`` from one model forward per
+        batch of rows (SAELens 6's multi-SAE store).
+
+        ``hook_d_ins`` gives each hook's width (after ``hook_head_indices``, a head per
+        hook or None). The hooks' activations of a model batch go into the shuffling
+        buffer side by side, so one permutation moves them alike: the batches of
+        :meth:`next_multi_hook_batch` / :meth:`get_multi_hook_data_loader` are
+        ``{hook_name: [train_batch_size_tokens, d_in]}`` whose rows are the same tokens
+        at every hook; ``state_dict()`` resumes them exactly. The store does not
+        normalise (``normalize_activations`` must be "none": each trainer scales its
+        SAE's inputs) and reads no cached activations. ``kwargs`` go to the constructor (tokenizer, seed,
+        prefetch_llm_batches, is_dataset_tokenized, dataset_column).
+        """
+        if isinstance(hook_names, str) or not isinstance(hook_names, (list, tuple)):
+            raise ValueError(f"hook_names must be a list of hook names, got {hook_names!r}")
+        if not hook_names:
+            raise ValueError("hook_names must be non-empty")
+        unique = list(dict.fromkeys(hook_names))
+        if not isinstance(hook_d_ins, dict):
+            raise ValueError(f"hook_d_ins must be a dict of hook name -> d_in, got {hook_d_ins!r}")
+        missing = [h for h in unique if h not in hook_d_ins]
+        if missing:
+            raise ValueError(f"hook_d_ins has no d_in for the hooks {missing}")
+        heads = dict(hook_head_indices or {})
+        unknown = sorted(set(heads) - set(unique))
+        if unknown:
+            raise ValueError(f"hook_head_indices names hooks not in hook_names: {unknown}")
+        _check_positive_int("total_training_tokens", total_training_tokens)
+        if normalize_activations != "none":
+            raise ValueError(
+                f"normalize_activations={normalize_activations!r}: a multi-hook store does not "
+                "normalise activations; each SAE's trainer scales its own inputs (use 'none')"
+            )
+        if use_chat_formatting:
+            raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
+        canonical = unique[0]
+        store = cls(
+            model,
+            dataset,
+            hook_name=canonical,
+            d_in=hook_d_ins[canonical],
+            hook_head_index=heads.get(canonical),
+            context_size=context_size,
+            train_batch_size_tokens=train_batch_size_tokens,
+            store_batch_size_prompts=store_batch_size_prompts,
+            n_batches_in_buffer=n_batches_in_buffer,
+            prepend_bos=prepend_bos,
+            exclude_special_tokens=exclude_special_tokens,
+            seqpos_slice=seqpos_slice,
+            disable_concat_sequences=disable_concat_sequences,
+            sequence_separator_token=sequence_separator_token,
+            device=device,
+            dtype=dtype,
+            model_kwargs=model_kwargs,
+            autocast_lm=autocast_lm,
+            streaming=streaming,
+            dataset_trust_remote_code=bool(dataset_trust_remote_code),
+            activations_mixing_fraction=activations_mixing_fraction,
+            **kwargs,
+        )
+        store._capture_hooks(unique, {h: hook_d_ins[h] for h in unique}, heads)
+        return store
+
+    def _capture_hooks(
+        self, hook_names: list[str], hook_d_ins: dict[str, int], heads: dict[str, int | None]
+    ) -> None:
+        """Switch a new store to capturing ``hook_names`` (checked by one tiny forward)."""
+        for h in hook_names:
+            _check_positive_int(f"hook_d_ins[{h!r}]", hook_d_ins[h])
+            head = heads.get(h)
+            if head is not None and (isinstance(head, bool) or not isinstance(head, int)):
+                raise ValueError(f"hook_head_indices[{h!r}] must be an int or None, got {head!r}")
+        reader = MultiHookReader(self.model, hook_names)
+        probe = torch.zeros(1, 2, dtype=torch.long, device=reader.input_device)
+        with torch.no_grad():
+            outs = reader.read(probe, torch.ones_like(probe), self.model_kwargs)
+        for h in hook_names:
+            _check_hook_output(h, heads.get(h), hook_d_ins[h], outs[h])
+        self._multi_reader = reader
+        self.hook_names = list(hook_names)
+        self.hook_d_ins = dict(hook_d_ins)
+        self.hook_head_indices = {h: heads.get(h) for h in hook_names}
+        self._width = sum(hook_d_ins.values())
+        self._storage = torch.empty(0, self._width, dtype=self.dtype, device=self.device)
+        self._ready = torch.empty(0, self._width, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------------------------
     # construction checks (dataset column, excluded tokens, hook width)
@@ -562,31 +789,7 @@ class ActivationsStore:
         probe = torch.zeros(1, 2, dtype=torch.long, device=self._reader.input_device)
         with torch.no_grad():
             out = self._reader.read(probe, torch.ones_like(probe), self.model_kwargs)
-        shape = tuple(out.shape)
-        if out.ndim < 3:
-            raise ValueError(
-                f"hook {self.hook_name!r} gives shape {shape}; expected [batch, pos, d] or "
-                "[batch, pos, n_heads, d_head]"
-            )
-        if self.hook_head_index is not None:
-            if out.ndim != 4:
-                raise ValueError(
-                    f"hook_head_index={self.hook_head_index} needs a hook with a head "
-                    f"dimension [batch, pos, n_heads, d_head]; {self.hook_name!r} gives {shape}"
-                )
-            if self.hook_head_index >= shape[2]:
-                raise ValueError(
-                    f"hook_head_index={self.hook_head_index} is out of range for "
-                    f"{shape[2]} heads at {self.hook_name!r}"
-                )
-            width = shape[3]
-        else:
-            width = math.prod(shape[2:])
-        if width != self.d_in:
-            raise ValueError(
-                f"d_in={self.d_in} does not match hook {self.hook_name!r}, whose activations "
-                f"have width {width} (hook output shape {shape})"
-            )
+        _check_hook_output(self.hook_name, self.hook_head_index, self.d_in, out)
 
     # ------------------------------------------------------------------------------------
     # tokens and activations
@@ -682,17 +885,13 @@ class ActivationsStore:
             device_type=tokens.device.type, dtype=torch.bfloat16, enabled=self.autocast_lm
         ):
             acts = self._reader.read(tokens, self._attention_mask(tokens), self.model_kwargs)
-        acts = acts[:, slice(*self.seqpos_slice)]
-        if self.hook_head_index is not None:
-            acts = acts[:, :, self.hook_head_index]
-        elif acts.ndim > 3:
-            acts = acts.reshape(*acts.shape[:2], -1)
+        acts = _select_head(acts[:, slice(*self.seqpos_slice)], self.hook_head_index)
         return acts.to(device=self.device, dtype=self.dtype)
 
     def filter_activations(self, batch_tokens: Tensor, activations: Tensor) -> Tensor:
         """Flatten ``[batch, n_pos, d_in]`` to ``[n_kept, d_in]``, dropping the positions
         whose token (after ``seqpos_slice``) is excluded or padding. Order is kept."""
-        acts = activations.reshape(-1, self.d_in)
+        acts = activations.reshape(-1, activations.shape[-1] if self._multi_reader else self.d_in)
         ids = batch_tokens[:, slice(*self.seqpos_slice)].reshape(-1).to(self.device)
         keep = None
         if self.exclude_special_tokens is not None and self.exclude_special_tokens.numel():
@@ -710,6 +909,11 @@ class ActivationsStore:
 
     def _make_llm_batch(self, raise_on_epoch_end: bool = False) -> Tensor:
         tokens = self._take_rows(None, raise_on_epoch_end)
+        if self._multi_reader is not None:
+            acts = self.get_multi_hook_activations(tokens)
+            # side by side, so the buffer's one shuffle moves every hook's rows alike
+            packed = torch.cat([acts[h] for h in self.hook_names], dim=-1)
+            return self.filter_activations(tokens, packed)
         return self.filter_activations(tokens, self.get_activations(tokens))
 
     # ------------------------------------------------------------------------------------
@@ -762,8 +966,10 @@ class ActivationsStore:
     # the shuffling buffer
     # ------------------------------------------------------------------------------------
     def _refill(self) -> None:
-        """Fill the buffer to ``buffer_size_tokens``, shuffle it, keep half for mixing
-        and make the rest (a multiple of the batch size) ready to serve."""
+        """Fill the buffer to ``buffer_size_tokens``, shuffle it (unless
+        ``activations_mixing_fraction`` is 0), keep that fraction of the buffer for
+        mixing with the next activations and make the rest (a multiple of the batch
+        size) ready to serve."""
         pieces = [self._storage, self._ready]
         have = sum(p.shape[0] for p in pieces)
         need = self.buffer_size_tokens
@@ -783,14 +989,24 @@ class ActivationsStore:
             bar.update(min(acts.shape[0], max(need - bar.n, 0)))
         bar.close()
         buffer = torch.cat(pieces)
-        perm = torch.randperm(buffer.shape[0], generator=self._generator)
-        buffer = buffer[perm.to(buffer.device)]
+        if self.activations_mixing_fraction > 0:
+            perm = torch.randperm(buffer.shape[0], generator=self._generator)
+            buffer = buffer[perm.to(buffer.device)]
         batch = self.train_batch_size_tokens
-        n_serve = max(batch, (buffer.shape[0] - need // 2) // batch * batch)
+        keep = int(need * self.activations_mixing_fraction)
+        n_serve = max(batch, (buffer.shape[0] - keep) // batch * batch)
         self._ready, self._storage = buffer[:n_serve], buffer[n_serve:]
 
     def next_batch(self) -> Tensor:
         """The next shuffled batch ``[train_batch_size_tokens, d_in]``."""
+        if len(self.hook_names) > 1:
+            raise RuntimeError(
+                f"this store captures {len(self.hook_names)} hooks ({self.hook_names}): "
+                "take batches with next_multi_hook_batch() or get_multi_hook_data_loader()"
+            )
+        return self._next_packed_batch()
+
+    def _next_packed_batch(self) -> Tensor:
         if self._ready.shape[0] < self.train_batch_size_tokens:
             self._refill()
         batch = self._ready[: self.train_batch_size_tokens]
@@ -802,6 +1018,53 @@ class ActivationsStore:
 
     def __iter__(self) -> Iterator[Tensor]:
         return self
+
+    # ------------------------------------------------------------------------------------
+    # several hooks from one forward (from_config_multi_hook)
+    # ------------------------------------------------------------------------------------
+    def _require_multi_hook(self, what: str) -> MultiHookReader:
+        if self._multi_reader is None:
+            raise RuntimeError(
+                f"{what} needs a multi-hook store: build it with "
+                "ActivationsStore.from_config_multi_hook"
+            )
+        return self._multi_reader
+
+    @torch.no_grad()
+    def get_multi_hook_activations(self, batch_tokens: Tensor) -> dict[str, Tensor]:
+        """Every captured hook's activations for ``batch_tokens`` ``[batch,
+        context_size]`` from one model forward: ``{hook_name: [batch, n_pos, d_in]}``
+        (positions ``seqpos_slice``, each hook's head or flattened heads), in the
+        store's dtype on its device."""
+        reader = self._require_multi_hook("get_multi_hook_activations")
+        tokens = batch_tokens.to(reader.input_device)
+        with torch.autocast(
+            device_type=tokens.device.type, dtype=torch.bfloat16, enabled=self.autocast_lm
+        ):
+            outs = reader.read(tokens, self._attention_mask(tokens), self.model_kwargs)
+        return {
+            h: _select_head(outs[h][:, slice(*self.seqpos_slice)], self.hook_head_indices[h]).to(
+                device=self.device, dtype=self.dtype
+            )
+            for h in self.hook_names
+        }
+
+    def split_hooks(self, packed: Tensor) -> dict[str, Tensor]:
+        """``[n, sum of widths]`` -> ``{hook_name: [n, d_in]}`` (views)."""
+        widths = [self.hook_d_ins[h] for h in self.hook_names]
+        return dict(zip(self.hook_names, packed.split(widths, dim=-1), strict=True))
+
+    def next_multi_hook_batch(self) -> dict[str, Tensor]:
+        """The next shuffled batch of every hook: ``{hook_name: [train_batch_size_tokens,
+        d_in]}``, row ``i`` the same token at every hook."""
+        self._require_multi_hook("next_multi_hook_batch")
+        return self.split_hooks(self._next_packed_batch())
+
+    def get_multi_hook_data_loader(self) -> MultiHookBatches:
+        """An endless iterator of :meth:`next_multi_hook_batch` batches (SAELens 6's),
+        with this store's ``state_dict`` / ``load_state_dict`` for exact resume."""
+        self._require_multi_hook("get_multi_hook_data_loader")
+        return MultiHookBatches(self)
 
     # ------------------------------------------------------------------------------------
     # exact resume: state_dict, save / load
@@ -816,7 +1079,12 @@ class ActivationsStore:
             "storage": self._storage.contiguous().clone(),
             "ready": self._ready.contiguous().clone(),
             "generator_state": self._generator.get_state(),
-            "d_in": torch.tensor(self.d_in),
+            "d_in": torch.tensor(self._width),
+            **(
+                {"hook_d_ins": torch.tensor([self.hook_d_ins[h] for h in self.hook_names])}
+                if self._multi_reader is not None
+                else {}
+            ),
             "context_size": torch.tensor(self.context_size),
             "n_rows_seen": torch.tensor(n_rows_seen),
             "row_shard": torch.tensor(self.row_shard),
@@ -834,9 +1102,18 @@ class ActivationsStore:
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"activations store state is missing {missing}")
-        for key, mine in (("d_in", self.d_in), ("context_size", self.context_size)):
+        for key, mine in (("d_in", self._width), ("context_size", self.context_size)):
             if int(state[key]) != mine:
                 raise ValueError(f"state has {key}={int(state[key])}, this store has {mine}")
+        if self._multi_reader is not None:
+            widths = [self.hook_d_ins[h] for h in self.hook_names]
+            saved = state.get("hook_d_ins")
+            if saved is None or [int(v) for v in saved] != widths:
+                raise ValueError(
+                    f"state was not written by a multi-hook store with hook widths {widths} "
+                    f"(hooks {self.hook_names}); it has "
+                    f"{None if saved is None else [int(v) for v in saved]}"
+                )
         self._storage = state["storage"].to(device=self.device, dtype=self.dtype)
         self._ready = state["ready"].to(device=self.device, dtype=self.dtype)
         saved_shard = tuple(int(v) for v in state.get("row_shard", torch.tensor([0, 1])))
@@ -875,6 +1152,90 @@ class ActivationsStore:
         """Restart the token stream at the dataset's first document (same epoch count)."""
         self._stop_prefetch()
         self._rows.load_state_dict({**self._rows.state_dict(), "doc_index": 0, "doc_offset": 0})
+
+
+class MultiHookBatches:
+    """The batches of a multi-hook store as an iterator of ``{hook_name: [batch,
+    d_in]}`` dicts; ``state_dict`` / ``load_state_dict`` are the store's."""
+
+    def __init__(self, store: ActivationsStore):
+        self.store = store
+
+    def __iter__(self) -> MultiHookBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        return self.store.next_multi_hook_batch()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.store.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.store.load_state_dict(state)
+
+
+@torch.no_grad()
+def multi_hook_concat_split_iter(
+    buffer_size: int,
+    batch_size: int,
+    activations_loader: Iterator[dict[str, Tensor]] | Any,
+    hook_names: list[str],
+    mix_fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """Shuffle a stream of multi-hook activations keeping the hooks' tokens aligned.
+
+    ``activations_loader`` yields ``{hook_name: [n_tokens, d_in_h]}`` (widths may differ
+    between hooks). Each item's hooks are put side by side (``[n_tokens, sum d_in_h]``)
+    and fed to a mixing buffer of ``buffer_size`` rows: once full it is shuffled by one
+    permutation (``generator``, or torch's global one), ``int(buffer_size *
+    mix_fraction)`` rows are kept for mixing and the rest is served as batches of
+    ``batch_size`` rows (at least one), split back into ``{hook_name: [batch_size,
+    d_in_h]}``. ``mix_fraction=0`` serves the rows in order. When the stream ends, the
+    rows left are served in whole batches.
+    """
+    if buffer_size < batch_size:
+        raise ValueError(
+            f"buffer_size={buffer_size} must be >= batch_size={batch_size} (one batch)"
+        )
+    if not 0 <= mix_fraction <= 1:
+        raise ValueError(f"mix_fraction must be in [0, 1], got {mix_fraction!r}")
+    hook_names = list(hook_names)
+    if not hook_names:
+        raise ValueError("hook_names must be non-empty")
+    widths: list[int] | None = None
+    storage: Tensor | None = None
+
+    def split(rows: Tensor) -> dict[str, Tensor]:
+        assert widths is not None
+        return dict(zip(hook_names, rows.split(widths, dim=-1), strict=True))
+
+    for item in activations_loader:
+        missing = [h for h in hook_names if h not in item]
+        if missing:
+            raise ValueError(
+                f"the activations loader yielded no activations for hooks {missing}; "
+                f"it yielded {list(item)}"
+            )
+        if widths is None:
+            widths = [int(item[h].shape[-1]) for h in hook_names]
+        lengths = {h: int(item[h].shape[0]) for h in hook_names}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"the hooks' activations have different numbers of tokens: {lengths}")
+        packed = torch.cat([item[h] for h in hook_names], dim=-1)
+        storage = packed if storage is None else torch.cat([storage, packed])
+        if storage.shape[0] < buffer_size:
+            continue
+        if mix_fraction > 0:
+            perm = torch.randperm(storage.shape[0], generator=generator)
+            storage = storage[perm.to(storage.device)]
+        n_batches = max(1, (storage.shape[0] - int(buffer_size * mix_fraction)) // batch_size)
+        serve, storage = storage[: n_batches * batch_size], storage[n_batches * batch_size :]
+        for i in range(n_batches):
+            yield split(serve[i * batch_size : (i + 1) * batch_size])
+    if storage is not None:
+        for i in range(storage.shape[0] // batch_size):
+            yield split(storage[i * batch_size : (i + 1) * batch_size])
 
 
 _DONE = object()

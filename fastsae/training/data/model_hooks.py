@@ -162,3 +162,109 @@ class ModuleReader:
                 f"module {self.module_path!r} returned {type(out).__name__}, not a tensor"
             )
         return out
+
+
+def is_transformer_lens(model: nn.Module) -> bool:
+    """True for a TransformerLens model (hooks by name, ``run_with_cache``)."""
+    return hasattr(model, "hook_dict") and hasattr(model, "run_with_cache")
+
+
+class MultiHookReader:
+    """Reads several hooks of one model from a single forward pass.
+
+    ``read(tokens, attention_mask, kwargs)`` returns ``{hook_name: value [batch, pos,
+    ...]}`` in the order of ``hook_names``. A TransformerLens model runs one
+    ``run_with_cache`` filtered to the hooks, stopped after the deepest one's layer (the
+    whole model when a hook has no layer number); another ``nn.Module`` runs once with a
+    forward hook on each module, stopped once every one of them has run. Each name is
+    checked as :class:`TransformerLensReader` / :class:`ModuleReader` check one.
+    """
+
+    def __init__(self, model: nn.Module, hook_names: list[str]):
+        if not hook_names:
+            raise ValueError("hook_names must name at least one hook")
+        if len(set(hook_names)) != len(hook_names):
+            raise ValueError(f"hook_names has duplicates: {hook_names}")
+        self.model = model
+        self.hook_names = list(hook_names)
+        self.is_tl = is_transformer_lens(model)
+        reader_cls = TransformerLensReader if self.is_tl else ModuleReader
+        self.readers: dict[str, Any] = {h: reader_cls(model, h) for h in self.hook_names}
+        first = self.readers[self.hook_names[0]]
+        self.max_context = first.max_context
+        if self.is_tl:
+            stops = [r.stop_at_layer for r in self.readers.values()]
+            self.stop_at_layer = None if any(s is None for s in stops) else max(stops)
+            self.takes_stop_at_layer = first.takes_stop_at_layer
+            self.takes_attention_mask = first.takes_attention_mask
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.readers[self.hook_names[0]].input_device
+
+    def read(
+        self, tokens: Tensor, attention_mask: Tensor | None, kwargs: dict
+    ) -> dict[str, Tensor]:
+        """tokens ``[batch, pos]`` -> ``{hook_name: value [batch, pos, ...]}``."""
+        if self.is_tl:
+            return self._read_tl(tokens, attention_mask, kwargs)
+        return self._read_modules(tokens, attention_mask, kwargs)
+
+    def _read_tl(
+        self, tokens: Tensor, attention_mask: Tensor | None, kwargs: dict
+    ) -> dict[str, Tensor]:
+        extra: dict[str, Any] = {}
+        if self.takes_stop_at_layer and self.stop_at_layer is not None:
+            extra["stop_at_layer"] = self.stop_at_layer
+        if attention_mask is not None and self.takes_attention_mask:
+            extra["attention_mask"] = attention_mask
+        _, cache = self.model.run_with_cache(
+            tokens, names_filter=list(self.hook_names), **extra, **kwargs
+        )
+        return {h: cache[h] for h in self.hook_names}
+
+    def _read_modules(
+        self, tokens: Tensor, attention_mask: Tensor | None, kwargs: dict
+    ) -> dict[str, Tensor]:
+        captured: dict[str, Any] = {}
+        by_module: dict[int, list[str]] = {}
+        for name, reader in self.readers.items():
+            by_module.setdefault(id(reader.module), []).append(name)
+
+        def make_hook(names: list[str]) -> Any:
+            def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+                value = output[0] if isinstance(output, (tuple, list)) else output
+                for name in names:
+                    captured.setdefault(name, value)
+                if len(captured) == len(self.hook_names):
+                    raise _StopForward
+
+            return hook
+
+        handles = [
+            self.readers[names[0]].module.register_forward_hook(make_hook(names))
+            for names in by_module.values()
+        ]
+        model = self.model
+        was_training = model.training
+        model.eval()  # dropout would corrupt the activations
+        first = self.readers[self.hook_names[0]]
+        try:
+            if first.is_hf:
+                mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+                model(input_ids=tokens, attention_mask=mask, **kwargs)
+            else:
+                model(tokens, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        missing = [h for h in self.hook_names if h not in captured]
+        if missing:
+            raise RuntimeError(f"modules {missing} did not run in the forward pass")
+        for name, value in captured.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"module {name!r} returned {type(value).__name__}, not a tensor")
+        return {h: captured[h] for h in self.hook_names}

@@ -304,6 +304,28 @@ def test_buffer_holds_n_batches_contexts(tl_model, token_rows, n_batches, seqpos
     assert store.next_batch().shape == (batch, 16)
 
 
+def test_mixing_fraction_zero_serves_in_model_order(tl_model, token_rows):
+    store = tl_store(tl_model, token_rows, activations_mixing_fraction=0)
+    served = torch.cat([store.next_batch() for _ in range(16)])  # 512 rows, 2 refills
+    reference = tl_store(tl_model, token_rows)
+    produced = torch.cat([reference.get_filtered_llm_batch() for _ in range(8)])
+    assert torch.equal(served, produced)
+
+
+@pytest.mark.parametrize("fraction,kept", [(0.25, 64), (0.5, 128), (1.0, 224)])
+def test_mixing_fraction_sets_the_rows_kept(tl_model, token_rows, fraction, kept):
+    # a 256-row buffer: keep int(256 * fraction) rows (at least one batch is served)
+    store = tl_store(tl_model, token_rows, activations_mixing_fraction=fraction)
+    store.next_batch()
+    assert store.state_dict()["storage"].shape[0] == kept
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True])
+def test_mixing_fraction_out_of_range_is_named(tl_model, token_rows, bad):
+    with pytest.raises(ValueError, match="activations_mixing_fraction must be in"):
+        tl_store(tl_model, token_rows, activations_mixing_fraction=bad)
+
+
 def test_shuffling_changes_order_and_keeps_rows(tl_model, token_rows):
     store = tl_store(tl_model, token_rows)  # buffer 16 contexts * 16 = 256, batch 32
     served = torch.cat([store.next_batch() for _ in range(4)])  # first refill serves half
