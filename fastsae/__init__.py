@@ -8,9 +8,13 @@ configs, files and numbers; ``encode_sparse``/``decode_sparse`` and a sparse
 __version__ = "0.1.0"
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
 
 from fastsae.sparse_code import SparseCode
+
+# the library's logger (SAELens: ``sae_lens.logger``); runs log their plan here at INFO
+logger = logging.getLogger(__name__)
 
 # The SAE modules need transformer_lens; the ops and kernels do not. Load the modules
 # on first use so `from fastsae import ops, SparseCode` works in a bare torch + triton
@@ -21,7 +25,8 @@ _SAE_NAMES = frozenset(
         "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig",
         "AbsTopKSAE", "AbsTopKSAEConfig", "Transcoder", "TranscoderConfig", "SkipTranscoder",
         "SkipTranscoderConfig", "JumpReLUTranscoder", "JumpReLUTranscoderConfig",
-        "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig", "register_sae_class",
+        "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig", "MatchingPursuitSAE",
+        "MatchingPursuitSAEConfig", "TemporalSAE", "TemporalSAEConfig", "register_sae_class",
         "register_sae_training_class",
     }
 )  # fmt: skip
@@ -37,49 +42,76 @@ _TRAINING_NAMES = frozenset(
         "JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig", "TopKTrainingSAE",
         "TopKTrainingSAEConfig", "BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig",
         "MatryoshkaBatchTopKTrainingSAE", "MatryoshkaBatchTopKTrainingSAEConfig",
-        "AbsTopKTrainingSAE", "AbsTopKTrainingSAEConfig",
+        "AbsTopKTrainingSAE", "AbsTopKTrainingSAEConfig", "MatchingPursuitTrainingSAE",
+        "MatchingPursuitTrainingSAEConfig",
     }
 )  # fmt: skip
 
-
-# PEP 562: each import below runs on first access of its name; every one is an import
-# cost (transformer_lens, datasets, transformers) that `import fastsae` must not pay.
-def __getattr__(name: str):
-    if name in ("run_evals", "EvalConfig", "get_eval_everything_config"):
-        from fastsae import evals  # import cost: transformer_lens, datasets
-
-        return getattr(evals, name)
+# every other public name -> the module that defines it. PEP 562: each import runs on
+# first access of its name; every one is an import cost (transformer_lens, datasets,
+# transformers) that `import fastsae` must not pay.
+_NAMES: dict[str, str] = {
+    **{name: "fastsae.saes" for name in _SAE_NAMES},
+    **{name: "fastsae.training" for name in _TRAINING_NAMES},
+    "run_evals": "fastsae.evals",
+    "EvalConfig": "fastsae.evals",
+    "get_eval_everything_config": "fastsae.evals",
     # HookedSAETransformer needs TransformerLens 3, SAETransformerBridge a TransformerLens
-    # with TransformerBridge (4, or late 3): each raises an ImportError naming the installed
-    # version where it is missing, while the rest of fastsae works with either.
-    if name == "HookedSAETransformer":
-        from fastsae.hooked import HookedSAETransformer  # import cost: transformer_lens
+    # with TransformerBridge (4, or late 3): each raises an ImportError naming the
+    # installed version where it is missing, while the rest of fastsae works with either
+    "HookedSAETransformer": "fastsae.hooked",
+    "SAETransformerBridge": "fastsae.sae_bridge",
+    "has_transformer_bridge": "fastsae.tl_compat",
+    "has_hooked_transformer": "fastsae.tl_compat",
+    "PretrainedSaeDiskLoader": "fastsae.loading.disk",
+    "PretrainedSaeHuggingfaceLoader": "fastsae.loading.hub",
+    "upload_saes_to_huggingface": "fastsae.hub_upload",
+    "PretokenizeRunner": "fastsae.pretokenize",
+    "PretokenizeRunnerConfig": "fastsae.pretokenize",
+    "pretokenize_runner": "fastsae.pretokenize",
+    "CacheActivationsRunner": "fastsae.cache_activations_runner",
+    "CacheActivationsRunnerConfig": "fastsae.cache_activations_runner",
+    "MultiSAETrainingRunner": "fastsae.multi_sae_training_runner",
+    "MultiSAETrainingRunnerConfig": "fastsae.multi_sae_training_runner",
+    "MultiSAEEvaluator": "fastsae.multi_sae_training_runner",
+}
+_MODULES = ("ops", "torch_ops", "analysis", "evals")
 
-        return HookedSAETransformer
-    if name == "SAETransformerBridge":
-        from fastsae.sae_bridge import SAETransformerBridge  # import cost: transformer_lens
 
-        return SAETransformerBridge
-    if name in ("has_transformer_bridge", "has_hooked_transformer"):
-        from fastsae import tl_compat  # import cost: transformer_lens
-
-        return getattr(tl_compat, name)
-    if name in _TRAINING_NAMES:
-        from fastsae import training  # import cost: transformer_lens, datasets
-
-        return getattr(training, name)
-    if name in _SAE_NAMES:
-        from fastsae import saes  # import cost: transformer_lens
-
-        return getattr(saes, name)
-    if name in ("ops", "torch_ops", "analysis", "evals"):
+def __getattr__(name: str):
+    module = _NAMES.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(module), name)
+    if name in _MODULES:
         return importlib.import_module(f"fastsae.{name}")
     raise AttributeError(f"module 'fastsae' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES, *_MODULES])
+
+
 if TYPE_CHECKING:
     from fastsae import ops, torch_ops
+    from fastsae.cache_activations_runner import (
+        CacheActivationsRunner,
+        CacheActivationsRunnerConfig,
+    )
+    from fastsae.evals import EvalConfig, get_eval_everything_config, run_evals
     from fastsae.hooked import HookedSAETransformer
+    from fastsae.hub_upload import upload_saes_to_huggingface
+    from fastsae.loading.disk import PretrainedSaeDiskLoader
+    from fastsae.loading.hub import PretrainedSaeHuggingfaceLoader
+    from fastsae.multi_sae_training_runner import (
+        MultiSAEEvaluator,
+        MultiSAETrainingRunner,
+        MultiSAETrainingRunnerConfig,
+    )
+    from fastsae.pretokenize import (
+        PretokenizeRunner,
+        PretokenizeRunnerConfig,
+        pretokenize_runner,
+    )
     from fastsae.sae_bridge import SAETransformerBridge
     from fastsae.saes import (
         SAE,
@@ -106,44 +138,95 @@ if TYPE_CHECKING:
         register_sae_class,
         register_sae_training_class,
     )
+    from fastsae.saes.matching_pursuit import (
+        MatchingPursuitSAE,
+        MatchingPursuitSAEConfig,
+        MatchingPursuitTrainingSAE,
+        MatchingPursuitTrainingSAEConfig,
+    )
+    from fastsae.saes.temporal import TemporalSAE, TemporalSAEConfig
     from fastsae.tl_compat import has_hooked_transformer, has_transformer_bridge
 
 __all__ = [
     "__version__",
+    "logger",
+    "SparseCode",
     "ops",
     "torch_ops",
-    "SparseCode",
+    "analysis",
+    "evals",
+    "AbsTopKSAE",
+    "AbsTopKSAEConfig",
+    "AbsTopKTrainingSAE",
+    "AbsTopKTrainingSAEConfig",
+    "ActivationsStore",
+    "BatchTopKTrainingSAE",
+    "BatchTopKTrainingSAEConfig",
+    "CacheActivationsRunner",
+    "CacheActivationsRunnerConfig",
+    "CachedActivationsStore",
+    "EvalConfig",
+    "GatedSAE",
+    "GatedSAEConfig",
+    "GatedTrainingSAE",
+    "GatedTrainingSAEConfig",
+    "HookedSAETransformer",
+    "JumpReLUSAE",
+    "JumpReLUSAEConfig",
+    "JumpReLUSkipTranscoder",
+    "JumpReLUSkipTranscoderConfig",
+    "JumpReLUTrainingSAE",
+    "JumpReLUTrainingSAEConfig",
+    "JumpReLUTranscoder",
+    "JumpReLUTranscoderConfig",
+    "LanguageModelSAERunnerConfig",
+    "LanguageModelSAETrainingRunner",
+    "LoggingConfig",
+    "MatchingPursuitSAE",
+    "MatchingPursuitSAEConfig",
+    "MatchingPursuitTrainingSAE",
+    "MatchingPursuitTrainingSAEConfig",
+    "MatryoshkaBatchTopKTrainingSAE",
+    "MatryoshkaBatchTopKTrainingSAEConfig",
+    "MultiSAEEvaluator",
+    "MultiSAETrainingRunner",
+    "MultiSAETrainingRunnerConfig",
+    "PretokenizeRunner",
+    "PretokenizeRunnerConfig",
+    "PretrainedSaeDiskLoader",
+    "PretrainedSaeHuggingfaceLoader",
     "SAE",
     "SAEConfig",
     "SAEMetadata",
-    "StandardSAE",
-    "StandardSAEConfig",
-    "GatedSAE",
-    "GatedSAEConfig",
-    "JumpReLUSAE",
-    "JumpReLUSAEConfig",
-    "TopKSAE",
-    "TopKSAEConfig",
-    "AbsTopKSAE",
-    "AbsTopKSAEConfig",
-    "Transcoder",
-    "TranscoderConfig",
+    "SAETrainer",
+    "SAETrainerConfig",
+    "SAETrainingRunner",
+    "SAETransformerBridge",
     "SkipTranscoder",
     "SkipTranscoderConfig",
-    "JumpReLUTranscoder",
-    "JumpReLUTranscoderConfig",
-    "JumpReLUSkipTranscoder",
-    "JumpReLUSkipTranscoderConfig",
-    "register_sae_class",
-    "register_sae_training_class",
-    "HookedSAETransformer",
-    "SAETransformerBridge",
+    "StandardSAE",
+    "StandardSAEConfig",
+    "StandardTrainingSAE",
+    "StandardTrainingSAEConfig",
+    "TemporalSAE",
+    "TemporalSAEConfig",
+    "TopKSAE",
+    "TopKSAEConfig",
+    "TopKTrainingSAE",
+    "TopKTrainingSAEConfig",
+    "TrainCoefficientConfig",
+    "TrainStepInput",
+    "TrainStepOutput",
+    "TrainingSAE",
+    "TrainingSAEConfig",
+    "Transcoder",
+    "TranscoderConfig",
+    "get_eval_everything_config",
     "has_hooked_transformer",
     "has_transformer_bridge",
+    "pretokenize_runner",
+    "register_sae_class",
+    "register_sae_training_class",
     "run_evals",
-    "EvalConfig",
-    "get_eval_everything_config",
-    "analysis",
-    "evals",
-    *sorted(_TRAINING_NAMES),
+    "upload_saes_to_huggingface",
 ]

@@ -60,7 +60,8 @@ class BatchTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     """
 
     k: float = 100  # type: ignore[assignment]
-    topk_threshold_lr: float = 0.01
+    # keyword-only like TopK's rescale_acts_by_decoder_norm, which SAELens puts before it
+    topk_threshold_lr: float = field(default=0.01, kw_only=True)
 
     _architecture: ClassVar[str | None] = "batchtopk"
     _inference_architecture: ClassVar[str | None] = "jumprelu"
@@ -159,8 +160,9 @@ class MatryoshkaBatchTopKTrainingSAEConfig(BatchTopKTrainingSAEConfig):
     latents reconstruct their own level's residual instead of the whole SAE's.
     """
 
-    matryoshka_widths: list[int] = field(default_factory=list)
-    use_matryoshka_aux_loss: bool = False
+    # keyword-only, as the BatchTopK fields SAELens puts before them
+    matryoshka_widths: list[int] = field(default_factory=list, kw_only=True)
+    use_matryoshka_aux_loss: bool = field(default=False, kw_only=True)
 
     _architecture: ClassVar[str | None] = "matryoshka_batchtopk"
     _inference_architecture: ClassVar[str | None] = "jumprelu"

@@ -5,7 +5,7 @@ AuxK) and TopK's latent-sharded step (an exact top-k across the ranks)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -200,7 +200,9 @@ class TopKTrainingSAEConfig(TrainingSAEConfig, TopKSAEConfig):
 
     use_sparse_activations: bool = False
     aux_loss_coefficient: float = 1.0
-    rescale_acts_by_decoder_norm: bool = True
+    # keyword-only: SAELens's training config has it after aux_loss_coefficient, while
+    # the inference fields put it after k (a redeclared field keeps its place)
+    rescale_acts_by_decoder_norm: bool = field(default=True, kw_only=True)
 
     _architecture: ClassVar[str | None] = "topk"
 

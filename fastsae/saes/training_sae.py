@@ -30,12 +30,13 @@ from fastsae.sparse_code import SparseCode
 from fastsae.training.losses import mse_loss, total_loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingSAEConfig(SAEConfig):
     """Base of the training configs: the inference fields plus training-only ones.
 
     ``decoder_init_norm``: rows of ``W_dec`` start with this norm (Anthropic's April
-    2024 heuristic; SAELens default 0.1); None keeps kaiming-uniform rows.
+    2024 heuristic; SAELens default 0.1); None keeps kaiming-uniform rows. Keyword-only,
+    as in SAELens, so it comes after each architecture's own fields.
     """
 
     decoder_init_norm: float | None = 0.1

@@ -18,6 +18,7 @@ _NAMES: dict[str, str] = {
     "SAETrainerConfig": "fastsae.training.config",
     "NonFiniteLossError": "fastsae.training.nonfinite",
     "SAETrainer": "fastsae.training.trainer",
+    "MultiSAETrainer": "fastsae.training.multi_sae_trainer",
     "SAETrainingRunner": "fastsae.training.runner",
     "LanguageModelSAETrainingRunner": "fastsae.training.runner",
     "ActivationsStore": "fastsae.training.data.activations_store",
@@ -41,6 +42,8 @@ _NAMES: dict[str, str] = {
     "BatchTopKTrainingSAEConfig": "fastsae.saes.batchtopk",
     "MatryoshkaBatchTopKTrainingSAE": "fastsae.saes.batchtopk",
     "MatryoshkaBatchTopKTrainingSAEConfig": "fastsae.saes.batchtopk",
+    "MatchingPursuitTrainingSAE": "fastsae.saes.matching_pursuit",
+    "MatchingPursuitTrainingSAEConfig": "fastsae.saes.matching_pursuit",
 }
 
 
@@ -65,6 +68,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
     )
     from fastsae.saes.gated import GatedTrainingSAE, GatedTrainingSAEConfig
     from fastsae.saes.jumprelu import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from fastsae.saes.matching_pursuit import (
+        MatchingPursuitTrainingSAE,
+        MatchingPursuitTrainingSAEConfig,
+    )
     from fastsae.saes.standard import StandardTrainingSAE, StandardTrainingSAEConfig
     from fastsae.saes.topk import (
         AbsTopKTrainingSAE,
@@ -86,6 +93,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names
     )
     from fastsae.training.data.activations_store import ActivationsStore
     from fastsae.training.data.cached_activations_store import CachedActivationsStore
+    from fastsae.training.multi_sae_trainer import MultiSAETrainer
     from fastsae.training.nonfinite import NonFiniteLossError
     from fastsae.training.runner import LanguageModelSAETrainingRunner, SAETrainingRunner
     from fastsae.training.trainer import SAETrainer
@@ -96,6 +104,7 @@ __all__ = [
     "SAETrainerConfig",
     "NonFiniteLossError",
     "SAETrainer",
+    "MultiSAETrainer",
     "SAETrainingRunner",
     "LanguageModelSAETrainingRunner",
     "ActivationsStore",
@@ -119,4 +128,6 @@ __all__ = [
     "BatchTopKTrainingSAEConfig",
     "MatryoshkaBatchTopKTrainingSAE",
     "MatryoshkaBatchTopKTrainingSAEConfig",
+    "MatchingPursuitTrainingSAE",
+    "MatchingPursuitTrainingSAEConfig",
 ]

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
+import inspect
 import io
 import json
 import pickle
@@ -323,3 +325,63 @@ def test_topk_activation_sparse_output_matches_sae_lens(shape):
     ours, theirs = TopK(4, use_sparse_activations=True)(x), TheirTopK(4, True)(x)
     assert ours.is_sparse and ours.shape == theirs.shape
     assert_close(ours.to_dense(), theirs.to_dense())
+
+
+# --------------------------------------------------------------------------- public names
+def _sae_lens_public_names() -> list[str]:
+    return sorted(
+        n
+        for n in dir(sae_lens)
+        if not n.startswith("_") and not isinstance(getattr(sae_lens, n), type(sae_lens))
+    )
+
+
+def test_every_sae_lens_top_level_name_is_in_fastsae():
+    names = _sae_lens_public_names()
+    assert len(names) >= 66  # sae-lens 6.54.12's public classes, functions and objects
+    missing = [n for n in names if not hasattr(fastsae, n)]
+    assert not missing, f"sae-lens names missing from fastsae: {missing}"
+    assert set(names) <= set(fastsae.__all__)
+
+
+def _signature(obj) -> inspect.Signature:
+    return inspect.signature(obj.__init__ if isinstance(obj, type) else obj)
+
+
+def _names(obj) -> list[str]:
+    """What a caller can pass by name (a dataclass taking ``**kwargs`` takes its fields)."""
+    params = _signature(obj).parameters.values()
+    names = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL,
+             p.VAR_KEYWORD, p.POSITIONAL_ONLY)]  # fmt: skip
+    if any(p.kind == p.VAR_KEYWORD for p in params) and dataclasses.is_dataclass(obj):
+        names += [f.name for f in dataclasses.fields(obj) if f.init and f.name not in names]
+    return names
+
+
+def _positional(obj) -> list[str]:
+    params = _signature(obj).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
+
+
+@pytest.mark.parametrize("name", _sae_lens_public_names())
+def test_public_name_is_the_same_kind_with_sae_lens_parameters(name):
+    theirs, ours = getattr(sae_lens, name), getattr(fastsae, name)
+    assert isinstance(ours, type) == isinstance(theirs, type), name
+    assert callable(ours) == callable(theirs), name
+    if not callable(theirs) or typing.get_origin(theirs) is not None:
+        return
+    if isinstance(theirs, type) and issubclass(theirs, typing.Protocol):  # loader protocols
+        theirs, ours = theirs.__call__, ours.__call__
+    try:
+        expected = _names(theirs)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return
+    # every parameter a sae-lens caller can pass by name is accepted by name
+    missing = [p for p in expected if p not in _names(ours)]
+    assert not missing, f"{name}: fastsae lacks parameters {missing} (sae-lens: {expected})"
+    # what fastsae takes positionally binds as in sae-lens (the rest is keyword-only here)
+    ours_pos, theirs_pos = _positional(ours), _positional(theirs)
+    shared = [p for p in ours_pos if p in theirs_pos]
+    assert shared == theirs_pos[: len(shared)], (
+        f"{name}: positional order {ours_pos} vs {theirs_pos}"
+    )
