@@ -113,8 +113,8 @@ class CacheActivationsRunnerConfig:
         streaming: stream the dataset.
         autocast_lm: run the model under bf16 autocast.
         dataset_trust_remote_code: passed when loading ``dataset_path``.
-        use_chat_formatting: not supported by fastsae's store (pre-tokenize with
-            ``PretokenizeRunner(use_chat_formatting=True)`` first).
+        use_chat_formatting: tokenize the dataset's conversations with the tokenizer's
+            chat template (see ``ActivationsStore``); ``context_size`` must then be set.
     """
 
     dataset_path: str
@@ -294,12 +294,6 @@ class CacheActivationsRunner:
     ):
         if not isinstance(cfg, CacheActivationsRunnerConfig):
             raise TypeError(f"cfg must be a CacheActivationsRunnerConfig, got {type(cfg).__name__}")
-        if cfg.use_chat_formatting:
-            raise ValueError(
-                "use_chat_formatting=True is not supported by fastsae's ActivationsStore; "
-                "pre-tokenize the conversations with PretokenizeRunner(use_chat_formatting=True) "
-                "and cache from that dataset"
-            )
         self.cfg = cfg
         tokenizer = override_tokenizer
         if override_model is None:
@@ -328,6 +322,7 @@ class CacheActivationsRunner:
             autocast_lm=cfg.autocast_lm,
             streaming=cfg.streaming,
             dataset_trust_remote_code=bool(cfg.dataset_trust_remote_code),
+            use_chat_formatting=cfg.use_chat_formatting,
         )
         from datasets import Array2D, Features, Sequence, Value
 

@@ -223,8 +223,10 @@ class MultiSAETrainingRunnerConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_seqpos_slice(self.seqpos_slice, self.context_size)
         check_mixing_fraction(self.activations_mixing_fraction)
-        if self.use_chat_formatting:
-            raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
+        if not isinstance(self.use_chat_formatting, bool):
+            raise ValueError(
+                f"use_chat_formatting must be a bool, got {self.use_chat_formatting!r}"
+            )
         if self.logger.run_name is None:
             archs = sorted({sae.architecture() for sae in self.saes.values()})
             self.logger.run_name = (

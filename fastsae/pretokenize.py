@@ -42,6 +42,11 @@ from typing_extensions import deprecated
 from fastsae import __version__
 from fastsae.loading.atomic_dir import check_replaceable, commit_dir, new_temp_dir
 from fastsae.saes.config import SAE_LENS_FORMAT_VERSION
+from fastsae.training.data.token_rows import (
+    as_conversation,
+    chat_template_tokens,
+    check_chat_template,
+)
 
 __all__ = [
     "METADATA_FILENAME",
@@ -307,26 +312,19 @@ def pack_token_sequences(
 
 
 # --------------------------------------------------------------------------- tokenizing
-def _chat_tokens(conversation: Any, tokenizer: Any) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template(
-        conversation, tokenize=True, return_tensors="pt", return_dict=False
-    )
-    return torch.as_tensor(ids[0], dtype=torch.long)
-
-
 def _tokenize_values(values: list[Any], tokenizer: Any, cfg: PretokenizeRunnerConfig) -> list:
     """The token ids of each value of a batch of the text column (1-D int64 tensors)."""
     if cfg.use_chat_formatting:
         out = []
-        for value in values:
+        for i, value in enumerate(values):
             if isinstance(value, str):
                 warnings.warn(
                     f"use_chat_formatting is True but column {cfg.column_name!r} holds "
                     "strings; each becomes a single user message",
                     stacklevel=2,
                 )
-                value = [{"role": "user", "content": value}]
-            out.append(_chat_tokens(value, tokenizer))
+            where = f"column {cfg.column_name!r}: value {i} of a batch"
+            out.append(chat_template_tokens(as_conversation(value, where), tokenizer))
         return out
     for i, value in enumerate(values):
         if not isinstance(value, str):
@@ -358,6 +356,8 @@ def pretokenize_dataset(dataset: Any, tokenizer: Any, cfg: PretokenizeRunnerConf
             f"column_name={cfg.column_name!r} is not a column of the dataset; its columns "
             f"are {columns}"
         )
+    if cfg.use_chat_formatting:
+        check_chat_template(tokenizer)
     bos = special_token_from_cfg(cfg.begin_batch_token, tokenizer)
     start = special_token_from_cfg(cfg.begin_sequence_token, tokenizer)
     sep = special_token_from_cfg(cfg.sequence_separator_token, tokenizer)

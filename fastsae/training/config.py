@@ -127,7 +127,11 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
     is_dataset_tokenized: bool = True
     """Accepted for SAELens configs; the dataset's column (text or token ids) decides."""
     use_chat_formatting: bool = False
-    """Tokenize with a chat template: not supported by fastsae's store, must stay False."""
+    """Tokenize each document with the tokenizer's chat template (``apply_chat_template``)
+    and pack the ids into rows like text, as SAELens 6 does. The store reads the first of
+    the columns "conversation", "conversations", "messages" (lists of ``{"role",
+    "content"}`` messages) or "text" (each string one user message); the tokenizer must
+    have a ``chat_template``."""
     context_size: int = 128
     """Tokens per sequence the model runs on."""
     use_cached_activations: bool = False
@@ -751,8 +755,8 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
             DeprecationWarning,
             stacklevel=3,
         )
-    if cfg.use_chat_formatting:
-        raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
+    if not isinstance(cfg.use_chat_formatting, bool):
+        raise ValueError(f"use_chat_formatting must be a bool, got {cfg.use_chat_formatting!r}")
     prefetch = cfg.prefetch_llm_batches
     if not isinstance(prefetch, (bool, int)) or (not isinstance(prefetch, bool) and prefetch < 0):
         raise ValueError(f"prefetch_llm_batches must be a bool or an int >= 0, got {prefetch!r}")

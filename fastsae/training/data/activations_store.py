@@ -4,7 +4,9 @@ Same names and behaviour as SAELens 6.x's ``ActivationsStore`` where one exists,
 TransformerLens models (hook by name, ``blocks.3.hook_resid_pre``) and for any Hugging
 Face ``transformers`` model or ``nn.Module`` (hook by module path, ``encoder.layer.3``).
 
-Pipeline: documents -> rows of ``context_size`` tokens (``TokenRowSource``) -> one model
+Pipeline: documents (text, token ids, or conversations through the tokenizer's chat
+template with ``use_chat_formatting``) -> rows of ``context_size`` tokens
+(``TokenRowSource``) -> one model
 forward per ``store_batch_size_prompts`` rows, stopped right after the hook ->
 ``[rows, n_pos, d_in]`` -> positions ``seqpos_slice`` -> flattened, special/padding
 tokens dropped -> a buffer that is shuffled with a seeded ``torch.Generator`` -> batches
@@ -53,7 +55,13 @@ from fastsae.training.data.model_hooks import (
     is_transformer_lens,
 )
 from fastsae.training.data.text_loading import HfDataset, load_text_dataset
-from fastsae.training.data.token_rows import TokenRowSource, special_token_id
+from fastsae.training.data.token_rows import (
+    TokenRowSource,
+    as_conversation,
+    chat_template_tokens,
+    check_chat_template,
+    special_token_id,
+)
 
 __all__ = [
     "ActivationsStore",
@@ -64,6 +72,9 @@ __all__ = [
 
 ACTIVATIONS_STORE_STATE_FILENAME = "activations_store_state.safetensors"  # as SAELens
 _TOKEN_COLUMNS = ("tokens", "input_ids", "text")
+# use_chat_formatting reads the first of these (SAELens's order); "text" values are
+# each one user message
+_CHAT_COLUMNS = ("conversation", "conversations", "messages", "text")
 _SEPARATORS = ("bos", "eos", "sep")
 
 
@@ -274,7 +285,9 @@ class ActivationsStore:
             ``context_size`` tokens are used as given.
         hook_head_index: head to take from a ``[batch, pos, n_heads, d_head]`` hook.
         is_dataset_tokenized: None detects it from the column.
-        dataset_column: None takes the first of "tokens", "input_ids", "text".
+        dataset_column: None takes the first of "tokens", "input_ids", "text" (with
+            ``use_chat_formatting``: of "conversation", "conversations", "messages",
+            "text").
         tokenizer: a Hugging Face tokenizer; defaults to ``model.tokenizer``. Needed for
             text, for BOS/separator tokens by name, and for ``exclude_special_tokens=True``.
         exclude_special_tokens: True drops BOS/EOS/PAD/CLS/SEP positions of the
@@ -295,9 +308,17 @@ class ActivationsStore:
             will be reused.
         normalize_activations: recorded for SAELens code that reads it; the trainer's
             ``ActivationScaler`` normalises, as in sae-lens 6.
-        cached_activations_path, use_chat_formatting: SAELens's arguments; a cache is
-            read by ``CachedActivationsStore``, chat formatting by ``PretokenizeRunner``
-            (each refused here with an error saying so).
+        use_chat_formatting: tokenize each document with the tokenizer's chat template
+            (``tokenizer.apply_chat_template``, as SAELens 6 does), then pack or truncate
+            the ids into rows like text (``prepend_bos``, ``sequence_separator_token``
+            and ``disable_concat_sequences`` as for text; the template's own special
+            tokens are kept). The column is ``dataset_column`` or the first of
+            "conversation", "conversations", "messages", "text"; a conversation is a
+            list of ``{"role", "content"}`` messages and a string is one user message
+            (a warning says so). The tokenizer must have a ``chat_template``; the rows
+            are SAELens's store's rows and resume exactly like text rows.
+        cached_activations_path: SAELens's argument; fastsae reads a cache with
+            ``CachedActivationsStore`` (refused here with an error saying so).
         prefetch_llm_batches: False/0 runs the model when the buffer needs activations;
             True (1) or an int ``n`` runs it on a background thread that keeps up to
             ``n`` model batches ready (token rows -> filtered activations, in the order
@@ -352,11 +373,11 @@ class ActivationsStore:
                 "activation caches with CachedActivationsStore (or the runner config's "
                 "use_cached_activations=True), not with ActivationsStore"
             )
-        if use_chat_formatting:
+        _check_bool("use_chat_formatting", use_chat_formatting)
+        if use_chat_formatting and is_dataset_tokenized:
             raise ValueError(
-                "use_chat_formatting=True is not supported by fastsae's ActivationsStore; "
-                "pre-tokenize with PretokenizeRunner(use_chat_formatting=True) and train on "
-                "the rows"
+                "is_dataset_tokenized=True contradicts use_chat_formatting=True, which "
+                "tokenizes conversations with the tokenizer's chat template"
             )
         if normalize_activations not in NORMALIZE_ACTIVATIONS:
             raise ValueError(
@@ -427,6 +448,9 @@ class ActivationsStore:
                 f"context of {self._reader.max_context} positions"
             )
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.use_chat_formatting = use_chat_formatting
+        if use_chat_formatting:
+            check_chat_template(self.tokenizer)
 
         # -- the dataset ----------------------------------------------------------------
         self.dataset = resolve_dataset(dataset, streaming, dataset_trust_remote_code)
@@ -440,9 +464,14 @@ class ActivationsStore:
                 UserWarning,
                 stacklevel=2,
             )
-        self.tokens_column, self.is_dataset_tokenized, first = self._pick_column(
-            dataset_column, is_dataset_tokenized
-        )
+        if use_chat_formatting:
+            self.tokens_column, self.is_dataset_tokenized, first = self._pick_chat_column(
+                dataset_column
+            )
+        else:
+            self.tokens_column, self.is_dataset_tokenized, first = self._pick_column(
+                dataset_column, is_dataset_tokenized
+            )
         if not self.is_dataset_tokenized and self.tokenizer is None:
             raise ValueError(
                 f"dataset column {self.tokens_column!r} holds text but the model has no "
@@ -477,6 +506,7 @@ class ActivationsStore:
             tokenizer=self.tokenizer,
             bos_token_id=bos,
             separator_token_id=separator,
+            chat=use_chat_formatting,
         )
         self.row_mode = mode
 
@@ -602,6 +632,7 @@ class ActivationsStore:
             tokenizer=tokenizer,
             prefetch_llm_batches=get("prefetch_llm_batches", False),
             activations_mixing_fraction=get("activations_mixing_fraction", 0.5),
+            use_chat_formatting=bool(get("use_chat_formatting", False)),
         )
 
     @classmethod
@@ -667,8 +698,6 @@ class ActivationsStore:
                 f"normalize_activations={normalize_activations!r}: a multi-hook store does not "
                 "normalise activations; each SAE's trainer scales its own inputs (use 'none')"
             )
-        if use_chat_formatting:
-            raise ValueError("use_chat_formatting=True is not supported by fastsae's store yet")
         canonical = unique[0]
         store = cls(
             model,
@@ -692,6 +721,7 @@ class ActivationsStore:
             streaming=streaming,
             dataset_trust_remote_code=bool(dataset_trust_remote_code),
             activations_mixing_fraction=activations_mixing_fraction,
+            use_chat_formatting=use_chat_formatting,
             **kwargs,
         )
         store._capture_hooks(unique, {h: hook_d_ins[h] for h in unique}, heads)
@@ -723,13 +753,50 @@ class ActivationsStore:
     # ------------------------------------------------------------------------------------
     # construction checks (dataset column, excluded tokens, hook width)
     # ------------------------------------------------------------------------------------
-    def _pick_column(self, column: str | None, tokenized: bool | None) -> tuple[str, bool, Any]:
+    def _first_example(self) -> tuple[Any, list[str]]:
+        """The dataset's first row and its column names."""
         ds = self.dataset
         try:
             first = ds[0] if isinstance(ds, Dataset) else next(iter(ds))
         except (IndexError, StopIteration):
             raise ValueError("dataset is empty") from None
-        columns = list(ds.column_names or first.keys())
+        return first, list(ds.column_names or first.keys())
+
+    def _pick_chat_column(self, column: str | None) -> tuple[str, bool, Any]:
+        """The column of conversations (or strings) for ``use_chat_formatting``; its
+        first value is put through the chat template once, so a template that cannot
+        format the data fails here, before any model forward."""
+        first, columns = self._first_example()
+        if column is None:
+            column = next((c for c in _CHAT_COLUMNS if c in columns), None)
+            if column is None:
+                raise ValueError(
+                    f"use_chat_formatting=True needs one of the columns {list(_CHAT_COLUMNS)}; "
+                    f"the dataset's columns are {columns}; name the one to read with "
+                    "dataset_column="
+                )
+        elif column not in columns:
+            raise ValueError(f"dataset_column {column!r} is not in the dataset's columns {columns}")
+        value = first[column]
+        conversation = as_conversation(value, f"dataset column {column!r}: row 0")
+        if isinstance(value, str):
+            warnings.warn(
+                f"use_chat_formatting=True reads column {column!r}, which holds strings, not "
+                "conversations: each string is formatted as a single user message",
+                UserWarning,
+                stacklevel=3,
+            )
+        try:
+            chat_template_tokens(conversation, self.tokenizer)
+        except Exception as e:
+            raise ValueError(
+                f"the tokenizer's chat template failed on row 0 of dataset column "
+                f"{column!r}: {type(e).__name__}: {e}"
+            ) from e
+        return column, False, value
+
+    def _pick_column(self, column: str | None, tokenized: bool | None) -> tuple[str, bool, Any]:
+        first, columns = self._first_example()
         if column is None:
             column = next((c for c in _TOKEN_COLUMNS if c in columns), None)
             if column is None:

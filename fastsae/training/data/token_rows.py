@@ -1,13 +1,15 @@
 """Documents -> rows of exactly ``context_size`` token ids, with BOS/separator handling.
 
 - ``special_token_id``: resolve ``"bos"``/``"eos"``/``"sep"``/an int/None to a token id.
+- ``chat_template_tokens`` / ``as_conversation`` / ``check_chat_template``: a
+  conversation (or a string, as one user message) through the tokenizer's chat template.
 - ``TokenRowSource``: pre-tokenized rows, packed documents or truncated documents, with a
   state (epoch, document index, offset in it) that resumes exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,6 +44,56 @@ def special_token_id(which: int | str | None, tokenizer: Any) -> int | None:
     return None
 
 
+def check_chat_template(tokenizer: Any) -> None:
+    """Raise a ``ValueError`` unless ``tokenizer`` can apply a chat template (it is not
+    None and its ``chat_template`` is set)."""
+    if tokenizer is None:
+        raise ValueError(
+            "use_chat_formatting=True needs a tokenizer with a chat template, but there is "
+            "no tokenizer (the model has none; pass tokenizer=)"
+        )
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise ValueError(
+            f"use_chat_formatting=True needs a tokenizer with apply_chat_template; "
+            f"{type(tokenizer).__name__} has none"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"use_chat_formatting=True needs a tokenizer with a chat template, but tokenizer "
+            f"{name!r} has no chat_template; set tokenizer.chat_template (a Jinja template) "
+            "or use a chat model's tokenizer"
+        )
+
+
+def as_conversation(value: Any, where: str = "value") -> list[Any]:
+    """``value`` as a conversation for a chat template: a list of message mappings as
+    given, a string as one user message. Anything else raises, naming ``where``."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, Mapping) for m in value):
+        return list(value)
+    raise ValueError(
+        f"{where} is {type(value).__name__} {_short(value)}, not a conversation (a non-empty "
+        "list of {'role': ..., 'content': ...} messages) or a string"
+    )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def chat_template_tokens(conversation: Any, tokenizer: Any) -> torch.Tensor:
+    """The 1-D int64 token ids of one conversation (a list of ``{"role", "content"}``
+    messages) through ``tokenizer.apply_chat_template``: the template's own special
+    tokens are in them and nothing else is added; no generation prompt."""
+    ids = tokenizer.apply_chat_template(
+        conversation, tokenize=True, return_tensors="pt", return_dict=False
+    )
+    return torch.as_tensor(ids[0], dtype=torch.long).reshape(-1)
+
+
 class TokenRowSource:
     """Rows of exactly ``context_size`` token ids from one column of a dataset.
 
@@ -56,6 +108,10 @@ class TokenRowSource:
       - ``"truncate"`` (``disable_concat_sequences``): one row per document,
         ``bos_token_id`` first when set; documents shorter than ``context_size`` are
         dropped, longer ones truncated.
+
+    ``chat=True``: the column holds conversations (or strings, each one user message),
+    tokenized with the tokenizer's chat template (:func:`chat_template_tokens`) and then
+    packed or truncated like text.
 
     ``next_row()`` returns None once at the end of every pass over the dataset, after
     which the next pass starts (``epoch`` counts finished passes). The state after each
@@ -80,9 +136,16 @@ class TokenRowSource:
         bos_token_id: int | None = None,
         separator_token_id: int | None = None,
         read_chunk: int = 64,
+        chat: bool = False,
     ):
         if mode not in ("rows", "pack", "truncate"):
             raise ValueError(f"mode must be 'rows', 'pack' or 'truncate', got {mode!r}")
+        if chat and (is_tokenized or mode == "rows"):
+            raise ValueError(
+                "chat=True tokenizes conversations; it cannot read a pre-tokenized column"
+            )
+        if chat:
+            check_chat_template(tokenizer)
         if not is_tokenized and tokenizer is None:
             raise ValueError(f"column {column!r} holds text but no tokenizer was given")
         self.dataset = dataset
@@ -94,6 +157,7 @@ class TokenRowSource:
         self.bos_token_id = bos_token_id
         self.separator_token_id = separator_token_id
         self.read_chunk = read_chunk
+        self.chat = chat
         self.epoch = 0
         self.doc_index = 0  # the document the next row starts in (this epoch)
         self.doc_offset = 0  # the token of that document the next row starts at
@@ -143,6 +207,14 @@ class TokenRowSource:
             values = [v for _, v in chunk]
             if self.is_tokenized:
                 docs = [torch.as_tensor(v, dtype=torch.long).reshape(-1) for v in values]
+            elif self.chat:
+                docs = [
+                    chat_template_tokens(
+                        as_conversation(v, f"column {self.column!r}: document {i}"),
+                        self.tokenizer,
+                    )
+                    for i, v in chunk
+                ]
             else:
                 for i, v in chunk:
                     if not isinstance(v, str):

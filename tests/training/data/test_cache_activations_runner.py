@@ -265,7 +265,9 @@ def test_context_size_from_a_pretokenized_dataset(tmp_path):
         CacheActivationsRunnerConfig(**config_kwargs(tmp_path, dataset_path=str(text), context_size=-1))  # fmt: skip
 
 
-def test_run_refuses_a_non_empty_folder_and_chat_formatting(model, rows, tmp_path):
+def test_run_refuses_a_non_empty_folder_and_chat_formatting_without_a_tokenizer(
+    model, rows, tmp_path
+):
     target = tmp_path / "cache"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
@@ -274,7 +276,7 @@ def test_run_refuses_a_non_empty_folder_and_chat_formatting(model, rows, tmp_pat
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temporary folder
     cfg = CacheActivationsRunnerConfig(**config_kwargs(target, use_chat_formatting=True))
-    with pytest.raises(ValueError, match="use_chat_formatting=True is not supported"):
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template.*no tokenizer"):
         CacheActivationsRunner(cfg, override_dataset=rows, override_model=model)
     with pytest.raises(TypeError, match="CacheActivationsRunnerConfig"):
         CacheActivationsRunner(SLCacheActivationsRunnerConfig(**config_kwargs(target)))
