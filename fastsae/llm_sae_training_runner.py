@@ -39,8 +39,6 @@ __all__ = ["LanguageModelSAETrainingRunner", "SAETrainingRunner"]
 DEFAULT_ARCHITECTURE = "standard"
 # SAELens builds the SAE config of the command line with these (functools.partial)
 SAE_CLI_DEFAULTS = {"d_in": 512, "d_sae": 1024}
-# SAELens runner fields that fastsae's config accepts with a warning and ignores
-LEGACY_RUNNER_FLAGS = ("hook_eval", "sae_lens_version", "sae_lens_training_version")
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
@@ -229,11 +227,6 @@ def build_parser(architecture: str = DEFAULT_ARCHITECTURE) -> argparse.ArgumentP
             continue
         _add_field(runner, f, runner_hints[f.name], flag=f.name, dest=f.name)
         taken.add(f.name)
-    for name in LEGACY_RUNNER_FLAGS:
-        runner.add_argument(
-            f"--{name}", dest=name, default=argparse.SUPPRESS, help="accepted, ignored"
-        )
-        taken.add(name)
     logger_hints = typing.get_type_hints(LoggingConfig)
     logger = parser.add_argument_group("LoggingConfig")
     for f in fields(LoggingConfig):
