@@ -100,19 +100,6 @@ class PerSAETrainer(SAETrainer):
     evaluates)."""
 
     @property
-    def activation_scaler(self) -> ActivationScaler:
-        """The SAE's input normalisation (SAELens's name for ``scaler``)."""
-        return self.scaler
-
-    @property
-    def n_training_steps(self) -> int:
-        return self.state.n_training_steps
-
-    @property
-    def n_training_samples(self) -> int:
-        return self.state.n_training_samples
-
-    @property
     def pending_batch(self) -> Tensor | None:
         """A batch drawn for this SAE but not trained on yet (an interrupted step)."""
         return self._pending_batch

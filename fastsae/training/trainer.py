@@ -238,6 +238,21 @@ class SAETrainer(Generic[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
 
     # ------------------------------------------------------------------ derived
     @property
+    def activation_scaler(self) -> ActivationScaler:
+        """The SAE's input normalisation (SAELens's name for ``scaler``)."""
+        return self.scaler
+
+    @property
+    def n_training_steps(self) -> int:
+        """Steps trained so far (SAELens's name; ``state.n_training_steps``)."""
+        return self.state.n_training_steps
+
+    @property
+    def n_training_samples(self) -> int:
+        """Samples (tokens) trained on so far (SAELens's name)."""
+        return self.state.n_training_samples
+
+    @property
     def total_training_samples(self) -> int:
         return self.trainer_cfg.total_training_samples
 

@@ -166,6 +166,9 @@ def test_sae_lens_style_call_trains_and_returns_the_sae():
     fitted = trainer.fit()
     assert fitted is sae
     assert trainer.state.n_training_steps == 10 and trainer.state.n_training_samples == 320
+    # SAELens's names for the counters and the scaler
+    assert (trainer.n_training_steps, trainer.n_training_samples) == (10, 320)
+    assert trainer.activation_scaler is trainer.scaler
 
 
 @pytest.mark.parametrize(
