@@ -66,6 +66,12 @@ _NAMES: dict[str, str] = {
     "PretrainedSaeDiskLoader": "fastsae.loading.disk",
     "PretrainedSaeHuggingfaceLoader": "fastsae.loading.hub",
     "upload_saes_to_huggingface": "fastsae.hub_upload",
+    # reading features: Neuronpedia labels
+    "download_feature_labels": "fastsae.labels",
+    "load_feature_labels": "fastsae.labels",
+    "find_feature_labels": "fastsae.labels",
+    "neuronpedia_url": "fastsae.labels",
+    "FeatureLabels": "fastsae.labels",
     "PretokenizeRunner": "fastsae.pretokenize",
     "PretokenizeRunnerConfig": "fastsae.pretokenize",
     "pretokenize_runner": "fastsae.pretokenize",
@@ -100,6 +106,13 @@ if TYPE_CHECKING:
     from fastsae.evals import EvalConfig, get_eval_everything_config, run_evals
     from fastsae.hooked import HookedSAETransformer
     from fastsae.hub_upload import upload_saes_to_huggingface
+    from fastsae.labels import (
+        FeatureLabels,
+        download_feature_labels,
+        find_feature_labels,
+        load_feature_labels,
+        neuronpedia_url,
+    )
     from fastsae.loading.disk import PretrainedSaeDiskLoader
     from fastsae.loading.hub import PretrainedSaeHuggingfaceLoader
     from fastsae.multi_sae_training_runner import (
@@ -166,6 +179,7 @@ __all__ = [
     "CacheActivationsRunnerConfig",
     "CachedActivationsStore",
     "EvalConfig",
+    "FeatureLabels",
     "GatedSAE",
     "GatedSAEConfig",
     "GatedTrainingSAE",
@@ -221,9 +235,13 @@ __all__ = [
     "TrainingSAEConfig",
     "Transcoder",
     "TranscoderConfig",
+    "download_feature_labels",
+    "find_feature_labels",
     "get_eval_everything_config",
     "has_hooked_transformer",
     "has_transformer_bridge",
+    "load_feature_labels",
+    "neuronpedia_url",
     "pretokenize_runner",
     "register_sae_class",
     "register_sae_training_class",

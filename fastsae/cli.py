@@ -1,5 +1,5 @@
-"""``fastsae`` command line: ``demo``, ``train``, ``cache``, ``convert``, ``bench`` and
-``tune``."""
+"""``fastsae`` command line: ``demo``, ``train``, ``cache``, ``convert``, ``bench``,
+``tune`` and ``labels download``."""
 
 from __future__ import annotations
 
@@ -171,6 +171,53 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def labels_download(args: argparse.Namespace) -> int:
+    """Download every feature's Neuronpedia label of a registry SAE (resumable)."""
+    from fastsae.labels import download_feature_labels
+
+    try:
+        res = download_feature_labels(
+            args.release,
+            args.sae_id,
+            neuronpedia_id=args.neuronpedia_id,
+            out=args.out,
+            features=args.features,
+            num_features=args.num_features,
+            api_url=args.api_url,
+            api_key=args.api_key,
+            requests_per_second=args.requests_per_second,
+            workers=args.workers,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+            show_progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("fastsae labels: interrupted; what was fetched is kept, run the same command "
+              "again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    s = res.stats
+    print(f"{s['successful']} of {s['total_features']} features labelled "
+          f"({s['with_descriptions']} with a description, {s['failed']} failed; fetched "
+          f"{res.fetched} now, {res.already_had} already downloaded) in {res.folder}")  # fmt: skip
+    if res.failed:
+        shown = ", ".join(map(str, res.failed[:10])) + (", ..." if len(res.failed) > 10 else "")
+        print(f"failed features: {shown} (listed in {res.metadata_path}); run the same command "
+              "again to retry them", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +286,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TopK k (JumpReLU aims at a mean L0 of 1.5 k)")  # fmt: skip
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], help="fp32, bf16, fp16")
     p.set_defaults(func=tune)
+
+    p = sub.add_parser("labels", help="feature labels from Neuronpedia")
+    labels_sub = p.add_subparsers(dest="labels_command", required=True)
+    p = labels_sub.add_parser(
+        "download",
+        help="download every feature's Neuronpedia label of an SAE (resumable)",
+        description="Writes OUT/RELEASE/SAE_ID/feature_labels.json and metadata.json; an "
+        "interrupted run resumes, and a later run retries only the failed features.",
+    )
+    p.add_argument("--release", required=True, help="registry release, e.g. "
+                   "gemma-scope-2b-pt-res-canonical")  # fmt: skip
+    p.add_argument("--sae-id", required=True, help="e.g. layer_16/width_16k/canonical")
+    p.add_argument("--neuronpedia-id", default=None, metavar="MODEL/SOURCE",
+                   help="default: the registry's")  # fmt: skip
+    p.add_argument("--out", type=nonempty_path, default=None,
+                   help="root folder (default: ~/.cache/fastsae/labels)")  # fmt: skip
+    p.add_argument("--features", default=None, metavar="SPEC",
+                   help="a subset: indices and ranges, e.g. 0-99,200 (default: all)")  # fmt: skip
+    p.add_argument("--num-features", type=positive_int, default=None,
+                   help="the SAE's width, when the sae_id and the local cache cannot tell")  # fmt: skip
+    p.add_argument("--api-url", default=None,
+                   help="default: $NEURONPEDIA_API_URL, else https://www.neuronpedia.org")  # fmt: skip
+    p.add_argument("--api-key", default=None,
+                   help="sent as x-api-key (default: $NEURONPEDIA_API_KEY)")  # fmt: skip
+    p.add_argument("--requests-per-second", type=positive_float, default=5.0)
+    p.add_argument("--workers", type=positive_int, default=4, help="concurrent requests")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="on HTTP 429/5xx and connection errors")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=labels_download)
     return parser
 
 
