@@ -1,5 +1,5 @@
 """``fastsae`` command line: ``demo``, ``train``, ``cache``, ``convert``, ``bench``,
-``tune`` and ``labels download``."""
+``tune``, ``labels download`` and ``dashboard``."""
 
 from __future__ import annotations
 
@@ -218,6 +218,48 @@ def labels_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboard(args: argparse.Namespace) -> int:
+    """Compute every requested feature's dashboard data and write it as JSON."""
+    from fastsae.dashboard import data  # import cost: transformer_lens, datasets
+    from fastsae.labels import find_feature_labels, load_feature_labels, parse_feature_spec
+
+    if args.max_tokens < args.context_size:
+        raise ValueError(f"--max-tokens {args.max_tokens} is less than one row of "
+                         f"--context-size {args.context_size} tokens")  # fmt: skip
+    settings = data.DashboardSettings(
+        top_k=args.top_k, window=args.window, n_quantiles=args.n_quantiles,
+        quantile_examples=args.quantile_examples, hist_bins=args.hist_bins,
+        logit_k=args.logit_k, batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    sae = data.load_sae(args.sae, args.sae_id, args.device)
+    features = (
+        parse_feature_spec(args.features, sae.cfg.d_sae) if args.features is not None else None
+    )
+    labels = load_feature_labels(args.labels) if args.labels is not None else None
+    if labels is None and getattr(sae.cfg.metadata, "neuronpedia_id", None):
+        labels = find_feature_labels(sae)  # downloaded by `fastsae labels download`, if so
+    model = data.load_model(args.model, args.device)
+    tokens = data.load_token_rows(
+        getattr(model, "tokenizer", None), text_file=args.text_file, dataset=args.dataset,
+        column=args.column, split=args.split, context_size=args.context_size,
+        max_tokens=args.max_tokens,
+    )  # fmt: skip
+    info = {"sae": args.sae, "sae_id": args.sae_id, "model": args.model,
+            "text_file": args.text_file, "dataset": args.dataset, "column": args.column}  # fmt: skip
+    try:
+        res = data.write_dashboard_data(
+            args.out, sae, model, tokens, features, settings=settings,
+            hook_name=args.hook_name, labels=labels, chunk_size=args.chunk_size, info=info,
+            show_progress=not args.no_progress,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        print("fastsae dashboard: interrupted; finished chunks are kept, run the same command "
+              "again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    print(data.describe(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,6 +359,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on HTTP 429/5xx and connection errors")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=labels_download)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="compute feature dashboard data (density, histograms, top and quantile "
+        "contexts, logit lens, labels) as JSON",
+        description="Writes OUT/data/features/<index>.json (one per feature, SAEDashboard / "
+        "Neuronpedia export fields) and OUT/data/meta.json. Features are computed in chunks "
+        "(two passes over the tokens each); a rerun skips the finished chunks.",
+    )
+    p.add_argument("sae", type=nonempty_path, metavar="SAE_DIR_OR_RELEASE",
+                   help="an SAE folder, or a registry release with --sae-id")  # fmt: skip
+    p.add_argument("--sae-id", default=None, help="with a registry release")
+    p.add_argument("--model", required=True, help="TransformerLens model name")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text-file", type=nonempty_path, default=None,
+                      help="plain text, one document per line")  # fmt: skip
+    text.add_argument("--dataset", default=None,
+                      help="Hugging Face dataset id (streamed) or local file/folder")  # fmt: skip
+    p.add_argument("--column", default="text", help="dataset column (text or token ids)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--labels", type=nonempty_path, default=None,
+                   help="feature_labels.json (or its folder) from `fastsae labels download` "
+                   "(default: the SAE's downloaded labels, when found)")  # fmt: skip
+    p.add_argument("--features", default=None, metavar="SPEC",
+                   help="indices and ranges, e.g. 0-99,200 (default: all)")  # fmt: skip
+    p.add_argument("--out", type=nonempty_path, required=True, help="output folder")
+    p.add_argument("--hook-name", default=None, help="default: the SAE's cfg.metadata.hook_name")
+    p.add_argument("--max-tokens", type=positive_int, default=1_000_000,
+                   help="read at most this many tokens")  # fmt: skip
+    p.add_argument("--context-size", type=positive_int, default=128, help="tokens per row")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward")
+    p.add_argument("--chunk-size", type=positive_int, default=1024,
+                   help="features per chunk (the unit of resuming; two passes each)")  # fmt: skip
+    p.add_argument("--top-k", type=positive_int, default=20, help="top contexts per feature")
+    p.add_argument("--n-quantiles", type=positive_int, default=10,
+                   help="activation intervals to sample contexts from")  # fmt: skip
+    p.add_argument("--quantile-examples", type=positive_int, default=5,
+                   help="contexts per interval")  # fmt: skip
+    p.add_argument("--window", type=int, default=8, help="context tokens each side")
+    p.add_argument("--hist-bins", type=positive_int, default=50)
+    p.add_argument("--logit-k", type=positive_int, default=10, help="logit-lens tokens each way")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="of the quantile sampling")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=dashboard)
     return parser
 
 
