@@ -63,16 +63,17 @@ class PretrainedSaeDiskLoader(Protocol):
 
 
 # ---------------------------------------------------------------------------- reading
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object file; errors name the file."""
+def read_json(path: Path, where: str | Path | None = None) -> dict[str, Any]:
+    """Parse a JSON object file; errors name ``where`` (default: the file)."""
+    where = path if where is None else where
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{where}: file not found")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

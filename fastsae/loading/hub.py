@@ -25,7 +25,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from torch import Tensor
 
 from fastsae.loading.atomic_dir import recover_dir
-from fastsae.loading.disk import WEIGHT_DTYPES, check_device, read_safetensors
+from fastsae.loading.disk import WEIGHT_DTYPES, check_device, read_json, read_safetensors
 from fastsae.saes.config import str_to_dtype
 
 
@@ -126,13 +126,7 @@ def fetch_json(repo_id: str, filename: str, force_download: bool) -> dict[str, A
     """The JSON object in ``filename`` of ``repo_id``."""
     path = fetch(repo_id, filename, force_download)
     assert path is not None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{repo_id}/{filename}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{repo_id}/{filename}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path, f"{repo_id}/{filename}")
 
 
 def read_yaml(path: Path, where: str) -> dict[str, Any]:
