@@ -186,6 +186,8 @@ def labels_download(args: argparse.Namespace) -> int:
     """Download every feature's Neuronpedia label of a registry SAE (resumable)."""
     from fastsae.labels import download_feature_labels
 
+    if args.exports_url is not None and not args.bulk:
+        raise ValueError("--exports-url is where --bulk reads; add --bulk (or drop it)")
     try:
         res = download_feature_labels(
             args.release,
@@ -201,15 +203,19 @@ def labels_download(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             max_retries=args.max_retries,
             show_progress=not args.no_progress,
+            bulk=args.bulk,
+            exports_url=args.exports_url,
         )
     except KeyboardInterrupt:
         print("fastsae labels: interrupted; what was fetched is kept, run the same command "
               "again to resume", file=sys.stderr)  # fmt: skip
         return 130
     s = res.stats
+    batches = f", {res.batches} export batches" if args.bulk else ""
     print(f"{s['successful']} of {s['total_features']} features labelled "
           f"({s['with_descriptions']} with a description, {s['failed']} failed; fetched "
-          f"{res.fetched} now, {res.already_had} already downloaded) in {res.folder}")  # fmt: skip
+          f"{res.fetched} now{batches}, {res.already_had} already downloaded) in "
+          f"{res.folder}")  # fmt: skip
     if res.failed:
         shown = ", ".join(map(str, res.failed[:10])) + (", ..." if len(res.failed) > 10 else "")
         print(f"failed features: {shown} (listed in {res.metadata_path}); run the same command "
@@ -357,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=5,
                    help="on HTTP 429/5xx and connection errors")  # fmt: skip
+    p.add_argument("--bulk", action="store_true",
+                   help="read the descriptions from Neuronpedia's bulk exports (no tokens or "
+                   "max activation), then fetch the features they lack through the API")  # fmt: skip
+    p.add_argument("--exports-url", default=None,
+                   help="with --bulk: default $NEURONPEDIA_EXPORTS_URL, else "
+                   "https://neuronpedia-datasets.s3.us-east-1.amazonaws.com/v1")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=labels_download)
 

@@ -22,6 +22,26 @@ is not JSON, or a JSON object without ``explanations``, ``pos_str``, ``neg_str``
 HTTP 401/403 stops the run (a bad API key fails every feature). ``max_consecutive_failures``
 features in a row failing on the connection stop it too (the network is gone; rerun).
 
+Bulk mode (``bulk=True``, ``fastsae labels download --bulk``): first Neuronpedia's
+per-SAE exports, the gzipped JSON-lines files
+``{exports_url}/{modelId}/{sourceId}/explanations/batch-N.jsonl.gz`` (``exports_url``
+defaults to ``$NEURONPEDIA_EXPORTS_URL``, else :data:`DEFAULT_EXPORTS_URL`, the public
+``neuronpedia-datasets`` bucket's ``v1``), one explanation per line (``index``, an int or
+a decimal string, and ``description``; ``modelId``, ``layer`` and more are there too).
+Batches 0, 1, 2, ... are fetched one after the other, at the same rate limit and with
+the same retries as the API, until a 404 (none at batch 0 is an error: that SAE has no
+export). The exports hold only descriptions: such a feature's label has its
+``description`` (the first explanation in batch order when there are several),
+``has_explanations`` true, no tokens and ``max_activation`` null. A feature that
+already has a label (from the API or an earlier batch) keeps it. Garbage is not counted
+per feature as in the API path (a batch holds thousands): a batch that is not gzip, a
+line that is not a JSON object with a feature index in range and a string description,
+or a ``modelId``/``layer`` of another SAE stops the run with a
+:class:`NeuronpediaExportError` naming the batch URL and line; a batch still failing
+after the retries stops it with a ``ConnectionError``; the finished batches stay
+recorded. The requested features that no batch holds (dead features, mostly) are then
+fetched through the API as above, so each ends successful or failed.
+
 Files, in ``<out>/<release>/<sae_id>/`` (``out`` defaults to :func:`default_root`,
 ``$FASTSAE_CACHE_DIR/labels``, else ``~/.cache/fastsae/labels``):
 
@@ -33,7 +53,11 @@ Files, in ``<out>/<release>/<sae_id>/`` (``out`` defaults to :func:`default_root
   it and fetches only the requested features that have no successful line: never a
   feature it already has, and again every failed one. A line cut short by a kill is
   ignored. It stays after the run, so later runs (another ``--features``, a retry of
-  the failed) add to it.
+  the failed) add to it. In bulk mode each finished export batch adds its new labels
+  and then ``{"batch": N, "url": ..., "indices": [...]}`` (every index the batch holds),
+  fsynced together, and the 404 that ends them adds ``{"bulk_end": N}``: a rerun skips
+  a finished batch unless it holds a requested feature still missing, and a batch a
+  kill cut short is fetched again.
 - ``feature_labels.json``: the whole result, the one file users' tools read::
 
       {"sae_info": {"release", "sae_id", "neuronpedia_id", "num_features", "downloaded_at"},
@@ -70,6 +94,7 @@ import contextlib
 import datetime as dt
 import difflib
 import email.utils
+import gzip
 import json
 import os
 import re
@@ -77,6 +102,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import warnings
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -91,6 +118,9 @@ API_URL_ENV = "NEURONPEDIA_API_URL"
 API_KEY_ENV = "NEURONPEDIA_API_KEY"
 API_KEY_HEADER = "x-api-key"
 NEURONPEDIA_SITE = "https://www.neuronpedia.org"
+# Neuronpedia's public exports bucket: {base}/{modelId}/{sourceId}/explanations/batch-N.jsonl.gz
+DEFAULT_EXPORTS_URL = "https://neuronpedia-datasets.s3.us-east-1.amazonaws.com/v1"
+EXPORTS_URL_ENV = "NEURONPEDIA_EXPORTS_URL"
 
 LABELS_FILENAME = "feature_labels.json"
 METADATA_FILENAME = "metadata.json"
@@ -109,6 +139,12 @@ SAE_INFO_FIELDS = ("release", "sae_id", "neuronpedia_id", "num_features", "downl
 
 class NeuronpediaAuthError(PermissionError):
     """Neuronpedia refused the requests (HTTP 401/403): every feature would fail."""
+
+
+class NeuronpediaExportError(ValueError):
+    """A bulk export batch that is not what Neuronpedia publishes (not gzip, a line that
+    is not a JSON object with ``index`` and ``description``, another SAE's, an HTTP
+    status other than 200 or the 404 that ends the batches)."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -263,6 +299,31 @@ def find_feature_labels(
         if info.get("neuronpedia_id") == neuronpedia_id and labels_path.is_file():
             found.append((str(info.get("downloaded_at", "")), labels_path))
     return load_feature_labels(max(found)[1]) if found else None
+
+
+def pretrained_feature_labels(
+    release: str, sae_id: str, *, root: str | Path | None = None
+) -> FeatureLabels | None:
+    """The labels downloaded for ``release`` / ``sae_id`` under ``root`` (default
+    :func:`default_root`), what ``SAE.from_pretrained`` puts in ``sae.feature_labels``;
+    None when there are none (or the release, a local path, cannot name a labels
+    folder). Never raises: a file that cannot be read warns, naming it, and gives None."""
+    try:
+        path = labels_dir(release, sae_id, root) / LABELS_FILENAME
+    except ValueError:
+        return None
+    if not path.is_file():
+        return None
+    try:
+        return load_feature_labels(path)
+    except Exception as e:  # a corrupt labels file must not fail the SAE's load
+        warnings.warn(
+            f"feature labels at {path} could not be read ({type(e).__name__}: {e}); "
+            "sae.feature_labels is None (download them again: `fastsae labels download`)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def _neuronpedia_id_of(sae_or_neuronpedia_id: Any) -> str:
@@ -510,6 +571,16 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 @dataclass
+class _Reply:
+    """What :meth:`_Fetcher.get` ended with: a response it does not retry (any status but
+    429/5xx), or ``error`` (the last retried failure, or a request error)."""
+
+    response: httpx.Response | None
+    error: str | None
+    connection_failure: bool = False
+
+
+@dataclass
 class _Fetcher:
     client: httpx.Client
     base: str
@@ -519,14 +590,18 @@ class _Fetcher:
     backoff_base: float
     max_backoff: float
     max_retry_after: float
+    # what an HTTP 401/403 error adds (the API's: check the key)
+    auth_hint: str = f"; check the API key (--api-key / ${API_KEY_ENV})"
 
-    def fetch(self, index: int) -> _Outcome:
-        url = f"{self.base}/{index}"
+    def get(self, url: str) -> _Reply:
+        """GET ``url`` at the limiter's pace, retrying HTTP 429/5xx and connection errors
+        with backoff (or after a ``Retry-After``); HTTP 401/403 raise
+        :class:`NeuronpediaAuthError`."""
         error = "not tried"
         retry_after: float | None = None
         for attempt in range(self.max_retries + 1):
             if self.stop.is_set():
-                return _Outcome(index, None, "stopped")
+                return _Reply(None, "stopped")
             if attempt and retry_after is None:
                 delay = min(self.max_backoff, self.backoff_base * 2 ** (attempt - 1))
                 if delay > 0:
@@ -539,12 +614,11 @@ class _Fetcher:
                 error = f"{type(e).__name__}: {e}".rstrip(": ")
                 continue
             except httpx.RequestError as e:  # e.g. a body that does not decode
-                return _Outcome(index, None, f"{type(e).__name__}: {e}")
+                return _Reply(None, f"{type(e).__name__}: {e}")
             status = response.status_code
             if status in (401, 403):
                 raise NeuronpediaAuthError(
-                    f"Neuronpedia refused {url} (HTTP {status}); check the API key "
-                    f"(--api-key / ${API_KEY_ENV})"
+                    f"Neuronpedia refused {url} (HTTP {status}){self.auth_hint}"
                 )
             if status == 429 or status >= 500:
                 error = f"HTTP {status}"
@@ -552,17 +626,24 @@ class _Fetcher:
                 if retry_after is not None:  # every worker waits: the server asked us all
                     self.limiter.defer(min(retry_after, self.max_retry_after))
                 continue
-            if status != 200:
-                return _Outcome(index, None, f"HTTP {status}")
-            try:
-                return _Outcome(index, parse_label(response.json()), None)
-            except json.JSONDecodeError as e:
-                return _Outcome(index, None, f"malformed JSON: {e}")
-            except ValueError as e:
-                return _Outcome(index, None, f"malformed response: {e}")
+            return _Reply(response, None)
         connection = not error.startswith("HTTP")
         retries = f" after {self.max_retries} retries" if self.max_retries else ""
-        return _Outcome(index, None, f"{error}{retries}", connection_failure=connection)
+        return _Reply(None, f"{error}{retries}", connection_failure=connection)
+
+    def fetch(self, index: int) -> _Outcome:
+        reply = self.get(f"{self.base}/{index}")
+        if reply.response is None:
+            return _Outcome(index, None, reply.error, reply.connection_failure)
+        status = reply.response.status_code
+        if status != 200:
+            return _Outcome(index, None, f"HTTP {status}")
+        try:
+            return _Outcome(index, parse_label(reply.response.json()), None)
+        except json.JSONDecodeError as e:
+            return _Outcome(index, None, f"malformed JSON: {e}")
+        except ValueError as e:
+            return _Outcome(index, None, f"malformed response: {e}")
 
 
 # --------------------------------------------------------------------------- progress
@@ -603,6 +684,10 @@ class _Progress:
         self.path = path
         self.ok: dict[int, FeatureLabel] = {}
         self.failed: dict[int, str] = {}
+        # bulk mode: export batch number -> the feature indices it holds (written once
+        # its labels are), and the number of the first batch that does not exist
+        self.batches: dict[int, set[int]] = {}
+        self.bulk_end: int | None = None
         lines = path.read_text().splitlines() if path.is_file() else []
         records = []
         for line in lines:
@@ -630,7 +715,15 @@ class _Progress:
             self._file.write("\n")  # end the cut-short line; it stays unparseable
 
     def _apply(self, rec: Any) -> None:
-        if not isinstance(rec, dict) or not isinstance(rec.get("index"), int):
+        if not isinstance(rec, dict):
+            return
+        if isinstance(rec.get("batch"), int) and isinstance(rec.get("indices"), list):
+            self.batches[rec["batch"]] = {i for i in rec["indices"] if isinstance(i, int)}
+            return
+        if isinstance(rec.get("bulk_end"), int):
+            self.bulk_end = rec["bulk_end"]
+            return
+        if not isinstance(rec.get("index"), int):
             return
         index = rec["index"]
         if rec.get("ok") and isinstance(rec.get("label"), dict):
@@ -656,6 +749,28 @@ class _Progress:
         self._write(rec)
         self._apply(rec)
 
+    def record_batch(
+        self, batch: int, url: str, labels: dict[int, FeatureLabel], indices: set[int]
+    ) -> None:
+        """An export batch's new labels, then the line saying the batch is done (it lists
+        every index the batch holds), with one fsync: a kill before that line leaves the
+        batch to be fetched again."""
+        recs: list[dict[str, Any]] = [
+            {"index": i, "ok": True, "label": asdict(label)} for i, label in labels.items()
+        ]
+        for rec in recs:
+            self._file.write(json.dumps(rec) + "\n")
+        done = {"batch": batch, "url": url, "indices": sorted(indices)}
+        self._write(done)
+        for rec in [*recs, done]:
+            self._apply(rec)
+
+    def record_bulk_end(self, batch: int) -> None:
+        """``batch`` does not exist: the export's batches are ``0 .. batch - 1``."""
+        rec = {"bulk_end": batch}
+        self._write(rec)
+        self._apply(rec)
+
     def close(self) -> None:
         self._file.close()
 
@@ -672,9 +787,10 @@ class DownloadResult:
     metadata_path: Path
     stats: dict[str, int]
     failed: list[int]
-    fetched: int  # features requested from the server in this run
+    fetched: int  # features requested in this run (bulk: labelled from an export, or asked)
     already_had: int  # requested features that were downloaded before and not fetched again
     errors: dict[int, str] = field(default_factory=dict)
+    batches: int = 0  # bulk export batches downloaded in this run
 
 
 def _utc_now() -> str:
@@ -700,6 +816,8 @@ def download_feature_labels(
     max_retry_after: float = 600.0,
     max_consecutive_failures: int = 25,
     show_progress: bool = True,
+    bulk: bool = False,
+    exports_url: str | None = None,
 ) -> DownloadResult:
     """Download the Neuronpedia labels of ``release`` / ``sae_id`` into
     ``<out>/<release>/<sae_id>/`` (``feature_labels.json``, ``metadata.json``; the
@@ -709,6 +827,11 @@ def download_feature_labels(
     ``num_features``: the SAE's width when neither the sae_id nor a cached cfg.json
     gives it. ``api_url`` / ``api_key`` default to ``$NEURONPEDIA_API_URL`` (else
     ``https://www.neuronpedia.org``) and ``$NEURONPEDIA_API_KEY`` (sent as ``x-api-key``).
+
+    ``bulk=True`` reads the descriptions from Neuronpedia's bulk exports first
+    (``exports_url``, default ``$NEURONPEDIA_EXPORTS_URL``, else
+    :data:`DEFAULT_EXPORTS_URL`), then fetches through the API the requested features no
+    export batch holds (the module docstring has the details).
     """
     sae = resolve_sae(release, sae_id, neuronpedia_id, num_features)
     if features is None:
@@ -730,25 +853,44 @@ def download_feature_labels(
     api_url = (api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model, source = split_neuronpedia_id(sae.neuronpedia_id)
+    exports = (exports_url or os.environ.get(EXPORTS_URL_ENV) or DEFAULT_EXPORTS_URL).rstrip("/")
+    retry = {
+        "timeout": timeout,
+        "max_retries": max_retries,
+        "backoff_base": backoff_base,
+        "max_backoff": max_backoff,
+        "max_retry_after": max_retry_after,
+    }
 
     folder = labels_dir(release, sae_id, out)
     header = asdict(sae)
     progress = _Progress(folder / PROGRESS_FILENAME, header)
+    batches = from_exports = 0
     try:
         todo = [i for i in wanted if i not in progress.ok]
-        fetched = _fetch_all(
-            todo,
+        if bulk:
+            batches, from_exports = _fetch_bulk(
+                todo,
+                progress,
+                base=f"{exports}/{_quote(model)}/{_quote(source)}/explanations",
+                model=model,
+                source=source,
+                num_features=sae.num_features,
+                limiter=limiter,
+                show_progress=show_progress,
+                desc=sae.neuronpedia_id,
+                **retry,
+            )
+        api_todo = [i for i in todo if i not in progress.ok]  # bulk: no batch holds them
+        fetched = from_exports + _fetch_all(
+            api_todo,
             progress,
             base=f"{api_url}/api/feature/{_quote(model)}/{_quote(source)}",
             headers={API_KEY_HEADER: api_key} if api_key else {},
             limiter=limiter,
             workers=workers,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-            max_backoff=max_backoff,
-            max_retry_after=max_retry_after,
             max_consecutive_failures=max_consecutive_failures,
+            **retry,
             show_progress=show_progress,
             desc=sae.neuronpedia_id,
         )
@@ -794,6 +936,7 @@ def download_feature_labels(
         fetched=fetched,
         already_had=len(wanted) - len(todo),
         errors=errors,
+        batches=batches,
     )
 
 
@@ -864,3 +1007,177 @@ def _fetch_all(
         client.close()
         bar.close()
     return done_count
+
+
+# --------------------------------------------------------------------------- bulk exports
+
+
+def parse_export_line(
+    record: Any, where: str, *, num_features: int, model: str, source: str
+) -> tuple[int, str]:
+    """One line of an explanations export -> ``(index, description)``;
+    :class:`NeuronpediaExportError` naming ``where`` (the batch URL and line) otherwise.
+    ``index`` may be an int or a decimal string; a ``modelId`` / ``layer`` that names
+    another SAE is an error (the export is not this SAE's)."""
+    if not isinstance(record, dict):
+        raise NeuronpediaExportError(f"{where}: not a JSON object but {type(record).__name__}")
+    missing = [k for k in ("index", "description") if k not in record]
+    if missing:
+        raise NeuronpediaExportError(f"{where}: no {', '.join(missing)}")
+    raw = record["index"]
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit():
+        index = int(raw)
+    elif isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        index = raw
+    else:
+        raise NeuronpediaExportError(f"{where}: index {raw!r} is not a feature index")
+    if index >= num_features:
+        raise NeuronpediaExportError(
+            f"{where}: feature {index} is out of range; the SAE has {num_features} features "
+            "(is --num-features right?)"
+        )
+    description = record["description"]
+    if not isinstance(description, str):
+        raise NeuronpediaExportError(f"{where}: description is not a string: {description!r}")
+    for key, expected in (("modelId", model), ("layer", source)):
+        value = record.get(key)
+        if isinstance(value, str) and value != expected:
+            raise NeuronpediaExportError(
+                f"{where}: {key} {value!r} is not this SAE's {expected!r} (another SAE's export)"
+            )
+    return index, description
+
+
+def parse_export_batch(
+    data: bytes,
+    url: str,
+    *,
+    num_features: int,
+    model: str,
+    source: str,
+    compressed: bool = True,
+) -> list[tuple[int, str]]:
+    """An explanations export batch (gzipped JSON lines; ``compressed=False``: already
+    decompressed) -> its ``(index, description)`` pairs in file order. Anything that is
+    not gzip, UTF-8, or a line :func:`parse_export_line` accepts is a
+    :class:`NeuronpediaExportError` naming ``url`` (and the line number)."""
+    if compressed:
+        if not data.startswith(b"\x1f\x8b"):
+            raise NeuronpediaExportError(f"{url}: not a gzip file (it starts {data[:16]!r})")
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise NeuronpediaExportError(f"{url}: corrupt gzip data: {e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NeuronpediaExportError(f"{url}: not UTF-8 text: {e}") from e
+    entries = []
+    # split on newlines only: str.splitlines would also cut at U+2028 inside a string
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{url} line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NeuronpediaExportError(f"{where}: not JSON: {e}") from e
+        entries.append(
+            parse_export_line(record, where, num_features=num_features, model=model, source=source)
+        )
+    return entries
+
+
+def _fetch_bulk(
+    todo: list[int],
+    progress: _Progress,
+    *,
+    base: str,
+    model: str,
+    source: str,
+    num_features: int,
+    limiter: RateLimiter,
+    timeout: float,
+    max_retries: int,
+    backoff_base: float,
+    max_backoff: float,
+    max_retry_after: float,
+    show_progress: bool,
+    desc: str,
+) -> tuple[int, int]:
+    """Label ``todo`` from the export batches ``{base}/batch-N.jsonl.gz``, N = 0, 1, ...
+    until a 404, recording each batch in ``progress`` once its labels are; returns
+    ``(batches downloaded, features labelled)``. A batch recorded by an earlier run is
+    skipped unless it holds a feature still missing; the run stops early once every
+    feature of ``todo`` has a label. Retries as the API path; a batch still failing
+    after them is a ``ConnectionError``, bad content a :class:`NeuronpediaExportError`
+    (the finished batches are kept either way)."""
+    missing = set(todo) - set(progress.ok)
+    if not missing:
+        return 0, 0
+    stop = threading.Event()
+    # no API key: the exports are a public bucket on another host
+    client = httpx.Client(timeout=timeout, follow_redirects=True)
+    fetcher = _Fetcher(
+        client,
+        base,
+        limiter,
+        stop,
+        max_retries,
+        backoff_base,
+        max_backoff,
+        max_retry_after,
+        auth_hint=f"; the exports are public: is --exports-url / ${EXPORTS_URL_ENV} right?",
+    )
+    bar = tqdm(desc=f"{desc} (exports)", unit="batch", disable=not show_progress)
+    downloaded = labelled = 0
+    batch = 0
+    try:
+        while missing and (progress.bulk_end is None or batch < progress.bulk_end):
+            known = progress.batches.get(batch)
+            if known is not None and not known & missing:
+                batch += 1  # done by an earlier run, and nothing still missing is in it
+                continue
+            url = f"{base}/batch-{batch}.jsonl.gz"
+            reply = fetcher.get(url)
+            response = reply.response
+            if response is None:
+                raise ConnectionError(
+                    f"{url}: {reply.error}; the finished batches are kept in "
+                    f"{progress.path}: run again to resume"
+                )
+            if response.status_code == 404:
+                if batch == 0:
+                    raise NeuronpediaExportError(
+                        f"no explanations export of {desc} at {url} (HTTP 404); download "
+                        "without --bulk, or check --exports-url"
+                    )
+                progress.record_bulk_end(batch)
+                break
+            if response.status_code != 200:
+                raise NeuronpediaExportError(f"{url}: HTTP {response.status_code}")
+            # a server that sent Content-Encoding: gzip had httpx decompress it already
+            decoded = "gzip" in response.headers.get("content-encoding", "").lower()
+            entries = parse_export_batch(
+                response.content,
+                url,
+                num_features=num_features,
+                model=model,
+                source=source,
+                compressed=not decoded,
+            )
+            found: dict[int, FeatureLabel] = {}
+            for index, description in entries:
+                if index in missing and index not in found:  # the first explanation wins
+                    found[index] = FeatureLabel(description, [], [], None, True)
+            progress.record_batch(batch, url, found, {index for index, _ in entries})
+            missing -= found.keys()
+            downloaded += 1
+            labelled += len(found)
+            bar.update(1)
+            batch += 1
+    finally:
+        stop.set()
+        client.close()
+        bar.close()
+    return downloaded, labelled

@@ -5,6 +5,8 @@ stats, resume, the rate limit, the CLI and the errors. Nothing leaves the loopba
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ import pytest
 from fastsae.cli import main
 from fastsae.labels import (
     FeatureLabel,
+    NeuronpediaExportError,
     download_feature_labels,
     find_feature_labels,
     load_feature_labels,
@@ -31,6 +34,7 @@ RELEASE = "gemma-scope-2b-pt-res-canonical"
 SAE_ID = "layer_16/width_16k/canonical"
 NP_ID = "gemma-2-2b/16-gemmascope-res-16k"  # the registry's for RELEASE / SAE_ID
 FEATURE_PREFIX = f"/api/feature/{NP_ID}/"
+EXPORT_PREFIX = f"/exports/{NP_ID}/explanations/"  # exports_url is {server.url}/exports
 
 # fast retries: the backoff is what the tests do not time
 FAST = {"backoff_base": 0.01, "max_backoff": 0.05, "show_progress": False, "timeout": 5.0}
@@ -55,13 +59,18 @@ def good_body(index: int, explained: bool = True) -> dict:
 
 class FakeNeuronpedia:
     """A ThreadingHTTPServer on 127.0.0.1: ``script[index]`` is the list of actions for
-    that feature's successive requests (then ``"ok"``); counts requests per path."""
+    that feature's successive requests (then ``"ok"``); counts requests per path. The
+    bulk exports: ``batches[n]`` is the body of ``batch-n.jsonl.gz`` (absent: 404),
+    ``batch_script[n]`` the actions of its successive requests (then ``"batch"``)."""
 
     def __init__(self):
         self.script: dict[int, list[str]] = defaultdict(list)
+        self.batch_script: dict[int, list[str]] = defaultdict(list)
+        self.batches: dict[int, bytes] = {}
         self.counts: Counter[str] = Counter()
         self.times: list[float] = []
         self.api_keys: list[str | None] = []
+        self.export_keys: list[str | None] = []
         self.lock = threading.Lock()
         self.drop_all = False
         server = self
@@ -74,6 +83,14 @@ class FakeNeuronpedia:
                 with server.lock:
                     server.counts[self.path] += 1
                     server.times.append(time.monotonic())
+                    if self.path.startswith(EXPORT_PREFIX):
+                        server.export_keys.append(self.headers.get("x-api-key"))
+                        name = self.path[len(EXPORT_PREFIX) :]
+                        index = int(name.removeprefix("batch-").removesuffix(".jsonl.gz"))
+                        queue = server.batch_script.get(index)
+                        action = queue.pop(0) if queue else "batch"
+                        server.respond(self, action, index)
+                        return
                     server.api_keys.append(self.headers.get("x-api-key"))
                     if not self.path.startswith(FEATURE_PREFIX):
                         action = "404"
@@ -105,10 +122,21 @@ class FakeNeuronpedia:
         if action == "drop":  # close the socket without a response
             h.close_connection = True
             return
+        if action in ("batch", "batch-encoded", "interrupt-batch"):
+            body = self.batches.get(index)
+            if body is None:
+                send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+                return
+            if action == "interrupt-batch":  # Ctrl-C the client while it waits for the batch
+                os.kill(os.getpid(), signal.SIGINT)
+            headers = {"Content-Encoding": "gzip"} if action == "batch-encoded" else {}
+            with contextlib.suppress(OSError):  # an interrupted client is gone
+                send(200, body, **headers)
+            return
         if action in ("429", "429-1"):
             wait = "1" if action == "429-1" else "0"
             send(429, b'{"error": "rate limited"}', **{"Retry-After": wait})
-        elif action in ("500", "503", "404", "401"):
+        elif action in ("500", "503", "400", "404", "401", "403"):
             send(int(action), b'{"error": "x"}')
         elif action == "malformed":
             send(200, b'{"explanations": [')
@@ -127,6 +155,12 @@ class FakeNeuronpedia:
     def feature_count(self, index: int) -> int:
         return self.counts[f"{FEATURE_PREFIX}{index}"]
 
+    def batch_count(self, n: int) -> int:
+        return self.counts[f"{EXPORT_PREFIX}batch-{n}.jsonl.gz"]
+
+    def api_count(self) -> int:
+        return sum(c for path, c in self.counts.items() if path.startswith(FEATURE_PREFIX))
+
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -143,6 +177,7 @@ def server():
 def _env(monkeypatch, tmp_path):
     monkeypatch.delenv("NEURONPEDIA_API_KEY", raising=False)
     monkeypatch.delenv("NEURONPEDIA_API_URL", raising=False)
+    monkeypatch.delenv("NEURONPEDIA_EXPORTS_URL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # an empty Hugging Face cache: the width of an SAE comes only from what a test puts there
     from huggingface_hub import constants
@@ -507,3 +542,287 @@ def test_cli(server, tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert server.feature_count(10) == 1 and server.feature_count(19) == 1
     assert json.loads(labels_path(out).read_text())["stats"]["total_features"] == 15
+
+
+# --------------------------------------------------------------------------- bulk exports
+
+
+def export_line(index: int, text: str | None = None, *, int_index: bool = False) -> dict:
+    return {
+        "modelId": "gemma-2-2b",
+        "layer": "16-gemmascope-res-16k",
+        "index": index if int_index else str(index),
+        "description": f" export {index}" if text is None else text,
+        "explanationModelName": "gpt-4o-mini",
+        "typeName": "oai_token-act-pair",
+    }
+
+
+def gz_lines(records: list) -> bytes:
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    return gzip.compress(text.encode())
+
+
+def bulk_label(text: str) -> dict:
+    """A feature labelled from an export: its description only."""
+    return {
+        "description": text,
+        "top_positive_tokens": [],
+        "top_negative_tokens": [],
+        "max_activation": None,
+        "has_explanations": True,
+    }
+
+
+def bulk(server: FakeNeuronpedia, **kwargs) -> dict:
+    return {
+        "bulk": True,
+        "exports_url": f"{server.url}/exports",
+        "api_url": server.url,
+        "requests_per_second": 1000,
+        **FAST,
+        **kwargs,
+    }
+
+
+def test_bulk_download_shape_and_missing_features_via_api(server, tmp_path):
+    out = tmp_path / "labels"
+    server.batches[0] = gz_lines(
+        [
+            export_line(0),
+            export_line(1),
+            export_line(3, " first of 3"),
+            export_line(2, int_index=True),
+            export_line(3, " second of 3"),  # several explanations: the first is kept
+            export_line(100),  # not requested: not in the file
+        ]
+    )
+    server.batches[1] = gz_lines(
+        [export_line(4), export_line(5), "", export_line(6), export_line(1, " again"),
+         export_line(8, "")]
+    )  # fmt: skip
+    server.batch_script[1] = ["batch-encoded"]  # a server that sets Content-Encoding: gzip
+    server.script[9] = ["404"]  # 7 and 9 are in no batch: asked through the API
+    res = download_feature_labels(
+        RELEASE, SAE_ID, out=out, features="0-9", api_key="secret", **bulk(server)
+    )
+    data = json.loads(labels_path(out).read_text())
+    assert list(data) == ["sae_info", "features", "stats"]
+    assert list(data["sae_info"]) == [
+        "release", "sae_id", "neuronpedia_id", "num_features", "downloaded_at"
+    ]  # fmt: skip
+    assert data["sae_info"]["neuronpedia_id"] == NP_ID
+    assert data["features"] == {
+        "0": bulk_label(" export 0"),
+        "1": bulk_label(" export 1"),
+        "2": bulk_label(" export 2"),
+        "3": bulk_label(" first of 3"),
+        "4": bulk_label(" export 4"),
+        "5": bulk_label(" export 5"),
+        "6": bulk_label(" export 6"),
+        "7": {
+            "description": " feature 7 text",
+            "top_positive_tokens": ["pos7", "the"],
+            "top_negative_tokens": ["neg7"],
+            "max_activation": 7.5,
+            "has_explanations": True,
+        },
+        "8": bulk_label(""),
+    }
+    assert data["stats"] == {
+        "total_features": 10,
+        "with_descriptions": 8,  # 8's description is empty
+        "successful": 9,
+        "failed": 1,
+    }
+    meta = json.loads(res.metadata_path.read_text())
+    assert meta["failed_features"] == [9] and meta["errors"] == {"9": "HTTP 404"}
+    assert res.batches == 2 and res.fetched == 8 + 2 and res.already_had == 0
+    assert [server.batch_count(n) for n in range(4)] == [1, 1, 1, 0]  # batch-2: 404, the end
+    assert server.api_count() == 2 and server.feature_count(7) == server.feature_count(9) == 1
+    assert set(server.api_keys) == {"secret"}  # the API key goes to the API only
+    assert set(server.export_keys) == {None}
+    assert not [p for p in res.folder.iterdir() if p.name.endswith(".tmp")]
+    labels = load_feature_labels(RELEASE, SAE_ID, root=out)
+    assert labels[3] == FeatureLabel(" first of 3", [], [], None, True)
+
+    # a rerun asks only for the failed feature (no batch: the export's end is known)
+    server.counts.clear()
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-9", **bulk(server))
+    assert dict(server.counts) == {f"{FEATURE_PREFIX}9": 1}
+    assert res.batches == 0 and res.fetched == 1 and res.stats["failed"] == 0
+
+
+def test_bulk_bad_batches_name_the_url_and_line(server, tmp_path):
+    good = gz_lines([export_line(i) for i in range(5)])
+    batch1 = f"{server.url}{EXPORT_PREFIX}batch-1.jsonl.gz"
+    cases = [
+        (b"\x1f\x8b\x08\x00garbage" * 3, "batch-1.jsonl.gz: corrupt gzip data"),
+        (gzip.compress(b"x" * 100)[:-12], "batch-1.jsonl.gz: corrupt gzip data"),  # truncated
+        (b'{"index": "5", "description": "plain"}\n', "batch-1.jsonl.gz: not a gzip file"),
+        (gz_lines([export_line(5), '{"index": "6", "descr']),
+         "batch-1.jsonl.gz line 2: not JSON"),
+        (gz_lines([export_line(5), {"index": "6"}]), "batch-1.jsonl.gz line 2: no description"),
+        (gz_lines([["6", "x"]]), "line 1: not a JSON object but list"),
+        (gz_lines([export_line(5), {"index": "six", "description": "x"}]),
+         "line 2: index 'six' is not a feature index"),
+        (gz_lines([{"index": 16384, "description": "x"}]),
+         "line 1: feature 16384 is out of range; the SAE has 16384"),
+        (gz_lines([{"index": 1, "description": None}]), "line 1: description is not a string"),
+        (gz_lines([{**export_line(6), "layer": "20-gemmascope-res-16k"}]),
+         "line 1: layer '20-gemmascope-res-16k' is not this SAE's"),
+    ]  # fmt: skip
+    for n, (body, match) in enumerate(cases):
+        out = tmp_path / str(n)
+        server.counts.clear()
+        server.batches.update({0: good, 1: body})
+        with pytest.raises(NeuronpediaExportError, match=match) as e:
+            download_feature_labels(RELEASE, SAE_ID, out=out, features="0-9", **bulk(server))
+        assert batch1 in str(e.value)
+        assert not labels_path(out).exists()  # a stopped run writes no final file
+        # the batch before is kept: fixed, the rerun does not fetch it again
+        server.batches[1] = gz_lines([export_line(i) for i in range(5, 10)])
+        res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-9", **bulk(server))
+        assert server.batch_count(0) == 1 and server.batch_count(1) == 2
+        assert res.stats["successful"] == 10 and res.batches == 1 and res.already_had == 5
+        assert server.api_count() == 0
+
+    # no export at all: an error, not 16k API requests
+    server.batches.clear()
+    server.counts.clear()
+    with pytest.raises(NeuronpediaExportError, match="no explanations export of .*HTTP 404"):
+        download_feature_labels(RELEASE, SAE_ID, out=tmp_path / "none", **bulk(server))
+    assert server.api_count() == 0
+    # another HTTP error of a batch is not the end of the export
+    server.batches[0] = good
+    server.batch_script[1] = ["400"]
+    with pytest.raises(NeuronpediaExportError, match=r"batch-1.jsonl.gz: HTTP 400"):
+        download_feature_labels(RELEASE, SAE_ID, out=tmp_path / "400", **bulk(server))
+    server.batch_script[1] = ["403"]
+    with pytest.raises(PermissionError, match=r"batch-1.jsonl.gz \(HTTP 403\).*--exports-url"):
+        download_feature_labels(RELEASE, SAE_ID, out=tmp_path / "403", **bulk(server))
+
+
+def test_bulk_retries_429_and_5xx(server, tmp_path):
+    out = tmp_path / "labels"
+    server.batches[0] = gz_lines([export_line(i) for i in range(5)])
+    server.batches[1] = gz_lines([export_line(i) for i in range(5, 10)])
+    server.batch_script[0] = ["429", "503"]  # retried (Retry-After: 0), then served
+    server.batch_script[1] = ["500"] * 10  # still failing after the retries: stops the run
+    with pytest.raises(ConnectionError, match="batch-1.jsonl.gz: HTTP 500 after 2 retries.*"
+                       "run again to resume"):  # fmt: skip
+        download_feature_labels(
+            RELEASE, SAE_ID, out=out, features="0-9", **bulk(server, max_retries=2)
+        )
+    assert server.batch_count(0) == 3 and server.batch_count(1) == 3
+    server.batch_script.clear()
+    server.counts.clear()
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-9", **bulk(server))
+    assert server.batch_count(0) == 0 and server.batch_count(1) == 1
+    assert res.stats["successful"] == 10 and server.api_count() == 0
+    # a Retry-After on a batch is honoured
+    server.counts.clear()
+    server.times.clear()
+    server.batch_script[0] = ["429-1"]
+    download_feature_labels(RELEASE, SAE_ID, out=tmp_path / "b", features="0-4", **bulk(server))
+    assert server.batch_count(0) == 2 and server.times[1] - server.times[0] >= 0.9
+
+
+def test_bulk_resume_after_ctrl_c(server, tmp_path):
+    out = tmp_path / "labels"
+    for n in range(3):
+        server.batches[n] = gz_lines([export_line(i) for i in range(10 * n, 10 * n + 10)])
+    server.batch_script[1] = ["interrupt-batch"]
+    with pytest.raises(KeyboardInterrupt):
+        download_feature_labels(RELEASE, SAE_ID, out=out, features="0-29", **bulk(server))
+    folder = out / RELEASE / SAE_ID
+    assert not (folder / "feature_labels.json").exists()
+    records = [json.loads(line) for line in (folder / "progress.jsonl").read_text().splitlines()]
+    assert [r.get("index") for r in records[1:11]] == list(range(10))
+    assert records[11] == {"batch": 0, "url": f"{server.url}{EXPORT_PREFIX}batch-0.jsonl.gz",
+                           "indices": list(range(10))}  # fmt: skip
+    assert len(records) == 12  # batch 1 was cut short: not recorded
+    # a kill in the middle of the batch line: that batch is fetched again
+    with open(folder / "progress.jsonl", "a") as f:
+        f.write('{"index": 10, "ok": true, "label": {"description": "x", "top_')
+
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-29", **bulk(server))
+    # batch 0 not again; batch 2 held the last of 0-29: batch 3 not asked for
+    assert [server.batch_count(n) for n in range(4)] == [1, 2, 1, 0]
+    assert res.already_had == 10 and res.fetched == 20 and res.batches == 2
+    assert res.stats["successful"] == 30 and server.api_count() == 0
+    # nothing left to fetch: no request at all
+    server.counts.clear()
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-29", **bulk(server))
+    assert sum(server.counts.values()) == 0 and res.stats["successful"] == 30
+    # more features, in no batch: the finished batches are not fetched again, batch 3 is
+    # (a 404: the end), then the API is asked
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-34", **bulk(server))
+    assert dict(server.counts) == {
+        f"{EXPORT_PREFIX}batch-3.jsonl.gz": 1,
+        **{f"{FEATURE_PREFIX}{i}": 1 for i in range(30, 35)},
+    }
+    assert res.stats["successful"] == 35 and res.batches == 0
+    # and now the end is known: no batch at all
+    server.counts.clear()
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-39", **bulk(server))
+    assert sorted(server.counts) == sorted(f"{FEATURE_PREFIX}{i}" for i in range(35, 40))
+    assert res.stats["successful"] == 40
+
+
+def test_bulk_subset_stops_early_and_widens(server, tmp_path):
+    out = tmp_path / "labels"
+    for n in range(2):
+        server.batches[n] = gz_lines([export_line(i) for i in range(10 * n, 10 * n + 10)])
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="2-4", **bulk(server))
+    assert [server.batch_count(n) for n in range(3)] == [1, 0, 0]  # all found in batch 0
+    assert sorted(map(int, json.loads(res.labels_path.read_text())["features"])) == [2, 3, 4]
+    # a wider request needs batch 0's other features: it is read again, then batch 1
+    res = download_feature_labels(RELEASE, SAE_ID, out=out, features="0-19", **bulk(server))
+    assert [server.batch_count(n) for n in range(3)] == [2, 1, 0]
+    assert res.already_had == 3 and res.fetched == 17 and res.stats["successful"] == 20
+    # an API-labelled feature keeps its richer label in bulk mode
+    api_out = tmp_path / "api"
+    download_feature_labels(RELEASE, SAE_ID, out=api_out, features="5", api_url=server.url,
+                            **FAST)  # fmt: skip
+    res = download_feature_labels(RELEASE, SAE_ID, out=api_out, features="4-6", **bulk(server))
+    labels = load_feature_labels(res.labels_path)
+    assert labels[5].top_positive_tokens == ["pos5", "the"] and labels[5].max_activation == 5.5
+    assert labels[4] == FeatureLabel(" export 4", [], [], None, True)
+
+
+def test_bulk_cli_and_env(server, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cli"
+    monkeypatch.setenv("NEURONPEDIA_API_URL", server.url)
+    monkeypatch.setenv("NEURONPEDIA_EXPORTS_URL", f"{server.url}/exports/")
+    server.batches[0] = gz_lines([export_line(i) for i in range(3)])
+    argv = ["labels", "download", "--release", RELEASE, "--sae-id", SAE_ID, "--out", str(out),
+            "--features", "0-4", "--requests-per-second", "1000", "--no-progress", "--bulk"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "5 of 5 features labelled" in printed
+    assert "fetched 5 now, 1 export batches, 0 already downloaded" in printed
+    assert [server.batch_count(n) for n in range(3)] == [1, 1, 0]
+    assert server.api_count() == 2 and server.feature_count(3) == 1
+    data = json.loads(labels_path(out).read_text())
+    assert data["features"]["0"] == bulk_label(" export 0")
+    assert data["features"]["3"]["max_activation"] == 3.5  # from the API
+
+    # --exports-url wins over the environment; a bad batch: exit 2, the batch named
+    monkeypatch.setenv("NEURONPEDIA_EXPORTS_URL", f"{server.url}/nowhere")
+    server.batches[0] = b"not gzip"
+    argv = [*argv[:7], str(tmp_path / "cli2"), *argv[8:], "--exports-url", f"{server.url}/exports"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{server.url}{EXPORT_PREFIX}batch-0.jsonl.gz: not a gzip file" in err
+    assert not [p for p in server.counts if p.startswith("/nowhere")]
+    assert main([a for a in argv if a != "--bulk"]) == 2  # --exports-url without --bulk
+    assert "--exports-url is where --bulk reads" in capsys.readouterr().err
+
+    # the Python call reads the environment too
+    monkeypatch.setenv("NEURONPEDIA_EXPORTS_URL", f"{server.url}/exports")
+    server.batches[0] = gz_lines([export_line(7)])
+    res = download_feature_labels(
+        RELEASE, SAE_ID, out=tmp_path / "py", features="7", bulk=True, **FAST
+    )
+    assert res.batches == 1 and res.stats["with_descriptions"] == 1 and server.api_count() == 2

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ from fastsae.loading.pretrained import flat_cfg_dict, load_pretrained
 from fastsae.saes.config import SAEConfig, dtype_to_str, str_to_dtype
 from fastsae.saes.registry import sae_class_for_architecture
 from fastsae.sparse_code import SparseCode
+
+if TYPE_CHECKING:
+    from fastsae.labels import FeatureLabels
 
 # As in SAELens (sae_lens.saes.sae): ``SAE[StandardSAEConfig]`` is an SAE whose cfg is a
 # StandardSAEConfig; ``T_SAE`` types the classmethods that build ``cls``.
@@ -122,6 +125,8 @@ class SAE(HookedRootModule, Generic[T_SAE_CONFIG]):
         self._norm_stats: tuple[Tensor, ...] | None = None
         # log feature sparsity, when the SAE came with one (from_pretrained)
         self._log_sparsity: Tensor | None = None
+        # Neuronpedia labels, when downloaded for the release / sae_id (from_pretrained)
+        self.feature_labels: FeatureLabels | None = None
         self.setup()
 
     # ------------------------------------------------------------------ parameters
@@ -528,8 +533,12 @@ class SAE(HookedRootModule, Generic[T_SAE_CONFIG]):
         fold_W_dec_norm: bool = False,
     ) -> tuple[T_SAE, dict[str, Any], Tensor | None]:
         """:meth:`from_pretrained` returning ``(sae, cfg_dict, log_sparsity)``
-        (``log_sparsity [d_sae]`` or None when the release has none)."""
-        return load_pretrained(  # type: ignore[return-value]
+        (``log_sparsity [d_sae]`` or None when the release has none).
+
+        ``sae.feature_labels`` is the :class:`~fastsae.labels.FeatureLabels` that
+        ``fastsae labels download`` wrote for ``release`` / ``sae_id`` under the default
+        labels root, else None (a file that cannot be read warns)."""
+        result = load_pretrained(
             release,
             sae_id,
             device=device,
@@ -539,6 +548,10 @@ class SAE(HookedRootModule, Generic[T_SAE_CONFIG]):
             fold_W_dec_norm=fold_W_dec_norm,
             expected_cls=cls,
         )
+        from fastsae.labels import pretrained_feature_labels  # imports httpx: only here
+
+        result[0].feature_labels = pretrained_feature_labels(release, sae_id)
+        return result  # type: ignore[return-value]
 
     @classmethod
     def from_dict(cls: type[T_SAE], config_dict: dict[str, Any]) -> T_SAE:
