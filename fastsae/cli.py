@@ -225,8 +225,11 @@ def labels_download(args: argparse.Namespace) -> int:
 
 
 def dashboard(args: argparse.Namespace) -> int:
-    """Compute every requested feature's dashboard data and write it as JSON."""
-    from fastsae.dashboard import data  # import cost: transformer_lens, datasets
+    """Compute the requested features' dashboard data, build the static site, and
+    serve it with live encoding when asked."""
+    # import cost: transformer_lens, datasets, jinja2
+    from fastsae.dashboard import data, explorer, site
+    from fastsae.dashboard.model import load_dashboard_model
     from fastsae.labels import find_feature_labels, load_feature_labels, parse_feature_spec
 
     if args.max_tokens < args.context_size:
@@ -237,32 +240,62 @@ def dashboard(args: argparse.Namespace) -> int:
         quantile_examples=args.quantile_examples, hist_bins=args.hist_bins,
         logit_k=args.logit_k, batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
+    prompts = explorer.read_prompts(args.prompts) if args.prompts is not None else None
     sae = data.load_sae(args.sae, args.sae_id, args.device)
     features = (
         parse_feature_spec(args.features, sae.cfg.d_sae) if args.features is not None else None
     )
     labels = load_feature_labels(args.labels) if args.labels is not None else None
+    if labels is None:  # those from_pretrained attached, else any for its neuronpedia id
+        labels = getattr(sae, "feature_labels", None)
     if labels is None and getattr(sae.cfg.metadata, "neuronpedia_id", None):
         labels = find_feature_labels(sae)  # downloaded by `fastsae labels download`, if so
-    model = data.load_model(args.model, args.device)
+    metadata = sae.cfg.metadata
+    model_name = args.model or getattr(metadata, "model_name", None)
+    if not model_name:
+        raise ValueError("the SAE's cfg.metadata names no model: give --model")
+    model_class = args.model_class or getattr(metadata, "model_class_name", None)
+    hook_name = args.hook_name or getattr(metadata, "hook_name", None)
+    if not hook_name:
+        raise ValueError("the SAE has no cfg.metadata.hook_name: give --hook-name")
+    model = load_dashboard_model(
+        model_name, hook_name, model_class_name=model_class or "HookedTransformer",
+        device=args.device,
+    )  # fmt: skip
     tokens = data.load_token_rows(
-        getattr(model, "tokenizer", None), text_file=args.text_file, dataset=args.dataset,
+        model.tokenizer, text_file=args.text_file, dataset=args.dataset,
         column=args.column, split=args.split, context_size=args.context_size,
         max_tokens=args.max_tokens,
     )  # fmt: skip
-    info = {"sae": args.sae, "sae_id": args.sae_id, "model": args.model,
+    info = {"sae": args.sae, "sae_id": args.sae_id, "model": model_name,
             "text_file": args.text_file, "dataset": args.dataset, "column": args.column}  # fmt: skip
     try:
         res = data.write_dashboard_data(
-            args.out, sae, model, tokens, features, settings=settings,
-            hook_name=args.hook_name, labels=labels, chunk_size=args.chunk_size, info=info,
-            show_progress=not args.no_progress,
+            args.out, sae, model, tokens, features, settings=settings, labels=labels,
+            chunk_size=args.chunk_size, info=info, show_progress=not args.no_progress,
         )  # fmt: skip
     except KeyboardInterrupt:
         print("fastsae dashboard: interrupted; finished chunks are kept, run the same command "
               "again to resume", file=sys.stderr)  # fmt: skip
         return 130
     print(data.describe(res))
+    encoder = explorer.PromptEncoder(sae, model, labels=labels, top_n=args.explorer_top_n)
+    if prompts is not None:
+        site.write_prompts(args.out, explorer.explore_prompts(encoder, prompts))
+    index = site.build_site(args.out)
+    print(f"dashboard: {index.resolve().as_uri()}")
+    if not args.serve:
+        return 0
+    from fastsae.dashboard.server import DashboardServer
+
+    server = DashboardServer(args.out, encoder, host=args.host, port=args.port)
+    print(f"serving the dashboard with live encoding at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -374,21 +407,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "dashboard",
-        help="compute feature dashboard data (density, histograms, top and quantile "
-        "contexts, logit lens, labels) as JSON",
-        description="Writes OUT/data/features/<index>.json (one per feature, SAEDashboard / "
-        "Neuronpedia export fields) and OUT/data/meta.json. Features are computed in chunks "
-        "(two passes over the tokens each); a rerun skips the finished chunks.",
+        help="build a feature dashboard (a static site) with density, histograms, top and "
+        "quantile contexts, logit lens, labels and a prompt explorer",
+        description="Writes OUT/index.html (open it in a browser; no server needed), "
+        "OUT/data/features/<index>.json (one per feature, SAEDashboard / Neuronpedia export "
+        "fields) and OUT/data/meta.json. Features are computed in chunks (two passes over "
+        "the tokens each); a rerun skips the finished chunks. --serve then serves the site "
+        "on the loopback address and encodes any text typed in its prompt explorer.",
     )
     p.add_argument("sae", type=nonempty_path, metavar="SAE_DIR_OR_RELEASE",
                    help="an SAE folder, or a registry release with --sae-id")  # fmt: skip
     p.add_argument("--sae-id", default=None, help="with a registry release")
-    p.add_argument("--model", required=True, help="TransformerLens model name")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name or folder (default: the SAE's cfg.metadata.model_name)",
+    )
+    p.add_argument("--model-class", default=None,
+                   choices=["HookedTransformer", "TransformerBridge", "AutoModel"],
+                   help="how to load --model (default: the SAE's metadata, else "
+                   "HookedTransformer)")  # fmt: skip
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text-file", type=nonempty_path, default=None,
                       help="plain text, one document per line")  # fmt: skip
     text.add_argument("--dataset", default=None,
-                      help="Hugging Face dataset id (streamed) or local file/folder")  # fmt: skip
+                      help="Hugging Face dataset id (streamed), local file/folder, or "
+                      "'local-docstrings' (the demo's text: docstrings of installed packages)")  # fmt: skip
     p.add_argument("--column", default="text", help="dataset column (text or token ids)")
     p.add_argument("--split", default="train")
     p.add_argument("--labels", type=nonempty_path, default=None,
@@ -414,6 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-k", type=positive_int, default=10, help="logit-lens tokens each way")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="of the quantile sampling")
+    p.add_argument(
+        "--prompts",
+        type=nonempty_path,
+        default=None,
+        help="text file, one prompt per line: precomputed for the prompt explorer",
+    )
+    p.add_argument("--explorer-top-n", type=positive_int, default=8,
+                   help="features shown per token in the prompt explorer")  # fmt: skip
+    p.add_argument("--serve", action="store_true",
+                   help="then serve the site with live encoding of typed text")  # fmt: skip
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="with --serve: the address to listen on (loopback by default)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="with --serve (0: any free port)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=dashboard)
     return parser

@@ -1,4 +1,4 @@
-"""Feature dashboards: the per-feature data (``fastsae.dashboard.data``) that
-``fastsae dashboard`` computes and writes as JSON in SAEDashboard's / Neuronpedia's
-export shape. Import the submodule: ``from fastsae.dashboard.data import
-write_dashboard_data``."""
+"""Feature dashboards (``fastsae dashboard``): per-feature data over a token stream
+(``data``), the prompt explorer (``explorer``), the static site (``site``) and its live
+server (``server``), over a TransformerLens or Hugging Face model (``model``). Import
+the submodules: ``from fastsae.dashboard.data import write_dashboard_data``."""

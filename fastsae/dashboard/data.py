@@ -1,7 +1,8 @@
 """The data of a feature dashboard: per-feature statistics and contexts over a token
 stream, written as JSON in SAEDashboard's / Neuronpedia's export shape.
 
-For each requested feature of an SAE reading a TransformerLens model's hook:
+For each requested feature of an SAE reading a model's hook (TransformerLens or
+Hugging Face, see :mod:`fastsae.dashboard.model`):
 
 * ``frac_nonzero`` (activation density) over every token read, ``n_nonzero``,
   ``max_activation``;
@@ -61,8 +62,9 @@ import torch
 from torch import Tensor
 
 from fastsae.analysis import feature_logit_lens
+from fastsae.dashboard.model import DashboardModel
 from fastsae.labels import FeatureLabels, atomic_write_json, neuronpedia_url
-from fastsae.training.data.model_hooks import TransformerLensReader
+from fastsae.training.data.token_rows import special_token_id
 
 FORMAT = "fastsae-dashboard-data"
 VERSION = 1
@@ -126,23 +128,12 @@ def check_tokens(tokens: Tensor) -> Tensor:
 class _Encoder:
     """Token rows -> the chunk's feature activations ``[b, s, F]`` (float32)."""
 
-    def __init__(self, sae: Any, model: Any, hook_name: str):
+    def __init__(self, sae: Any, model: DashboardModel):
         self.sae = sae
-        self.reader = TransformerLensReader(model, hook_name)
-        self.hook_name = hook_name
+        self.model = model
 
-    @torch.no_grad()
     def hook_input(self, rows: Tensor) -> Tensor:
-        x = self.reader.read(rows.to(self.reader.input_device), None, {})
-        if x.ndim > 3:  # e.g. hook_z [b, s, heads, d_head]: SAEs read it flattened
-            x = x.flatten(2)
-        d_in = self.sae.cfg.d_in
-        if x.shape[-1] != d_in:
-            raise ValueError(
-                f"the SAE has d_in={d_in} but hook {self.hook_name!r} of the model gives "
-                f"activations of size {x.shape[-1]}: wrong SAE, model or hook"
-            )
-        return x
+        return self.model.hook_input(rows, self.sae.cfg.d_in)
 
     @torch.no_grad()
     def __call__(self, rows: Tensor, ids: Tensor) -> Tensor:
@@ -415,10 +406,16 @@ def feature_records(
 
 @torch.no_grad()
 def logit_lens_fields(
-    sae: Any, model: Any, ids: Sequence[int], settings: DashboardSettings, *, sub_chunk: int = 256
+    sae: Any,
+    model: DashboardModel,
+    ids: Sequence[int],
+    settings: DashboardSettings,
+    *,
+    sub_chunk: int = 256,
 ) -> dict[str, list[Any]]:
     """``pos_*``/``neg_*`` (via :func:`fastsae.analysis.feature_logit_lens`) and
-    ``logits_hist_*`` of ``W_dec[f] @ W_U`` over the vocabulary, per feature."""
+    ``logits_hist_*`` of ``W_dec[f] @ W_U`` over the vocabulary, per feature (``W_U``:
+    the model's unembedding, see :class:`~fastsae.dashboard.model.DashboardModel`)."""
     d_vocab = model.W_U.shape[-1]
     k = min(settings.logit_k, d_vocab)
     out: dict[str, list[Any]] = {
@@ -532,6 +529,7 @@ def write_dashboard_data(
     *,
     settings: DashboardSettings | None = None,
     hook_name: str | None = None,
+    tokenizer: Any = None,
     labels: FeatureLabels | None = None,
     neuronpedia_id: str | None = None,
     chunk_size: int = 1024,
@@ -543,6 +541,9 @@ def write_dashboard_data(
     and write ``OUT/data/features/<index>.json`` and ``OUT/data/meta.json``
     (resumable by chunks of ``chunk_size`` features; see the module docstring).
 
+    ``model``: a :class:`~fastsae.dashboard.model.DashboardModel`, or a TransformerLens
+    or Hugging Face model (with ``tokenizer`` when it carries none).
+
     ``neuronpedia_id`` defaults to the SAE's ``cfg.metadata.neuronpedia_id``, else the
     labels'; ``info`` is stored in ``meta.json`` (e.g. where the SAE and text came from).
     """
@@ -551,8 +552,10 @@ def write_dashboard_data(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     tokens = check_tokens(tokens)
     ids = check_features(features, sae.cfg.d_sae)
-    hook = _hook_name(sae, hook_name)
-    encoder = _Encoder(sae, model, hook)
+    hook = model.hook_name if isinstance(model, DashboardModel) else _hook_name(sae, hook_name)
+    if not isinstance(model, DashboardModel):
+        model = DashboardModel(model, tokenizer, hook)
+    encoder = _Encoder(sae, model)
     encoder.hook_input(tokens[:1, :1])  # d_in vs hook checked before any long pass
     if neuronpedia_id is None:
         neuronpedia_id = getattr(sae.cfg.metadata, "neuronpedia_id", None)
@@ -577,7 +580,7 @@ def write_dashboard_data(
             result.reused_chunks.append(c)
     if todo:  # a meta.json of an earlier run no longer describes the feature files
         result.meta_path.unlink(missing_ok=True)
-    decode = TokenDecoder(getattr(model, "tokenizer", None))
+    decode = TokenDecoder(model.tokenizer)
     progress = _Progress(2 * tokens.numel() * len(todo), show_progress)
     started = time.time()
     try:
@@ -600,7 +603,6 @@ def write_dashboard_data(
     finally:
         progress.close()
     cfg = sae.cfg
-    model_cfg = getattr(model, "cfg", None)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -611,11 +613,7 @@ def write_dashboard_data(
             "hook_name": hook,
             "neuronpedia_id": neuronpedia_id,
         },
-        "model": {
-            "name": getattr(model_cfg, "model_name", None),
-            "d_model": getattr(model_cfg, "d_model", None),
-            "d_vocab": int(model.W_U.shape[-1]),
-        },
+        "model": model.describe(),
         "n_tokens": int(tokens.numel()),
         "n_rows": int(tokens.shape[0]),
         "context_size": int(tokens.shape[1]),
@@ -650,12 +648,15 @@ def load_token_rows(
     ``text_file``: a plain text file, **one document per line** (blank lines skipped);
     ``dataset``: anything :func:`fastsae.training.data.text_loading.load_text_dataset`
     reads (a Hugging Face id, streamed; a local file or folder), its ``column`` holding
-    text or token ids. Documents are tokenized without special tokens and packed into
+    text or token ids, or ``"local-docstrings"``: the demo's offline text
+    (:func:`fastsae.training.data.docstring_corpus.local_text_dataset`), as much as
+    ``max_tokens`` needs. Documents are tokenized without special tokens and packed into
     rows by :class:`~fastsae.training.data.token_rows.TokenRowSource`, each row starting
-    with the tokenizer's BOS token when it has one.
+    with the tokenizer's BOS token when it has one (CLS for an encoder's).
     """
     import datasets  # import cost: only for reading text
 
+    from fastsae.training.data import docstring_corpus
     from fastsae.training.data.text_loading import load_text_dataset
     from fastsae.training.data.token_rows import TokenRowSource
 
@@ -668,13 +669,12 @@ def load_token_rows(
             f"max_tokens={max_tokens} is less than one row of context_size={context_size} tokens"
         )
     if text_file is not None:
-        path = Path(text_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if not lines:
-            raise ValueError(f"text file {str(path)!r} is empty (no non-blank line)")
+        lines = read_text_lines(text_file, "text file")
         ds: Any = datasets.Dataset.from_dict({column: lines})
+    elif dataset == docstring_corpus.DOCSTRINGS_DATASET:
+        # generous characters per token (docstrings average ~4): read enough at once
+        ds = docstring_corpus.local_text_dataset(max_chars=16 * max_tokens)
+        column = "text"
     else:
         ds = load_text_dataset(dataset, streaming=True, split=split)
     first = next(iter(ds), None)
@@ -685,7 +685,7 @@ def load_token_rows(
     is_tokenized = not isinstance(first[column], str)
     if not is_tokenized and tokenizer is None:
         raise ValueError("the model has no tokenizer to tokenize the text with")
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    bos = special_token_id("bos", tokenizer)
     source = TokenRowSource(
         ds, column, mode="pack", context_size=context_size, is_tokenized=is_tokenized,
         tokenizer=tokenizer, bos_token_id=bos,
@@ -703,6 +703,18 @@ def load_token_rows(
     return torch.stack(rows)
 
 
+def read_text_lines(path: str | Path, what: str) -> list[str]:
+    """The non-blank lines of a text file (one document or prompt each); a missing or
+    blank file is an error naming ``what`` and the path."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
+    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{what} {str(p)!r} is empty (no non-blank line)")
+    return lines
+
+
 def load_sae(sae_dir_or_release: str, sae_id: str | None, device: str) -> Any:
     """An SAE from a folder (any format ``SAE.load_from_disk`` reads) or a registry
     release with ``sae_id``."""
@@ -716,13 +728,6 @@ def load_sae(sae_dir_or_release: str, sae_id: str | None, device: str) -> Any:
             f"{sae_dir_or_release!r} is not a folder; to load a registry release give --sae-id"
         )
     return SAE.from_pretrained(sae_dir_or_release, sae_id, device=device)
-
-
-def load_model(name: str, device: str) -> Any:
-    """A TransformerLens ``HookedTransformer`` by name, as the training runner loads it."""
-    from fastsae.tl_compat import require_hooked_transformer
-
-    return require_hooked_transformer().from_pretrained(name, device=device).eval()
 
 
 def describe(result: DashboardResult) -> str:
@@ -741,9 +746,9 @@ __all__ = [
     "check_features",
     "compute_chunk_stats",
     "feature_records",
-    "load_model",
     "load_sae",
     "load_token_rows",
+    "read_text_lines",
     "logit_lens_fields",
     "write_dashboard_data",
 ]

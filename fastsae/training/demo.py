@@ -190,7 +190,7 @@ def demo_config(
         model_name=str(minilm_path()),
         model_class_name="AutoModel",
         hook_name=f"encoder.layer.{layer}",
-        dataset_path="local-docstrings",
+        dataset_path=docstring_corpus.DOCSTRINGS_DATASET,
         streaming=False,
         context_size=context_size,
         prepend_bos=True,

@@ -42,7 +42,21 @@ except ImportError:  # pragma: no cover - depends on the installed TransformerLe
 
 
 def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``cfg.model_name`` on ``cfg.llm_device``.
+    """``(model, tokenizer)`` for ``cfg.model_name`` on ``cfg.llm_device`` (see
+    :func:`load_model_by_name`), after checking the config's devices exist."""
+    check_devices_available(cfg)  # `fastsae cache` loads the model without a runner
+    return load_model_by_name(
+        cfg.model_name, cfg.model_class_name, cfg.llm_device, cfg.model_from_pretrained_kwargs
+    )
+
+
+def load_model_by_name(
+    model_name: str,
+    model_class_name: str = "HookedTransformer",
+    device: str | torch.device = "cpu",
+    from_pretrained_kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: ``model_name`` loaded as ``model_class_name`` on ``device``.
 
     TransformerLens models carry their tokenizer (returned as None here):
     ``HookedTransformer`` (TransformerLens 3) and ``TransformerBridge`` (TransformerLens
@@ -51,25 +65,20 @@ def load_model(cfg: LanguageModelSAERunnerConfig) -> tuple[Any, Any]:
     naming the installed TransformerLens when it lacks the class. ``AutoModel`` loads
     ``transformers.AutoModel`` and ``AutoTokenizer`` from a hub id or a folder.
     """
-    check_devices_available(cfg)  # `fastsae cache` loads the model without a runner
-    check_local_model_path(cfg.model_name)
-    kwargs = dict(cfg.model_from_pretrained_kwargs or {})
-    if cfg.model_class_name == "HookedTransformer":
-        model = require_hooked_transformer().from_pretrained(
-            cfg.model_name, device=cfg.llm_device, **kwargs
-        )
+    check_local_model_path(model_name)
+    kwargs = dict(from_pretrained_kwargs or {})
+    if model_class_name == "HookedTransformer":
+        model = require_hooked_transformer().from_pretrained(model_name, device=device, **kwargs)
         return model.eval(), None
-    if cfg.model_class_name == "TransformerBridge":
-        model = require_transformer_bridge().boot_transformers(
-            cfg.model_name, device=cfg.llm_device, **kwargs
-        )
+    if model_class_name == "TransformerBridge":
+        model = require_transformer_bridge().boot_transformers(model_name, device=device, **kwargs)
         return model.eval(), None
-    if cfg.model_class_name in ("AutoModel", "transformers"):
-        model = AutoModel.from_pretrained(cfg.model_name, **kwargs).to(cfg.llm_device).eval()
-        return model, AutoTokenizer.from_pretrained(cfg.model_name)
+    if model_class_name in ("AutoModel", "transformers"):
+        model = AutoModel.from_pretrained(model_name, **kwargs).to(device).eval()
+        return model, AutoTokenizer.from_pretrained(model_name)
     raise ValueError(
         "model_class_name must be 'HookedTransformer', 'TransformerBridge' or 'AutoModel', "
-        f"got {cfg.model_class_name!r}"
+        f"got {model_class_name!r}"
     )
 
 

@@ -49,10 +49,8 @@ from fastsae.training.config import (
     check_seqpos_slice,
 )
 from fastsae.training.data.model_hooks import (
-    ModuleReader,
     MultiHookReader,
-    TransformerLensReader,
-    is_transformer_lens,
+    hook_reader,
 )
 from fastsae.training.data.text_loading import HfDataset, load_text_dataset
 from fastsae.training.data.token_rows import (
@@ -440,8 +438,7 @@ class ActivationsStore:
         self._prefetcher: _LLMBatchPrefetcher | None = None
 
         # -- the model's hook (no forward yet) ------------------------------------------
-        is_tl = is_transformer_lens(model)
-        self._reader = (TransformerLensReader if is_tl else ModuleReader)(model, hook_name)
+        self._reader = hook_reader(model, hook_name)
         if self._reader.max_context is not None and context_size > self._reader.max_context:
             raise ValueError(
                 f"context_size={context_size} is longer than the model's maximum "

@@ -19,6 +19,9 @@ from pathlib import Path
 from datasets import Dataset
 
 DEFAULT_DOC_PACKAGES = ("stdlib", "numpy", "torch", "datasets")
+# the name this corpus goes by where a dataset path is asked for (the demo's config,
+# `fastsae dashboard --dataset`)
+DOCSTRINGS_DATASET = "local-docstrings"
 # Folders never read: test suites (their docstrings are fixtures, not prose), GUI demos.
 _SKIP_DIRS = frozenset(
     {"test", "tests", "testing", "site-packages", "__pycache__", "idlelib", "tkinter",

@@ -169,6 +169,12 @@ def is_transformer_lens(model: nn.Module) -> bool:
     return hasattr(model, "hook_dict") and hasattr(model, "run_with_cache")
 
 
+def hook_reader(model: nn.Module, hook_name: str) -> TransformerLensReader | ModuleReader:
+    """The reader of ``hook_name``: by hook name on a TransformerLens model, by module
+    path on any other (a Hugging Face model)."""
+    return (TransformerLensReader if is_transformer_lens(model) else ModuleReader)(model, hook_name)
+
+
 class MultiHookReader:
     """Reads several hooks of one model from a single forward pass.
 
