@@ -50,6 +50,7 @@ def demo(args: argparse.Namespace) -> int:
         output_path=args.out,
         device=args.device,
         seed=args.seed,
+        recipe=None if args.recipe == "sae-lens" else args.recipe,
         show_progress=not args.no_progress,
     )
     print(
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=nonempty_path, default="fastsae-demo", help="output folder")
+    p.add_argument("--recipe", choices=["fastsae", "sae-lens"], default="fastsae",
+                   help="fastsae's training recipe (initialisation from data), or "
+                   "SAELens's training")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=demo)
 

@@ -37,6 +37,7 @@ import yaml
 
 from fastsae.saes.config import NORMALIZE_ACTIVATIONS, SAE_LENS_FORMAT_VERSION, str_to_dtype
 from fastsae.saes.training_sae import TrainingSAEConfig, training_config_class_for_architecture
+from fastsae.training.recipe import apply_sae_recipe, check_inits, recipe_settings
 
 T_TRAINING_SAE_CONFIG = TypeVar("T_TRAINING_SAE_CONFIG", bound=TrainingSAEConfig)
 
@@ -293,6 +294,17 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
     """A step whose loss or gradient is NaN/inf stops the run with ``NonFiniteLossError``
     (naming the step and the batch rows); True skips such a batch with a warning instead
     (nothing of it applied, counted in the metrics as ``details/n_skipped_batches``)."""
+    b_dec_init: str = "zeros"
+    """How ``b_dec`` starts: ``"zeros"`` (SAELens), or the ``"mean"`` or
+    ``"geometric_median"`` of the first training batch (:mod:`fastsae.training.recipe`)."""
+    decoder_init: str = "random"
+    """How the decoder starts: ``"random"`` (SAELens: random directions at
+    ``decoder_init_norm``) or ``"data"`` (row ``i`` along the ``i``-th activation read at
+    the start, centred by ``b_dec``; the encoder is the transpose either way)."""
+    recipe: str | None = None
+    """None: SAELens's training. ``"fastsae"``: fastsae's recipe
+    (:data:`fastsae.training.recipe.RECIPES`: initialisation from data, ...), setting
+    each of its fields that this config's caller did not give."""
 
     def __init__(self, sae: TrainingSAEConfig | dict[str, Any] | None = None, **kwargs: Any):
         names = {f.name: f for f in fields(self)}
@@ -323,6 +335,10 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
             else:
                 value = f.default_factory()  # type: ignore[misc]
             setattr(self, name, value)
+        recipe = recipe_settings(self.recipe)
+        for name, value in recipe.items():
+            if "." not in name and name not in runner_kwargs:  # the caller's value wins
+                setattr(self, name, value)
         self.logger = _logging_config(self.logger)
         for key, value in logger_kwargs.items():
             setattr(self.logger, key, value)
@@ -330,6 +346,7 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
         self.sae = resolve_sae_config(
             sae, flat_sae, dtype=self.dtype, device=self.device, names=[*names, *_LOGGER_KEYS]
         )
+        self.sae = apply_sae_recipe(self.sae, recipe)
         self.__post_init__()
         if "dataset_path" in runner_kwargs and not self.use_cached_activations:
             # left out, it is asked for when the data is (SAETrainingRunner); given empty
@@ -397,6 +414,8 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
             n_batches_for_norm_estimate=self.n_batches_for_norm_estimate,
             max_grad_norm=self.max_grad_norm,
             skip_nonfinite_batches=self.skip_nonfinite_batches,
+            b_dec_init=self.b_dec_init,
+            decoder_init=self.decoder_init,
         )
 
     # ------------------------------------------------------------------ io
@@ -526,8 +545,15 @@ class SAETrainerConfig:
     skip_nonfinite_batches: bool = False
     """Skip a batch whose step is not finite (with a warning) instead of raising
     ``NonFiniteLossError``."""
+    b_dec_init: str = "zeros"
+    """``"zeros"`` (SAELens), ``"mean"`` or ``"geometric_median"`` of the first batch
+    (:mod:`fastsae.training.recipe`)."""
+    decoder_init: str = "random"
+    """``"random"`` (SAELens) or ``"data"``: decoder rows along the first ``d_sae``
+    activations, centred by ``b_dec`` (:mod:`fastsae.training.recipe`)."""
 
     def __post_init__(self) -> None:
+        check_inits(self.b_dec_init, self.decoder_init)
         self.logger = _logging_config(self.logger)
         check_field_types(
             "", SAETrainerConfig, {f.name: getattr(self, f.name) for f in fields(self)},
@@ -723,6 +749,14 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
         raise ValueError(
             "data_parallel_mode='shard' runs the model on each rank's own token rows; "
             "with use_cached_activations use 'split' (or None)"
+        )
+    check_inits(cfg.b_dec_init, cfg.decoder_init)
+    recipe_settings(cfg.recipe)  # a known recipe (or None)
+    if cfg.latent_shards > 1 and (cfg.b_dec_init, cfg.decoder_init) != ("zeros", "random"):
+        raise ValueError(
+            f"b_dec_init={cfg.b_dec_init!r} / decoder_init={cfg.decoder_init!r} (initialising "
+            "from data) is not supported with latent_shards > 1; use latent_shards=1 or "
+            "b_dec_init='zeros', decoder_init='random'"
         )
     if cfg.sae.d_sae % cfg.latent_shards:
         raise ValueError(

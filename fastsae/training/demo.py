@@ -20,6 +20,7 @@ from fastsae.evals import reconstruction_metrics
 from fastsae.saes import TopKTrainingSAEConfig
 from fastsae.training.config import LanguageModelSAERunnerConfig
 from fastsae.training.data import docstring_corpus
+from fastsae.training.recipe import RECIPES, rows_needed
 from fastsae.training.runner import SAETrainingRunner
 
 
@@ -74,6 +75,7 @@ def check_demo_args(
     output_path: str | Path,
     device: str,
     seed: int,
+    recipe: str | None = "fastsae",
 ) -> None:
     """Refuse a demo argument the run could not use, naming it (before any load)."""
     for name, value in (
@@ -91,6 +93,8 @@ def check_demo_args(
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if recipe not in (None, *RECIPES):
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or None, got {recipe!r}")
     if not isinstance(device, str) or not device.strip():
         raise ValueError(f"device must be a device name such as 'cpu', got {device!r}")
     if not isinstance(output_path, (str, os.PathLike)) or not str(output_path).strip():
@@ -124,11 +128,14 @@ def demo_buffer(training_tokens: int, batch_tokens: int, context_size: int) -> t
 def demo_corpus_tokens(cfg: Any) -> int:
     """Tokens of text (special tokens aside) that a demo run of ``cfg`` reads at most:
     its training tokens, the evaluation batches (the runner's and the demo's held-out
-    ones), the shuffling buffer's kept half and one forward pass of slack, plus a row."""
+    ones), the rows the recipe initialises from, the shuffling buffer's kept half and
+    one forward pass of slack, plus a row."""
     buffer = cfg.n_batches_in_buffer * cfg.store_batch_size_prompts * cfg.context_size
     forward = cfg.store_batch_size_prompts * cfg.context_size
     evals = 2 * cfg.n_eval_batches * cfg.train_batch_size_tokens
-    return cfg.training_tokens + evals + buffer + forward + cfg.context_size
+    init = rows_needed(cfg.sae.d_sae, cfg.train_batch_size_tokens, b_dec_init=cfg.b_dec_init,
+                       decoder_init=cfg.decoder_init)  # fmt: skip
+    return cfg.training_tokens + evals + init + buffer + forward + cfg.context_size
 
 
 def demo_dataset(cfg: Any, tokenizer: Any = None) -> Any:
@@ -163,12 +170,14 @@ def demo_config(
     output_path: str | Path = "fastsae-demo",
     device: str = "cpu",
     seed: int = 0,
+    recipe: str | None = "fastsae",
 ) -> Any:
     """The demo's :class:`LanguageModelSAERunnerConfig` (MiniLM ``encoder.layer.<layer>``).
 
     The shuffling buffer holds :data:`DEMO_BUFFER_TOKENS` positions, or fewer for a run
-    of fewer tokens (see :func:`demo_buffer`). Bad arguments are refused before anything
-    loads, each error naming its argument."""
+    of fewer tokens (see :func:`demo_buffer`). ``recipe``: fastsae's training recipe
+    (:mod:`fastsae.training.recipe`), or None for SAELens's training. Bad arguments are
+    refused before anything loads, each error naming its argument."""
     check_demo_args(
         training_tokens=training_tokens,
         expansion_factor=expansion_factor,
@@ -179,6 +188,7 @@ def demo_config(
         output_path=output_path,
         device=device,
         seed=seed,
+        recipe=recipe,
     )
     d_in = MINILM_D_MODEL
     steps = training_tokens // batch_tokens
@@ -212,6 +222,7 @@ def demo_config(
         eval_every_n_wandb_logs=10**6,
         device=device,
         seed=seed,
+        recipe=recipe,
     )
 
 

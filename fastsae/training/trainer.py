@@ -83,6 +83,7 @@ from fastsae.training.parallel.latent.checkpoint import (
     load_optimizer_state_by_name,
     read_latent_range,
 )
+from fastsae.training.recipe import init_from_data, rows_needed
 
 T_TRAINING_SAE = TypeVar("T_TRAINING_SAE", bound=TrainingSAE)
 
@@ -462,6 +463,29 @@ class SAETrainer(Generic[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
         elif mode == "covariance_whitening" and not self.scaler.whitening:
             self.scaler.estimate_whitening(self.data_provider, n, d_in)
 
+    def _init_from_data(self) -> None:
+        """``b_dec_init`` / ``decoder_init`` (:mod:`fastsae.training.recipe`) at the start
+        of a run, from rows drawn from the data and scaled as training scales them (not
+        trained on, as the normalisation estimate's); nothing on a resumed run."""
+        cfg = self.trainer_cfg
+        b_dec_init = getattr(cfg, "b_dec_init", "zeros")
+        decoder_init = getattr(cfg, "decoder_init", "random")
+        need = rows_needed(
+            self.sae.cfg.d_sae, cfg.train_batch_size_samples, b_dec_init=b_dec_init,
+            decoder_init=decoder_init,
+        )  # fmt: skip
+        if need == 0 or self.state.n_training_steps > 0:
+            return
+        rows, have = [], 0
+        while have < need:
+            batch = next(self.data_provider)
+            rows.append(self.scaler(batch.to(self.sae.device, torch.float32)))
+            have += batch.shape[0]
+        init_from_data(
+            self.sae, torch.cat(rows), b_dec_init=b_dec_init, decoder_init=decoder_init,
+            batch_size=cfg.train_batch_size_samples,
+        )  # fmt: skip
+
     def fit(self) -> TrainingSAE:
         """Train until ``training_tokens``; returns the SAE (normalisation folded in).
 
@@ -469,6 +493,7 @@ class SAETrainer(Generic[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
         checkpoint and raises KeyboardInterrupt; a second Ctrl-C stops at once.
         """
         self._estimate_normalisation()
+        self._init_from_data()
         pbar = tqdm(
             total=self.total_training_samples,
             initial=self.state.n_training_samples,

