@@ -68,9 +68,18 @@ def train(args: argparse.Namespace) -> int:
     """Train an SAE from a YAML/JSON LanguageModelSAERunnerConfig."""
     # import cost: the training stack (transformer_lens, datasets), not for every command
     from fastsae.training.config import LanguageModelSAERunnerConfig
+    from fastsae.training.recipe import recipe_settings
     from fastsae.training.runner import SAETrainingRunner
 
-    cfg = LanguageModelSAERunnerConfig.from_file(args.config)
+    overrides = {}
+    if args.recipe is not None:  # "sae-lens": SAELens's training whatever the file says
+        overrides["recipe"] = None if args.recipe == "sae-lens" else args.recipe
+    cfg = LanguageModelSAERunnerConfig.from_file(args.config, **overrides)
+    for name, value in recipe_settings(cfg.recipe).items():
+        owner, field = (cfg.sae, name[4:]) if name.startswith("sae.") else (cfg, name)
+        if getattr(owner, field) != value:
+            print(f"note: the config sets {name}={getattr(owner, field)!r}, kept in place of "
+                  f"recipe {cfg.recipe!r}'s {value!r}", file=sys.stderr)  # fmt: skip
     if args.resume is not None:
         cfg.resume_from_checkpoint = args.resume
     runner = SAETrainingRunner(cfg, show_progress=not args.no_progress)
@@ -330,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", type=nonempty_path, default=None, help="checkpoint folder to resume from"
     )
+    p.add_argument("--recipe", choices=["fastsae", "sae-lens"], default=None,
+                   help="fastsae's training recipe, or SAELens's training, in place of the "
+                   "config's recipe (the fields the config sets itself are kept)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=train)
 

@@ -15,6 +15,7 @@ import yaml
 from fastsae import SAE, StandardSAE, StandardSAEConfig
 from fastsae.cli import main
 from fastsae.loading.disk import SPARSITY_FILENAME, read_log_sparsity
+from fastsae.training.checkpoints import RUNNER_CFG_FILENAME
 
 BATCH = 128  # tokens per training batch; every MiniLM run below trains 4 steps
 
@@ -103,6 +104,36 @@ def test_train_resume_from_a_missing_checkpoint_names_it(tmp_path, minilm_path, 
     err = capsys.readouterr().err
     assert str(tmp_path / "nope") in err and "trainer_state.pt" in err
     assert not (tmp_path / "out" / "cfg.json").exists()
+
+
+def test_train_recipe_flag_sets_the_recipe_and_names_what_the_config_keeps(
+    tmp_path, minilm_path, docs, capsys
+):
+    """``--recipe fastsae`` trains with the recipe (written to the run's runner config);
+    a field the file sets itself is kept and named; ``--recipe sae-lens`` turns off the
+    file's recipe."""
+    cfg = minilm_config(tmp_path, minilm_path, docs)
+    assert main(["train", str(cfg), "--no-progress", "--recipe", "fastsae"]) == 0
+    out = capsys.readouterr()
+    assert "note:" not in out.err
+    saved = json.loads((tmp_path / "out" / RUNNER_CFG_FILENAME).read_text())
+    assert saved["recipe"] == "fastsae" and saved["b_dec_init"] == "geometric_median"
+    assert saved["decoder_init"] == "data" and saved["sae"]["decoder_init_norm"] == 1.0
+
+    kept = minilm_config(tmp_path, minilm_path, docs, file="kept.yaml", b_dec_init="zeros",
+                         output_path=str(tmp_path / "kept"))  # fmt: skip
+    assert main(["train", str(kept), "--no-progress", "--recipe", "fastsae"]) == 0
+    err = capsys.readouterr().err
+    assert "b_dec_init='zeros'" in err and "'geometric_median'" in err
+    saved = json.loads((tmp_path / "kept" / RUNNER_CFG_FILENAME).read_text())
+    assert saved["b_dec_init"] == "zeros" and saved["decoder_init"] == "data"
+
+    off = minilm_config(tmp_path, minilm_path, docs, file="off.yaml", recipe="fastsae",
+                        output_path=str(tmp_path / "off"))  # fmt: skip
+    assert main(["train", str(off), "--no-progress", "--recipe", "sae-lens"]) == 0
+    saved = json.loads((tmp_path / "off" / RUNNER_CFG_FILENAME).read_text())
+    assert saved["recipe"] is None and saved["b_dec_init"] == "zeros"
+    assert saved["decoder_init"] == "random" and saved["sae"]["decoder_init_norm"] == 0.1
 
 
 # ------------------------------------------------------------------------------ cache

@@ -465,21 +465,25 @@ class LanguageModelSAERunnerConfig(Generic[T_TRAINING_SAE_CONFIG]):
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_json(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
-        return cls.from_dict(read_mapping(Path(path), json.loads))
+    def from_json(cls, path: str | Path, **overrides: Any) -> LanguageModelSAERunnerConfig:
+        """The config in a JSON file, with ``overrides`` (runner fields, e.g. ``recipe``)
+        in place of the file's values."""
+        return cls.from_dict({**read_mapping(Path(path), json.loads), **overrides})
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
-        return cls.from_dict(read_mapping(Path(path), load_yaml))
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> LanguageModelSAERunnerConfig:
+        """The config in a YAML file, with ``overrides`` in place of the file's values."""
+        return cls.from_dict({**read_mapping(Path(path), load_yaml), **overrides})
 
     @classmethod
-    def from_file(cls, path: str | Path) -> LanguageModelSAERunnerConfig:
-        """``.yaml``/``.yml`` or ``.json`` by extension."""
+    def from_file(cls, path: str | Path, **overrides: Any) -> LanguageModelSAERunnerConfig:
+        """``.yaml``/``.yml`` or ``.json`` by extension; ``overrides`` as in
+        :meth:`from_json`."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            return cls.from_yaml(path)
+            return cls.from_yaml(path, **overrides)
         if path.suffix == ".json":
-            return cls.from_json(path)
+            return cls.from_json(path, **overrides)
         raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
 
 
