@@ -313,3 +313,5 @@ def test_dataset_source_text_and_token_ids(model, tokens, tmp_path):
     assert torch.equal(got, tokens[:3])
     with pytest.raises(ValueError, match="has no column 'text'; columns: \\['body'\\]"):
         data.load_token_rows(tokenizer, dataset=str(jsonl), context_size=CTX)
+    with pytest.raises(ValueError, match="'local-docstrings' has only the column 'text'"):
+        data.load_token_rows(tokenizer, dataset="local-docstrings", column="body")

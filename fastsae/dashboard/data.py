@@ -552,9 +552,8 @@ def write_dashboard_data(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     tokens = check_tokens(tokens)
     ids = check_features(features, sae.cfg.d_sae)
-    hook = model.hook_name if isinstance(model, DashboardModel) else _hook_name(sae, hook_name)
     if not isinstance(model, DashboardModel):
-        model = DashboardModel(model, tokenizer, hook)
+        model = DashboardModel(model, tokenizer, _hook_name(sae, hook_name))
     encoder = _Encoder(sae, model)
     encoder.hook_input(tokens[:1, :1])  # d_in vs hook checked before any long pass
     if neuronpedia_id is None:
@@ -566,7 +565,7 @@ def write_dashboard_data(
     features_dir, chunks_dir = folder / FEATURES_DIR, folder / CHUNKS_DIR
     features_dir.mkdir(parents=True, exist_ok=True)
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(tokens, sae, hook, st)
+    fingerprint = _fingerprint(tokens, sae, model.hook_name, st)
     chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
     result = DashboardResult(folder, folder / META_FILENAME, ids)
     summaries: dict[int, list[dict[str, Any]]] = {}
@@ -610,7 +609,7 @@ def write_dashboard_data(
             "architecture": cfg.architecture(),
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
-            "hook_name": hook,
+            "hook_name": model.hook_name,
             "neuronpedia_id": neuronpedia_id,
         },
         "model": model.describe(),
@@ -673,8 +672,11 @@ def load_token_rows(
         ds: Any = datasets.Dataset.from_dict({column: lines})
     elif dataset == docstring_corpus.DOCSTRINGS_DATASET:
         # generous characters per token (docstrings average ~4): read enough at once
+        if column != "text":
+            raise ValueError(
+                f"dataset {dataset!r} has only the column 'text'; got column={column!r}"
+            )
         ds = docstring_corpus.local_text_dataset(max_chars=16 * max_tokens)
-        column = "text"
     else:
         ds = load_text_dataset(dataset, streaming=True, split=split)
     first = next(iter(ds), None)

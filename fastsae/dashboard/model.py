@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastsae.training.data.model_hooks import hook_reader, is_transformer_lens
+from fastsae.training.data.model_hooks import hook_reader
 from fastsae.training.data.token_rows import special_token_id
 
 
@@ -33,7 +33,6 @@ class DashboardModel:
 
     def __post_init__(self) -> None:
         self.reader = hook_reader(self.model, self.hook_name)
-        self.is_transformer_lens = is_transformer_lens(self.model)
         if self.tokenizer is None:
             self.tokenizer = getattr(self.model, "tokenizer", None)
         self.W_U, self.unembedding_source = _unembedding(self.model)

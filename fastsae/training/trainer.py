@@ -468,12 +468,7 @@ class SAETrainer(Generic[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
         of a run, from rows drawn from the data and scaled as training scales them (not
         trained on, as the normalisation estimate's); nothing on a resumed run."""
         cfg = self.trainer_cfg
-        b_dec_init = getattr(cfg, "b_dec_init", "zeros")
-        decoder_init = getattr(cfg, "decoder_init", "random")
-        need = rows_needed(
-            self.sae.cfg.d_sae, cfg.train_batch_size_samples, b_dec_init=b_dec_init,
-            decoder_init=decoder_init,
-        )  # fmt: skip
+        need = self.init_rows_needed()
         if need == 0 or self.state.n_training_steps > 0:
             return
         rows, have = [], 0
@@ -482,8 +477,17 @@ class SAETrainer(Generic[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
             rows.append(self.scaler(batch.to(self.sae.device, torch.float32)))
             have += batch.shape[0]
         init_from_data(
-            self.sae, torch.cat(rows), b_dec_init=b_dec_init, decoder_init=decoder_init,
+            self.sae, torch.cat(rows), b_dec_init=cfg.b_dec_init, decoder_init=cfg.decoder_init,
             batch_size=cfg.train_batch_size_samples,
+        )  # fmt: skip
+
+    def init_rows_needed(self) -> int:
+        """Rows the initialisation from data reads at the start of a run (0: SAELens's
+        initialisation, nothing read)."""
+        cfg = self.trainer_cfg
+        return rows_needed(
+            self.sae.cfg.d_sae, cfg.train_batch_size_samples, b_dec_init=cfg.b_dec_init,
+            decoder_init=cfg.decoder_init,
         )  # fmt: skip
 
     def fit(self) -> TrainingSAE:

@@ -217,9 +217,7 @@ class DistributedSAETrainer(SAETrainer):
         weights, so they start equal."""
         starting = self.state.n_training_steps == 0
         super()._init_from_data()
-        cfg = self.trainer_cfg
-        from_data = (cfg.b_dec_init, cfg.decoder_init) != ("zeros", "random")
-        if not (self.distributed and starting and from_data):
+        if not (self.distributed and starting and self.init_rows_needed() > 0):
             return
         for name, param in self.sae.named_parameters():
             buf = param.data.to(self._comm_device).clone()
