@@ -98,7 +98,6 @@ import gzip
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -112,6 +111,8 @@ from typing import Any
 
 import httpx
 from tqdm.auto import tqdm
+
+from fastsae.atomic_files import atomic_write_json
 
 DEFAULT_API_URL = "https://www.neuronpedia.org"
 API_URL_ENV = "NEURONPEDIA_API_URL"
@@ -647,34 +648,6 @@ class _Fetcher:
 
 
 # --------------------------------------------------------------------------- progress
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file beside ``path``, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide the file from other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 class _Progress:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fastsae.atomic_files import atomic_write_text
 from fastsae.evals.config import EvalConfig
 from fastsae.evals.run import run_evals
 from fastsae.loading.atomic_dir import recover_dir
@@ -46,7 +47,6 @@ from fastsae.training.checkpoints import RUNNER_CFG_FILENAME
 from fastsae.training.config import (
     LoggingConfig,
     SAETrainerConfig,
-    atomic_write_text,
     check_mixing_fraction,
     check_seqpos_slice,
 )

@@ -62,8 +62,9 @@ import torch
 from torch import Tensor
 
 from fastsae.analysis import feature_logit_lens
+from fastsae.atomic_files import atomic_write_json
 from fastsae.dashboard.model import DashboardModel
-from fastsae.labels import FeatureLabels, atomic_write_json, neuronpedia_url
+from fastsae.labels import FeatureLabels, neuronpedia_url
 from fastsae.training.data.token_rows import special_token_id
 
 FORMAT = "fastsae-dashboard-data"

@@ -20,9 +20,8 @@ from typing import Any
 
 import jinja2
 
+from fastsae.atomic_files import atomic_write_json, atomic_write_text
 from fastsae.dashboard.data import DATA_DIR, FEATURES_DIR, META_FILENAME
-from fastsae.labels import atomic_write_json
-from fastsae.training.config import atomic_write_text
 
 INDEX_FILENAME = "index.html"
 JS_DIR = "js"

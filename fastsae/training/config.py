@@ -35,6 +35,7 @@ from typing import Any, Generic, TypeVar
 
 import yaml
 
+from fastsae.atomic_files import atomic_write_text
 from fastsae.saes.config import NORMALIZE_ACTIVATIONS, SAE_LENS_FORMAT_VERSION, str_to_dtype
 from fastsae.saes.training_sae import TrainingSAEConfig, training_config_class_for_architecture
 from fastsae.training.recipe import apply_sae_recipe, check_inits, recipe_settings
@@ -1257,10 +1258,3 @@ def read_mapping(path: Path, parse: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     return data
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import fastsae
-from fastsae.labels import FeatureLabel, FeatureLabels, atomic_write_json, labels_dir
+from fastsae.atomic_files import atomic_write_json
+from fastsae.labels import FeatureLabel, FeatureLabels, labels_dir
 from fastsae.loading import pretrained
 from fastsae.loading.pretrained import PretrainedRelease
 
