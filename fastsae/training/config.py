@@ -756,7 +756,8 @@ def check_runner_config(cfg: LanguageModelSAERunnerConfig) -> None:
             "with use_cached_activations use 'split' (or None)"
         )
     check_inits(cfg.b_dec_init, cfg.decoder_init)
-    recipe_settings(cfg.recipe)  # a known recipe (or None)
+    if cfg.recipe is not None:
+        recipe_settings(cfg.recipe, cfg.sae.architecture())  # a known recipe for this SAE
     if cfg.latent_shards > 1 and (cfg.b_dec_init, cfg.decoder_init) != ("zeros", "random"):
         raise ValueError(
             f"b_dec_init={cfg.b_dec_init!r} / decoder_init={cfg.decoder_init!r} (initialising "

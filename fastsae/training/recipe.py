@@ -47,6 +47,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
+# The SAE architectures each recipe was measured on and is for. Elsewhere it is refused,
+# not applied unmeasured: a JumpReLU SAE's threshold is in units of its pre-activations,
+# which ``decoder_init_norm=1.0`` makes ten times larger (measured: its L0 stays in the
+# hundreds and explained variance below 0 after 500 steps).
+RECIPE_ARCHITECTURES: dict[str, tuple[str, ...]] = {"fastsae": ("topk", "batchtopk")}
+
 
 @torch.no_grad()
 def geometric_median(x: Tensor, *, max_iters: int = 200, tol: float = 1e-6) -> Tensor:
@@ -130,13 +136,20 @@ def apply_sae_recipe(sae_cfg: Any, settings: dict[str, Any]) -> Any:
     return dataclasses.replace(sae_cfg, **changes) if changes else sae_cfg
 
 
-def recipe_settings(name: str | None) -> dict[str, Any]:
-    """What recipe ``name`` sets on a runner config ({} for None); an unknown name is an
-    error naming the known ones."""
+def recipe_settings(name: str | None, architecture: str | None = None) -> dict[str, Any]:
+    """What recipe ``name`` sets on a runner config ({} for None); an unknown name, or an
+    SAE ``architecture`` the recipe is not for (:data:`RECIPE_ARCHITECTURES`), is an
+    error naming what is known."""
     if name is None:
         return {}
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)} (or None)")
+    if architecture is not None and architecture not in RECIPE_ARCHITECTURES[name]:
+        raise ValueError(
+            f"recipe {name!r} is for {' and '.join(RECIPE_ARCHITECTURES[name])} SAEs (where it "
+            f"was measured), not {architecture!r}; train a {architecture!r} SAE with "
+            "recipe=None (SAELens's training)"
+        )
     return dict(RECIPES[name])
 
 
@@ -145,6 +158,7 @@ __all__ = [
     "apply_sae_recipe",
     "DECODER_INITS",
     "RECIPES",
+    "RECIPE_ARCHITECTURES",
     "check_inits",
     "geometric_median",
     "init_from_data",

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fastsae.training import (
+    BatchTopKTrainingSAEConfig,
+    JumpReLUTrainingSAEConfig,
     LanguageModelSAERunnerConfig,
     SAETrainer,
     SAETrainerConfig,
@@ -222,6 +224,12 @@ def test_recipe_sets_its_fields_unless_given():
         runner_cfg(recipe="best")
     with pytest.raises(ValueError, match="not supported with latent_shards > 1"):
         runner_cfg(recipe="fastsae", latent_shards=2)
+    jumprelu = JumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE)
+    with pytest.raises(ValueError, match="is for topk and batchtopk SAEs .* not 'jumprelu'"):
+        LanguageModelSAERunnerConfig(sae=jumprelu, dataset_path="x", recipe="fastsae")
+    batchtopk = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3)
+    on_batchtopk = LanguageModelSAERunnerConfig(sae=batchtopk, dataset_path="x", recipe="fastsae")
+    assert on_batchtopk.sae.decoder_init_norm == 1.0
     with pytest.raises(ValueError, match="decoder_init must be one of"):
         runner_cfg(decoder_init="orthogonal")
     # a saved config reads back with the same recipe and fields
