@@ -54,7 +54,7 @@ import torch
 from quality_minilm import D_IN, collect_activations, evaluate, topk_reconstruct, train_sae_lens
 from torch import Tensor
 
-from fastsae.training.recipe import RECIPES
+from fastsae.training.recipe import RECIPE_ARCHITECTURES, RECIPES
 
 HELD_OUT_ROWS = 65_536
 
@@ -420,9 +420,9 @@ def source_of(run: dict[str, Any]) -> str:
 
 def merge(files: list[Path], out: Path, png: Path | None, device: str) -> dict[str, Any]:
     """One JSON of the runs in ``files`` (each a report, or a merged file's runs) and a
-    PNG: for each (source, architecture, steps), the dead fraction over training of
-    SAELens's run (or, where it was not trained, fastsae's with SAELens's defaults) and
-    of the recipe's."""
+    PNG: for each (source, architecture the recipe is for, steps), the dead fraction
+    over training of SAELens's run (or, where it was not trained, fastsae's with
+    SAELens's defaults) and of the recipe's."""
     runs: list[dict[str, Any]] = []
     for f in files:
         data = json.loads(f.read_text())
@@ -451,7 +451,11 @@ def plot(runs: list[dict[str, Any]], png: Path) -> None:
                 panel.setdefault("fastsae, SAELens defaults", (res, run["d_sae"]))
             elif res["settings"] == recipe:
                 panel["fastsae recipe"] = (res, run["d_sae"])
-    keys = sorted(k for k, v in panels.items() if "fastsae recipe" in v and len(v) > 1)
+    keys = sorted(
+        k
+        for k, v in panels.items()
+        if "fastsae recipe" in v and len(v) > 1 and k[1] in RECIPE_ARCHITECTURES["fastsae"]
+    )
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
