@@ -264,6 +264,10 @@ def train_fastsae(
     return _weights(sae), info, sae
 
 
+# what BatchTopK / JumpReLU SAEs hold beyond the TopK weights every run starts from
+OWN_STATE = {"topk_threshold", "log_threshold", "threshold"}
+
+
 def train_sae_lens(
     init: dict[str, Tensor], train: Tensor, args: argparse.Namespace, sae: Any = None
 ) -> tuple[dict[str, Tensor], dict[str, Any], Any]:
@@ -283,7 +287,7 @@ def train_sae_lens(
         sae.load_state_dict(init)
     else:
         missing, unexpected = sae.load_state_dict(init, strict=False)
-        if unexpected or not set(missing) <= {"topk_threshold", "log_threshold", "threshold"}:
+        if unexpected or not set(missing) <= OWN_STATE:
             raise ValueError(f"init does not fit {type(sae).__name__}: {missing}, {unexpected}")
     cfg = SAETrainerConfig(
         total_training_samples=train.shape[0],

@@ -51,7 +51,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quality_minilm import D_IN, collect_activations, evaluate, topk_reconstruct, train_sae_lens
+from quality_minilm import (
+    D_IN,
+    OWN_STATE,
+    collect_activations,
+    evaluate,
+    topk_reconstruct,
+    train_sae_lens,
+)
 from torch import Tensor
 
 from fastsae.training.recipe import RECIPE_ARCHITECTURES, RECIPES
@@ -104,10 +111,6 @@ def sae_config(settings: dict[str, Any], args: Any, library: Any) -> Any:
 def training_sae(cfg: Any, library: Any) -> Any:
     name = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}[cfg.architecture()]
     return getattr(library, f"{name}TrainingSAE")(cfg)
-
-
-# parameters and buffers an architecture adds to the TopK weights every variant starts from
-OWN_STATE = {"topk_threshold", "log_threshold", "threshold"}
 
 
 def train_variant(

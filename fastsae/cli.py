@@ -68,18 +68,16 @@ def train(args: argparse.Namespace) -> int:
     """Train an SAE from a YAML/JSON LanguageModelSAERunnerConfig."""
     # import cost: the training stack (transformer_lens, datasets), not for every command
     from fastsae.training.config import LanguageModelSAERunnerConfig
-    from fastsae.training.recipe import recipe_settings
+    from fastsae.training.recipe import recipe_fields_kept
     from fastsae.training.runner import SAETrainingRunner
 
     overrides = {}
     if args.recipe is not None:  # "sae-lens": SAELens's training whatever the file says
         overrides["recipe"] = None if args.recipe == "sae-lens" else args.recipe
     cfg = LanguageModelSAERunnerConfig.from_file(args.config, **overrides)
-    for name, value in recipe_settings(cfg.recipe).items():
-        owner, field = (cfg.sae, name[4:]) if name.startswith("sae.") else (cfg, name)
-        if getattr(owner, field) != value:
-            print(f"note: the config sets {name}={getattr(owner, field)!r}, kept in place of "
-                  f"recipe {cfg.recipe!r}'s {value!r}", file=sys.stderr)  # fmt: skip
+    for name, value, recipe_value in recipe_fields_kept(cfg):
+        print(f"note: the config sets {name}={value!r}, kept in place of recipe "
+              f"{cfg.recipe!r}'s {recipe_value!r}", file=sys.stderr)  # fmt: skip
     if args.resume is not None:
         cfg.resume_from_checkpoint = args.resume
     runner = SAETrainingRunner(cfg, show_progress=not args.no_progress)

@@ -136,6 +136,18 @@ def apply_sae_recipe(sae_cfg: Any, settings: dict[str, Any]) -> Any:
     return dataclasses.replace(sae_cfg, **changes) if changes else sae_cfg
 
 
+def recipe_fields_kept(cfg: Any) -> list[tuple[str, Any, Any]]:
+    """``(field, value, recipe's value)`` for each field of the runner config ``cfg``
+    (``sae.`` keys: of its SAE config) whose value differs from what ``cfg.recipe``
+    would set: the fields its caller gave, which win over the recipe."""
+    kept = []
+    for name, value in recipe_settings(cfg.recipe).items():
+        owner, field = (cfg.sae, name[len("sae.") :]) if name.startswith("sae.") else (cfg, name)
+        if getattr(owner, field) != value:
+            kept.append((name, getattr(owner, field), value))
+    return kept
+
+
 def recipe_settings(name: str | None, architecture: str | None = None) -> dict[str, Any]:
     """What recipe ``name`` sets on a runner config ({} for None); an unknown name, or an
     SAE ``architecture`` the recipe is not for (:data:`RECIPE_ARCHITECTURES`), is an
@@ -162,6 +174,7 @@ __all__ = [
     "check_inits",
     "geometric_median",
     "init_from_data",
+    "recipe_fields_kept",
     "recipe_settings",
     "rows_needed",
 ]
